@@ -1,0 +1,121 @@
+"""Every perijax config field, with its default and a one-line comment.
+
+Other configs start from this one and change what they need. Every field can be overridden on the command line:
+    python -m perijax.train --config=configs/tiny.py --config.model.norm.placement=peri
+Validation of these fields lives in `perijax/config.py`, next to nothing else.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # ---- model -------------------------------------------------------------------------------------------------------
+  model = config.model = ml_collections.ConfigDict()
+  model.vocab_size = 320            # embedding rows; >= the tokenizer's vocabulary (byte tokenizer: 258)
+  model.d_model = 128               # width of the residual stream
+  model.num_layers = 4              # Transformer layers, each an attention and an MLP sub-layer
+  model.num_heads = 4               # query heads; d_model must be divisible by it
+  model.num_kv_heads = 0            # key/value heads for grouped-query attention; 0 = num_heads (plain multi-head)
+  model.head_dim = 0                # per-head width; 0 = d_model // num_heads
+  model.mlp_dim = 0                 # MLP hidden width; 0 = 8/3 * d_model rounded up to 64 for swiglu, 4 * d_model for gelu
+  model.mlp_activation = 'swiglu'   # 'swiglu' (gated SiLU, Llama) or 'gelu' (GPT-2)
+  model.tie_embeddings = True       # LM head shares the token embedding matrix
+  model.rope_theta = 10000.0        # RoPE base frequency
+  model.init_std = 0.02             # std of the normal init of every weight matrix (not published for the paper)
+  model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
+  model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
+  model.attention_impl = 'xla'      # jax.nn.dot_product_attention implementation: 'xla' | 'cudnn' (GPU flash) | 'auto'
+  model.param_dtype = 'float32'     # dtype the parameters are stored in (master weights); 'float16' = pure float16
+  model.compute_dtype = 'float32'   # dtype of activations and matmuls: 'float32' | 'bfloat16' | 'float16'
+  model.norm_in_float32 = True      # compute normalization statistics in float32 whatever the compute dtype
+  model.softmax_in_float32 = True   # compute the attention softmax in float32
+  model.loss_in_float32 = True      # compute logits' log-softmax and the loss in float32
+
+  norm = model.norm = ml_collections.ConfigDict()
+  norm.placement = 'pre'            # 'post' | 'pre' | 'peri' | 'pre_post' | 'output' | 'mix' | 'none' (PAPER.md table)
+  norm.kind = 'rmsnorm'             # 'layernorm' | 'rmsnorm'
+  norm.eps = 1e-6                   # added to the variance inside the norm
+  norm.qk_norm = False              # RMS-normalize queries and keys per head before RoPE (OLMo 2)
+  norm.embed_norm = False           # normalize the embedding output before the first layer (Peri-LN's optional norm)
+  norm.mix_post_layers = 1          # placement 'mix': the first this-many layers are Post-LN, the rest Pre-LN
+
+  # ---- training ----------------------------------------------------------------------------------------------------
+  train = config.train = ml_collections.ConfigDict()
+  train.steps = 200                 # optimizer steps to train
+  train.batch_size = 16             # global batch in sequences, over all processes and devices
+  train.seq_len = 128               # tokens per sequence
+  train.seed = 0                    # seeds parameters init, data order and dropout-free RNG
+  train.log_every = 10              # steps between lines in metrics.jsonl / TensorBoard
+  train.stats_every = 50            # steps between per-layer statistics (variance, max |x|, float16 overflows)
+  train.spike_factor = 3.0          # gradient spike: global grad norm > spike_factor * running median ...
+  train.spike_window = 50           # ... of the last spike_window steps' grad norms
+  train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
+  train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
+  train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
+  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in perijax/hardware.py
+  train.debug_overflow_step = -1    # test-only hook: multiply the loss by 1e30 at this step to force an overflow
+
+  # ---- optimizer ---------------------------------------------------------------------------------------------------
+  optimizer = config.optimizer = ml_collections.ConfigDict()
+  optimizer.lr = 3e-3               # peak learning rate
+  optimizer.warmup_steps = 20       # linear warmup from 0 to lr
+  optimizer.schedule = 'cosine'     # decay after warmup: 'cosine' | 'linear' | 'constant'
+  optimizer.end_lr_factor = 0.1     # final lr = end_lr_factor * lr
+  optimizer.b1 = 0.9                # AdamW beta1
+  optimizer.b2 = 0.95               # AdamW beta2
+  optimizer.eps = 1e-8              # AdamW epsilon
+  optimizer.weight_decay = 0.1      # decoupled weight decay, masked off norms and biases
+  optimizer.grad_clip = 1.0         # global-norm gradient clipping; 0 = off
+  optimizer.grad_accum_steps = 1    # micro-batches per optimizer step (optax.MultiSteps)
+
+  # ---- device mesh and sharding ------------------------------------------------------------------------------------
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1                    # data-parallel axis size; -1 = all devices the other axes leave
+  mesh.fsdp = 1                     # fully-sharded data parallel: shards parameters and optimizer state too
+  mesh.tensor = 1                   # tensor parallel: splits heads and MLP width
+  # Logical axis -> mesh axis (or None = replicated). The model names its axes; this table alone says where they go.
+  mesh.logical_axis_rules = (
+      ('batch', ('data', 'fsdp')),
+      ('length', None),
+      ('embed', 'fsdp'),
+      ('vocab', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('head_dim', None),
+      ('mlp', 'tensor'),
+      ('norm', None),
+      ('layers', None),
+      ('act_embed', None),
+  )
+
+  # ---- data --------------------------------------------------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.name = 'shakespeare_milton'  # TFDS dataset name, e.g. 'shakespeare_milton' (embedded), 'c4/en', 'lm1b'
+  data.data_dir = ''                # TFDS data dir (local path or gs://); '' = TFDS's default (~/tensorflow_datasets)
+  data.train_split = 'train'        # split to train on
+  data.eval_split = 'validation'    # held-out split for evaluation loss and per-layer statistics
+  data.text_field = 'text'          # feature holding the text
+  data.tokenizer = 'byte'           # 'byte' (no files) | 'sentencepiece'
+  data.tokenizer_path = ''          # sentencepiece: path to a .model file
+  data.worker_count = 0             # grain worker processes; 0 = in the main process
+  data.prefetch = 2                 # batches prefetched ahead of the train step
+  data.eval_max_batches = 0         # evaluation batches; 0 = the whole eval split once
+
+  # ---- checkpoints -------------------------------------------------------------------------------------------------
+  checkpoint = config.checkpoint = ml_collections.ConfigDict()
+  checkpoint.every = 100            # steps between checkpoints (and one at the end); 0 = only at the end
+  checkpoint.keep = 3               # checkpoints kept; older ones are deleted
+  checkpoint.async_save = True      # write checkpoints in the background while training continues
+
+  # ---- evaluation --------------------------------------------------------------------------------------------------
+  evaluation = config.eval = ml_collections.ConfigDict()
+  evaluation.batch_size = 16        # sequences per evaluation batch
+  evaluation.tasks = ('next_line',)  # zero-shot tasks: 'next_line' (embedded), 'arc_easy', 'hellaswag', 'piqa', 'siqa', 'winogrande'
+  evaluation.max_examples = 200     # examples per task; 0 = all
+  evaluation.tasks_data_dir = ''    # TFDS data dir for the benchmark datasets; '' = data.data_dir
+  evaluation.hellaswag_path = ''    # original HellaSwag JSONL (validation), for the 'hellaswag' task
+  evaluation.siqa_path = ''         # original Social IQa JSONL + labels, for the 'siqa' task
+
+  return config
