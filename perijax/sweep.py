@@ -1,0 +1,343 @@
+r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per run, or prints one command per run.
+
+    python -m perijax.sweep --config=configs/tiny.py \
+        --sweep=model.norm.placement=pre,peri,post --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep
+    python -m perijax.sweep ... --print      # one `perijax.train && perijax.evaluate` line per run, for a scheduler
+
+`--config.a.b=value` flags fix a field for every run (as for `perijax.train`). Each run's workdir is
+`ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`), and `ROOT/sweep.json` lists
+the runs, their overrides and how each one went. A run is finished when `eval/step_{train.steps}.json` exists: finished
+runs are skipped, the others are started again (the trainer resumes from their checkpoints). A run that fails is
+recorded and the sweep goes on; the summary says which failed and where their logs are.
+Every swept field and value is checked against the loaded config before anything runs.
+"""
+
+import dataclasses
+import difflib
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections.config_flags import config_flags
+from ml_collections.config_flags import config_path
+from ml_collections.config_flags import tuple_parser
+
+SEED_FIELD = 'train.seed'
+STEPS_FIELD = 'train.steps'
+_VALUE_PARSERS = {
+    bool: flags.BooleanParser(),
+    int: flags.IntegerParser(),
+    float: flags.FloatParser(),
+    str: flags.ArgumentParser(),
+    tuple: tuple_parser.TupleParser(),
+}
+_UNSAFE_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
+
+# `run_command(argv, log_path) -> exit status`: the one place a sweep touches processes, so tests can replace it.
+RunCommand = Callable[[Sequence[str], str], int]
+
+
+@dataclasses.dataclass
+class Run:
+  """One point of the grid: its name, workdir, overrides (field path -> typed value) and final step."""
+  name: str
+  workdir: str
+  overrides: Dict[str, Any]
+  steps: int
+  status: str = 'pending'   # pending | finished | skipped | failed | eval_failed | ended_early
+  detail: str = ''
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+def load_config(config_arg: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` the way `--config=` does, with one clear error if the file is missing or broken."""
+  path = config_arg.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} (from --config={config_arg}) does not exist; '
+                            'expected a Python file with get_config(), e.g. configs/tiny.py')
+  return config_flags.ConfigFileFlagParser(name='config', lock_config=False).parse(config_arg)
+
+
+def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
+  """Every overridable field path of `config`, e.g. ['model.vocab_size', ..., 'model.norm.placement', ...]."""
+  paths = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      paths.extend(leaf_fields(value, path + '.'))
+    else:
+      paths.append(path)
+  return paths
+
+
+def check_field(config: ml_collections.ConfigDict, field: str) -> type:
+  """Returns the type of `field`, or raises ValueError naming the field and the closest existing ones."""
+  fields = leaf_fields(config)
+  if field not in fields:
+    scored = sorted(((difflib.SequenceMatcher(None, field, f).ratio(), f) for f in fields), reverse=True)
+    close = [f for ratio, f in scored[:3] if ratio >= 0.6 and ratio >= scored[0][0] - 0.1]
+    # A right leaf name under the wrong parent (e.g. 'norm.placement') is worth suggesting too.
+    close += [f for f in fields if f.endswith('.' + field.split('.')[-1]) and f not in close]
+    hint = f'; did you mean {" or ".join(close[:3])}?' if close else '; see configs/default.py for every field'
+    raise ValueError(f'config has no field {field!r}{hint}')
+  field_type = config_path.get_type(field, config)
+  return type(None) if field_type is None else field_type
+
+
+def parse_value(config: ml_collections.ConfigDict, field: str, text: str) -> Any:
+  """Parses `text` as the type of `field` in `config` (an int field takes '3', a float field takes '1e-3', ...)."""
+  field_type = check_field(config, field)
+  parser = _VALUE_PARSERS.get(field_type)
+  if parser is None:   # a None-valued or unusual field: take Python literals, else the string itself
+    parser = _VALUE_PARSERS[str]
+  try:
+    return parser.parse(text)
+  except (ValueError, TypeError, SyntaxError) as e:
+    raise ValueError(f'{field}={text!r}: not a valid {field_type.__name__} '
+                     f'(the config has {config_path.get_value(field, config)!r}): {e}') from None
+
+
+def split_values(text: str) -> List[str]:
+  """Splits 'a,b,(c,d)' at commas outside brackets, so a tuple field can be swept too."""
+  values, depth, current = [], 0, ''
+  for char in text:
+    depth += char in '([{'
+    depth -= char in ')]}'
+    if char == ',' and depth == 0:
+      values.append(current)
+      current = ''
+    else:
+      current += char
+  values.append(current)
+  return [v.strip() for v in values]
+
+
+def parse_sweep(config: ml_collections.ConfigDict, spec: str) -> Tuple[str, List[Any]]:
+  """'optimizer.lr=1e-3,3e-3' -> ('optimizer.lr', [0.001, 0.003]), typed like the config's field."""
+  if '=' not in spec:
+    raise ValueError(f'--sweep={spec!r}: expected FIELD=VALUE[,VALUE...], e.g. model.norm.placement=pre,peri')
+  field, text = spec.split('=', 1)
+  field = field.strip()
+  if field.startswith('config.'):
+    field = field[len('config.'):]
+  raw_values = split_values(text)
+  if not text.strip() or any(not v for v in raw_values):
+    raise ValueError(f'--sweep={spec!r}: empty value in the list')
+  values = [parse_value(config, field, v) for v in raw_values]
+  if len(set(map(repr, values))) != len(values):
+    raise ValueError(f'--sweep={spec!r}: a value is repeated ({values})')
+  return field, values
+
+
+def format_value(value: Any) -> str:
+  """A value as `--config.x=` and `parse_value` read it back: floats keep full precision, bools are true/false."""
+  if isinstance(value, bool):
+    return 'true' if value else 'false'
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, tuple):
+    return repr(value)
+  return str(value)
+
+
+def short_names(fields: Sequence[str]) -> Dict[str, str]:
+  """The shortest dotted suffix of each field that is unique among `fields` ('model.norm.eps' -> 'norm.eps')."""
+  names = {}
+  for field in fields:
+    parts = field.split('.')
+    for n in range(1, len(parts) + 1):
+      suffix = '.'.join(parts[-n:])
+      if sum(f == suffix or f.endswith('.' + suffix) for f in fields) == 1:
+        names[field] = suffix
+        break
+  return names
+
+
+def run_name(overrides: Dict[str, Any], names: Dict[str, str]) -> str:
+  def label(value):
+    return '+'.join(map(str, value)) if isinstance(value, tuple) else format_value(value)
+  name = ','.join(f'{names[field]}={label(value)}' for field, value in overrides.items()) or 'run'
+  return _UNSAFE_NAME_CHARS.sub('_', name)
+
+
+def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds: int, root: str,
+                fixed_overrides: Optional[Dict[str, Any]] = None) -> List[Run]:
+  """Grid × seeds -> runs, each with its overrides (swept fields in order, then `train.seed`) and final step.
+
+  Raises ValueError before anything runs if a field does not exist, a value does not parse, or the grid is ambiguous.
+  """
+  if seeds < 1:
+    raise ValueError(f'--seeds={seeds}: need at least 1 seed')
+  grid = [parse_sweep(config, spec) for spec in sweeps]
+  fields = [field for field, _ in grid]
+  repeated = sorted({f for f in fields if fields.count(f) > 1})
+  if repeated:
+    raise ValueError(f'field(s) {repeated} swept twice; give each field once with all its values')
+  if SEED_FIELD in fields and seeds > 1:
+    raise ValueError(f'{SEED_FIELD} is swept and --seeds={seeds} is given; use one or the other')
+  if SEED_FIELD not in fields:
+    grid.append((SEED_FIELD, list(range(seeds))))
+    fields.append(SEED_FIELD)
+  names = short_names(fields)
+  fixed_overrides = dict(fixed_overrides or {})
+
+  runs = []
+  for values in itertools.product(*[values for _, values in grid]):
+    overrides = dict(zip(fields, values))
+    resolved = {**fixed_overrides, **overrides}
+    steps = resolved.get(STEPS_FIELD, config_path.get_value(STEPS_FIELD, config))
+    name = run_name(overrides, names)
+    runs.append(Run(name=name, workdir=os.path.join(root, name), overrides=overrides, steps=int(steps)))
+  return runs
+
+
+def train_command(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str) -> List[str]:
+  overrides = {**fixed_overrides, **run.overrides}
+  return ([python, '-m', 'perijax.train', f'--config={config_arg}', f'--workdir={run.workdir}'] +
+          [f'--config.{field}={format_value(value)}' for field, value in overrides.items()])
+
+
+def evaluate_command(workdir: str, step: int, python: str) -> List[str]:
+  return [python, '-m', 'perijax.evaluate', f'--workdir={workdir}', f'--step={step}']
+
+
+def is_finished(run: Run) -> bool:
+  return os.path.exists(os.path.join(run.workdir, 'eval', f'step_{run.steps}.json'))
+
+
+def latest_checkpoint_step(workdir: str) -> Optional[int]:
+  """The highest finished Orbax step under `workdir/checkpoints` (temporary directories are not all digits)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(steps) if steps else None
+
+
+def subprocess_run_command(argv: Sequence[str], log_path: str) -> int:
+  """Runs `argv`, appending its stdout and stderr to `log_path`."""
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  with open(log_path, 'a') as log:
+    log.write(f'$ {shlex.join(argv)}\n')
+    log.flush()
+    return subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> None:
+  path = os.path.join(root, 'sweep.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump({**header, 'runs': [r.to_dict() for r in runs]}, f, indent=1, default=str)
+  os.replace(path + '.tmp', path)   # a sweep killed mid-write leaves the previous sweep.json whole
+
+
+def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
+                run_command: RunCommand) -> None:
+  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run."""
+  if is_finished(run):
+    run.status, run.detail = 'skipped', 'already finished'
+    return
+  if latest_checkpoint_step(run.workdir) != run.steps:   # a run trained to the end only needs its evaluation
+    status = run_command(train_command(run, config_arg, fixed_overrides, python),
+                         os.path.join(run.workdir, 'train.log'))
+    if status != 0:
+      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {run.workdir}/train.log'
+      return
+  step = latest_checkpoint_step(run.workdir)
+  if step is None:
+    run.status, run.detail = 'failed', f'no checkpoint in {run.workdir}/checkpoints to evaluate'
+    return
+  status = run_command(evaluate_command(run.workdir, step, python), os.path.join(run.workdir, 'eval.log'))
+  if status != 0:
+    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
+  elif is_finished(run):
+    run.status, run.detail = 'finished', ''
+  else:
+    run.status, run.detail = 'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)'
+
+
+def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Optional[Dict[str, Any]] = None,
+              python: str = sys.executable, run_command: RunCommand = subprocess_run_command,
+              sweep_args: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print) -> List[Run]:
+  """Runs every unfinished run in order, recording each in ROOT/sweep.json; returns the runs with their status."""
+  fixed_overrides = dict(fixed_overrides or {})
+  os.makedirs(root, exist_ok=True)
+  header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **(sweep_args or {})}
+  write_sweep_json(root, runs, header)
+  for index, run in enumerate(runs, 1):
+    start = time.time()
+    log(f'[{index}/{len(runs)}] {run.name}: running')
+    execute_run(run, config_arg, fixed_overrides, python, run_command)
+    log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
+    write_sweep_json(root, runs, header)
+  log(summarize(runs))
+  return list(runs)
+
+
+def summarize(runs: Sequence[Run]) -> str:
+  counts = {}
+  for run in runs:
+    counts[run.status] = counts.get(run.status, 0) + 1
+  lines = [f'sweep: {len(runs)} runs: ' + ', '.join(f'{n} {status}' for status, n in sorted(counts.items()))]
+  lines += [f'  {run.status}: {run.name}: {run.detail}' for run in runs
+            if run.status in ('failed', 'eval_failed', 'ended_early')]
+  return '\n'.join(lines)
+
+
+def print_commands(runs: Sequence[Run], config_arg: str, fixed_overrides: Dict[str, Any], python: str) -> List[str]:
+  """One shell line per run, `train && evaluate`, for a scheduler; writes nothing."""
+  return [shlex.join(train_command(run, config_arg, fixed_overrides, python)) + ' && ' +
+          shlex.join(evaluate_command(run.workdir, run.steps, python)) for run in runs]
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the CLI flags; called only when run as a program, so importing this module defines no global flags
+  (perijax.train defines --config too, and both are imported in one test process)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :arg.', lock_config=True)
+  flags.DEFINE_multi_string('sweep', [], 'FIELD=V1,V2,...: a swept config field and its values (repeatable).')
+  flags.DEFINE_integer('seeds', 1, 'Seeds per grid point: train.seed = 0 .. seeds-1.')
+  flags.DEFINE_string('root', None, 'Directory that holds one workdir per run and sweep.json.')
+  flags.DEFINE_bool('print', False, 'Print one command line per run instead of running; writes nothing.')
+  flags.DEFINE_string('python', None, 'Python interpreter in the commands (default: this one; `python` with --print).')
+  flags.mark_flags_as_required(['config', 'root'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_arg = config_flags.get_config_filename(FLAGS['config'])
+  config_file = config_arg.split(':', 1)[0]
+  if not os.path.isfile(config_file):
+    sys.exit(f'perijax.sweep: --config={config_arg}: {config_file!r} does not exist')
+  config = FLAGS.config
+  fixed_overrides = config_flags.get_override_values(FLAGS['config'])
+  try:
+    runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides)
+  except ValueError as e:
+    sys.exit(f'perijax.sweep: {e}')
+  if FLAGS.print:
+    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
+    return
+  sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
+  finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
+                       sweep_args=sweep_args)
+  if any(run.status in ('failed', 'eval_failed') for run in finished):
+    sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

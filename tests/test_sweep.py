@@ -1,0 +1,197 @@
+"""The sweep: grid × seeds expansion, typed overrides, clear errors, resumption and failure handling (no training)."""
+
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from perijax import sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(REPO / 'configs' / 'default.py')
+GRID = ['model.norm.placement=pre,peri,post', 'optimizer.lr=1e-3,3e-3']
+
+
+@pytest.fixture(scope='module')
+def config():
+  return sweep.load_config(DEFAULT_CONFIG)
+
+
+def test_grid_times_seeds_gives_18_runs_with_seed_per_run(config):
+  runs = sweep.expand_grid(config, GRID, seeds=3, root='/sweeps/a')
+  assert len(runs) == 18
+  combos = {(r.overrides['model.norm.placement'], r.overrides['optimizer.lr'], r.overrides['train.seed'])
+            for r in runs}
+  assert combos == {(p, lr, s) for p in ('pre', 'peri', 'post') for lr in (1e-3, 3e-3) for s in (0, 1, 2)}
+  assert len({r.workdir for r in runs}) == 18
+  run = next(r for r in runs if r.overrides == {'model.norm.placement': 'peri', 'optimizer.lr': 0.001,
+                                                 'train.seed': 1})
+  assert run.name == 'placement=peri,lr=0.001,seed=1'
+  assert run.workdir == os.path.join('/sweeps/a', 'placement=peri,lr=0.001,seed=1')
+  assert run.steps == config.train.steps
+
+
+def test_override_values_are_typed_like_the_config_field(config):
+  runs = sweep.expand_grid(config, ['train.steps=5,7', 'optimizer.grad_clip=1', 'model.tie_embeddings=false',
+                                    'model.norm.kind=layernorm'], seeds=1, root='r')
+  assert [r.steps for r in runs] == [5, 7]
+  first = runs[0].overrides
+  assert type(first['train.steps']) is int
+  assert type(first['optimizer.grad_clip']) is float and first['optimizer.grad_clip'] == 1.0
+  assert first['model.tie_embeddings'] is False
+  assert first['model.norm.kind'] == 'layernorm'
+  assert type(first['train.seed']) is int
+
+
+def test_tuple_field_values_split_outside_brackets(config):
+  field, values = sweep.parse_sweep(config, "eval.tasks=('next_line',),('next_line','piqa')")
+  assert field == 'eval.tasks'
+  assert values == [('next_line',), ('next_line', 'piqa')]
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('model.norm.placment=pre,peri', "no field 'model.norm.placment'; did you mean model.norm.placement"),
+    ('lr=1e-3', 'did you mean optimizer.lr'),
+    ('train.steps=1.5', 'train.steps='),
+    ('model.tie_embeddings=maybe', 'not a valid bool'),
+    ('optimizer.lr', 'expected FIELD=VALUE'),
+    ('optimizer.lr=1e-3,,3e-3', 'empty value'),
+    ('optimizer.lr=1e-3,0.001', 'repeated'),
+])
+def test_bad_sweep_is_one_clear_error_before_anything_runs(config, tmp_path, spec, message):
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    sweep.expand_grid(config, [spec], seeds=1, root=str(tmp_path / 'root'))
+  assert not (tmp_path / 'root').exists()
+
+
+def test_seed_swept_twice_or_with_seeds_is_rejected(config):
+  with pytest.raises(ValueError, match='swept twice'):
+    sweep.expand_grid(config, ['optimizer.lr=1e-3', 'optimizer.lr=3e-3'], seeds=1, root='r')
+  with pytest.raises(ValueError, match='use one or the other'):
+    sweep.expand_grid(config, ['train.seed=4,5'], seeds=2, root='r')
+  assert [r.name for r in sweep.expand_grid(config, ['train.seed=4,5'], seeds=1, root='r')] == ['seed=4', 'seed=5']
+
+
+def test_short_names_are_unique_suffixes():
+  assert sweep.short_names(['model.norm.eps', 'optimizer.eps', 'optimizer.lr', 'train.seed']) == {
+      'model.norm.eps': 'norm.eps', 'optimizer.eps': 'optimizer.eps', 'optimizer.lr': 'lr', 'train.seed': 'seed'}
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    sweep.load_config(str(tmp_path / 'nope.py') + ':arg')
+
+
+class FakeTrainer:
+  """Stands in for perijax.train / perijax.evaluate: writes the checkpoint and eval files they would write."""
+
+  def __init__(self, fail_lr=None, stop_early_at=None):
+    self.calls = []
+    self.fail_lr = fail_lr
+    self.stop_early_at = stop_early_at
+
+  def __call__(self, argv, log_path):
+    self.calls.append(list(argv))
+    args = dict(a[2:].split('=', 1) for a in argv if a.startswith('--') and '=' in a)
+    workdir = args['workdir']
+    if argv[2] == 'perijax.train':
+      if self.fail_lr is not None and float(args['config.optimizer.lr']) == self.fail_lr:
+        return 1
+      steps = int(args.get('config.train.steps', 200))
+      final = self.stop_early_at or steps
+      os.makedirs(os.path.join(workdir, 'checkpoints', str(final)), exist_ok=True)
+      os.makedirs(os.path.join(workdir, 'checkpoints', f'{final + 1}.orbax-checkpoint-tmp-1'), exist_ok=True)
+      return 0
+    os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+    with open(os.path.join(workdir, 'eval', f'step_{args["step"]}.json'), 'w') as f:
+      json.dump({'step': int(args['step']), 'loss': 1.0}, f)
+    return 0
+
+
+def test_run_sweep_trains_evaluates_and_skips_finished_runs(config, tmp_path):
+  root = str(tmp_path / 'sweep')
+  runs = sweep.expand_grid(config, ['model.norm.placement=pre,peri'], seeds=2, root=root,
+                           fixed_overrides={'train.steps': 30})
+  trainer = FakeTrainer()
+  sweep.run_sweep(runs, root, DEFAULT_CONFIG, {'train.steps': 30}, python='py', run_command=trainer, log=lambda _: None)
+  assert [r.status for r in runs] == ['finished'] * 4
+  assert len(trainer.calls) == 8   # a train and an evaluate per run
+  train_argv = trainer.calls[0]
+  assert train_argv[:3] == ['py', '-m', 'perijax.train']
+  assert f'--config={DEFAULT_CONFIG}' in train_argv and '--config.train.steps=30' in train_argv
+  assert '--config.model.norm.placement=pre' in train_argv and '--config.train.seed=0' in train_argv
+  assert trainer.calls[1] == ['py', '-m', 'perijax.evaluate', f'--workdir={runs[0].workdir}', '--step=30']
+  recorded = json.loads(pathlib.Path(root, 'sweep.json').read_text())
+  assert [r['name'] for r in recorded['runs']] == [r.name for r in runs]
+  assert recorded['runs'][1]['overrides'] == {'model.norm.placement': 'pre', 'train.seed': 1}
+
+  # Second pass: one run lost its eval file (killed during evaluation); only that one is evaluated again.
+  os.remove(os.path.join(runs[2].workdir, 'eval', 'step_30.json'))
+  again = sweep.expand_grid(config, ['model.norm.placement=pre,peri'], seeds=2, root=root,
+                            fixed_overrides={'train.steps': 30})
+  trainer2 = FakeTrainer()
+  sweep.run_sweep(again, root, DEFAULT_CONFIG, {'train.steps': 30}, python='py', run_command=trainer2,
+                  log=lambda _: None)
+  assert [r.status for r in again] == ['skipped', 'skipped', 'finished', 'skipped']
+  assert [c[2] for c in trainer2.calls] == ['perijax.evaluate']   # trained to the end: no need to train again
+
+
+def test_unfinished_run_is_trained_again_so_the_trainer_resumes(config, tmp_path):
+  root = str(tmp_path / 'sweep')
+  runs = sweep.expand_grid(config, [], seeds=1, root=root, fixed_overrides={'train.steps': 30})
+  os.makedirs(os.path.join(runs[0].workdir, 'checkpoints', '10'))   # killed at step 10
+  trainer = FakeTrainer()
+  sweep.run_sweep(runs, root, DEFAULT_CONFIG, {'train.steps': 30}, run_command=trainer, log=lambda _: None)
+  assert [c[2] for c in trainer.calls] == ['perijax.train', 'perijax.evaluate']
+  assert runs[0].status == 'finished'
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(config, tmp_path):
+  root = str(tmp_path / 'sweep')
+  runs = sweep.expand_grid(config, ['optimizer.lr=1e-3,3e-1'], seeds=1, root=root, fixed_overrides={'train.steps': 8})
+  messages = []
+  sweep.run_sweep(runs, root, DEFAULT_CONFIG, {'train.steps': 8}, run_command=FakeTrainer(fail_lr=0.3),
+                  log=messages.append)
+  assert [r.status for r in runs] == ['finished', 'failed']
+  assert 'exited with 1' in runs[1].detail
+  assert '1 failed' in messages[-1] and 'lr=0.3' in messages[-1]
+  recorded = json.loads(pathlib.Path(root, 'sweep.json').read_text())
+  assert [r['status'] for r in recorded['runs']] == ['finished', 'failed']
+
+
+def test_run_that_stopped_early_is_evaluated_at_its_last_checkpoint(config, tmp_path):
+  root = str(tmp_path / 'sweep')
+  runs = sweep.expand_grid(config, [], seeds=1, root=root, fixed_overrides={'train.steps': 30})
+  trainer = FakeTrainer(stop_early_at=12)
+  sweep.run_sweep(runs, root, DEFAULT_CONFIG, {'train.steps': 30}, run_command=trainer, log=lambda _: None)
+  assert trainer.calls[-1][-1] == '--step=12'
+  assert runs[0].status == 'ended_early'
+
+
+def test_cli_print_emits_one_quoted_line_per_run_and_writes_nothing(tmp_path):
+  root = tmp_path / 'sweep root'
+  out = subprocess.run(
+      [sys.executable, '-m', 'perijax.sweep', f'--config={DEFAULT_CONFIG}', *[f'--sweep={g}' for g in GRID],
+       '--seeds=3', f'--root={root}', '--print', '--config.train.steps=50'],
+      cwd=REPO, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+  assert len(out) == 18
+  train, evaluate = out[0].split(' && ')
+  train_argv = shlex.split(train)
+  assert train_argv[1:3] == ['-m', 'perijax.train']
+  assert f'--workdir={root}/placement=pre,lr=0.001,seed=0' in train_argv
+  assert '--config.train.steps=50' in train_argv and '--config.optimizer.lr=0.001' in train_argv
+  assert shlex.split(evaluate)[-1] == '--step=50'
+  assert not root.exists()
+
+
+def test_cli_typo_fails_before_any_run(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'perijax.sweep', f'--config={DEFAULT_CONFIG}', '--sweep=model.norm.placment=pre',
+       f'--root={tmp_path / "r"}'], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert "no field 'model.norm.placment'; did you mean model.norm.placement?" in result.stderr
+  assert not (tmp_path / 'r').exists()
