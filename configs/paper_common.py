@@ -1,0 +1,24 @@
+"""What the three paper-scale configs share (PAPER.md "Training setup"); each size file sets only the shape.
+
+Known from the paper: float16 training with Pre-/Peri-LN, a peak lr around 2e-3, tiktoken cl100k_base (~100k tokens).
+Not published, so chosen here and documented: sequence 2048, global batch 256 x 2048 = 0.5M tokens, 30B tokens
+(57,220 steps), warmup 2,000 steps then cosine to 10%, AdamW(0.9, 0.95), weight decay 0.1, init std 0.02, SwiGLU,
+RMSNorm. Data: a prepared TFDS text dataset (C4 here; DCLM is not in TFDS) with a SentencePiece tokenizer of ~100k
+pieces given by path: --config.data.tokenizer_path=gs://.../spm100k.model.
+"""
+
+from configs import default
+
+
+def get_config(d_model, num_layers, num_heads, mlp_dim):
+  config = default.get_config()
+  config.model.update(vocab_size=100352, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                      mlp_dim=mlp_dim, tie_embeddings=False, compute_dtype='float16', remat='minimal')
+  config.model.norm.placement = 'peri'
+  config.train.update(steps=57_220, batch_size=256, seq_len=2048, log_every=50, stats_every=500, accelerator='h100')
+  config.optimizer.update(lr=2e-3, warmup_steps=2000, schedule='cosine')
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  config.data.update(name='c4/en', eval_split='validation', tokenizer='sentencepiece', worker_count=4)
+  config.checkpoint.update(every=1000, keep=3)
+  config.eval.update(batch_size=64, tasks=('arc_easy', 'hellaswag', 'piqa', 'siqa', 'winogrande'), max_examples=0)
+  return config

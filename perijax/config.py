@@ -1,0 +1,91 @@
+"""Checks a config before anything is built or compiled. The defaults and their meaning live in configs/default.py."""
+
+import ml_collections
+
+from perijax.norms import NORM_KINDS
+from perijax.placement import PLACEMENTS
+from perijax.precision import DTYPES
+
+MLP_ACTIVATIONS = ('swiglu', 'gelu')
+REMAT = ('none', 'minimal', 'full')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+SCHEDULES = ('cosine', 'linear', 'constant')
+LOSS_SCALES = ('dynamic', 'none')
+TOKENIZERS = ('byte', 'sentencepiece')
+
+
+class ConfigError(ValueError):
+  """A config field has a value perijax cannot use."""
+
+
+def _fail(field, value, allowed):
+  raise ConfigError(f'config.{field} = {value!r} is not allowed: {allowed}')
+
+
+def _one_of(config, field, allowed):
+  value = _get(config, field)
+  if value not in allowed:
+    _fail(field, value, f'expected one of {allowed}')
+
+
+def _positive(config, field):
+  value = _get(config, field)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+    _fail(field, value, 'expected a positive number')
+
+
+def _non_negative(config, field):
+  value = _get(config, field)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    _fail(field, value, 'expected a number >= 0')
+
+
+def _get(config, field):
+  value = config
+  for part in field.split('.'):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError naming the first bad field, its value and what is allowed. Returns the config unchanged."""
+  m = config.model
+  for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.rope_theta',
+                'model.init_std', 'model.norm.eps', 'train.steps', 'train.batch_size', 'train.seq_len',
+                'train.log_every', 'train.stats_every', 'train.spike_factor', 'train.spike_window',
+                'train.initial_loss_scale', 'train.loss_scale_growth_interval', 'optimizer.lr',
+                'optimizer.grad_accum_steps', 'eval.batch_size', 'checkpoint.keep'):
+    _positive(config, field)
+  for field in ('model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.norm.mix_post_layers',
+                'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.end_lr_factor',
+                'checkpoint.every', 'eval.max_examples', 'data.worker_count', 'data.eval_max_batches'):
+    _non_negative(config, field)
+  _one_of(config, 'model.norm.placement', PLACEMENTS)
+  _one_of(config, 'model.norm.kind', NORM_KINDS)
+  _one_of(config, 'model.param_dtype', tuple(DTYPES))
+  _one_of(config, 'model.compute_dtype', tuple(DTYPES))
+  _one_of(config, 'model.mlp_activation', MLP_ACTIVATIONS)
+  _one_of(config, 'model.remat', REMAT)
+  _one_of(config, 'model.attention_impl', ATTENTION_IMPLS)
+  _one_of(config, 'optimizer.schedule', SCHEDULES)
+  _one_of(config, 'train.loss_scale', LOSS_SCALES)
+  _one_of(config, 'data.tokenizer', TOKENIZERS)
+  if not m.head_dim and m.d_model % m.num_heads:
+    _fail('model.d_model', m.d_model, f'expected a multiple of model.num_heads = {m.num_heads} (or set model.head_dim)')
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if head_dim % 2:
+    _fail('model.head_dim', head_dim, 'expected an even per-head width (RoPE rotates pairs)')
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    _fail('model.num_kv_heads', m.num_kv_heads, f'expected a divisor of model.num_heads = {m.num_heads}')
+  if m.norm.placement == 'mix' and m.norm.mix_post_layers > m.num_layers:
+    _fail('model.norm.mix_post_layers', m.norm.mix_post_layers,
+          f'expected at most model.num_layers = {m.num_layers} Post-LN layers')
+  if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
+    _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
+  if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
+    _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  return config

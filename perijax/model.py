@@ -1,0 +1,215 @@
+"""A decoder-only Transformer LM in flax.linen, with the norm placement chosen by `config.model.norm.placement`.
+
+Every parameter and the main activations carry logical axis names; `config.mesh.logical_axis_rules` maps them onto
+the device mesh. The placement itself lives in `placement.residual_sublayer`; this file never branches on it.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from perijax import placement as placement_lib
+from perijax import stats as stats_lib
+from perijax.norms import Norm
+from perijax.precision import Precision
+
+REMAT_POLICIES = {
+    'none': None,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+    'full': jax.checkpoint_policies.nothing_saveable,                     # recompute everything in the backward pass
+}
+
+
+def head_dim(model_config):
+  return model_config.head_dim or model_config.d_model // model_config.num_heads
+
+
+def num_kv_heads(model_config):
+  return model_config.num_kv_heads or model_config.num_heads
+
+
+def mlp_dim(model_config):
+  if model_config.mlp_dim:
+    return model_config.mlp_dim
+  if model_config.mlp_activation == 'swiglu':  # 8/3 d keeps the parameter count of a 4d GELU MLP (Llama)
+    return -(-8 * model_config.d_model // 3 // 64) * 64
+  return 4 * model_config.d_model
+
+
+def dense_init(std, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def rope(x, positions, theta):
+  """Rotary position embedding on [batch, length, heads, head_dim], rotating the two halves of head_dim."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[:, :, None, None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+  """Tokens attend only within their own packed document; causality is added by the attention call."""
+  if segment_ids is None:
+    return None
+  return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
+def low_precision_attention(q, k, v, mask, dtype):
+  """Causal attention with logits and softmax in `dtype` (float16 when softmax_in_float32 is off).
+
+  jax.nn.dot_product_attention always upcasts the logits to float32, so it cannot show what a float16 softmax does.
+  """
+  groups = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum('btnh,bsnh->bnts', q.astype(dtype), k.astype(dtype)) / jnp.sqrt(q.shape[-1]).astype(dtype)
+  length = q.shape[1]
+  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  if mask is not None:
+    allowed = allowed & mask
+  logits = jnp.where(allowed, logits, jnp.finfo(dtype).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bnts,bsnh->btnh', weights, v)
+
+
+class Attention(nn.Module):
+  config: Any  # config.model
+  precision: Precision
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg, p = self.config, self.precision
+    heads, kv_heads, dim = cfg.num_heads, num_kv_heads(cfg), head_dim(cfg)
+    proj = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False, dtype=p.compute, param_dtype=p.param)
+    q = proj((heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'heads', 'head_dim')), name='query')(x)
+    k = proj((kv_heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), name='key')(x)
+    v = proj((kv_heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), name='value')(x)
+    if cfg.norm.qk_norm:  # RMSNorm per head before RoPE (OLMo 2), whatever the block's norm kind
+      qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim')
+      q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
+    mask = attention_mask(segment_ids)
+    if p.softmax == jnp.float32:
+      implementation = None if cfg.attention_impl == 'auto' else cfg.attention_impl
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    else:
+      out = low_precision_attention(q, k, v, mask, p.softmax)
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
+    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=p.compute, param_dtype=p.param,
+                           kernel_init=dense_init(cfg.init_std, ('heads', 'head_dim', 'embed')), name='out')(out)
+
+
+class Mlp(nn.Module):
+  config: Any
+  precision: Precision
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, p = self.config, self.precision
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=p.compute, param_dtype=p.param)
+    width = mlp_dim(cfg)
+    if cfg.mlp_activation == 'swiglu':
+      gate = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='gate')(x)
+      up = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x)
+      h = nn.silu(gate) * up
+    else:
+      h = nn.gelu(dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return dense(cfg.d_model, kernel_init=dense_init(cfg.init_std, ('mlp', 'embed')), name='down')(h)
+
+
+class Layer(nn.Module):
+  """One Transformer layer: attention then MLP, each a residual sub-layer under `placement`."""
+  config: Any
+  precision: Precision
+  placement: str
+  collect_stats: bool = False
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    cfg, p = self.config, self.precision
+
+    def norm_maker(sublayer):
+      return lambda name: Norm(cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param, name=f'{sublayer}_{name}')
+
+    attention = Attention(cfg, p, name='attention')
+    mlp = Mlp(cfg, p, name='mlp')
+    x, attn_out = placement_lib.residual_sublayer(
+        self.placement, x, lambda h: attention(h, positions, segment_ids), norm_maker('attention'))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    attn_stats = stats_lib.sublayer_stats(x, attn_out) if self.collect_stats else None
+    x, mlp_out = placement_lib.residual_sublayer(self.placement, x, mlp, norm_maker('mlp'))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    if not self.collect_stats:
+      return x, None
+    mlp_stats = stats_lib.sublayer_stats(x, mlp_out)
+    # [2] per statistic: index 0 after attention, 1 after the MLP.
+    return x, jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_stats, mlp_stats)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`.
+
+  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*': [layers, 2]}.
+  """
+  config: Any  # config.model
+
+  @nn.compact
+  def __call__(self, inputs, positions=None, segment_ids=None, collect_stats=False):
+    cfg = self.config
+    p = Precision.from_config(cfg)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=p.compute, param_dtype=p.param,
+                     embedding_init=dense_init(cfg.init_std, ('vocab', 'embed')), name='embed')
+    x = embed(inputs)
+    make_norm = functools.partial(Norm, cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param)
+    if cfg.norm.embed_norm:
+      x = make_norm(name='embed_norm')(x)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+    placements = placement_lib.layer_placements(cfg.norm, cfg.num_layers)
+    layer_stats, layer_index = [], 0
+    for group, (placement, count) in enumerate(runs_of_equal(placements)):
+      layer = Layer
+      if cfg.remat != 'none':
+        layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      if cfg.scan_layers:  # one compiled layer body, looped `count` times: compile time does not grow with depth
+        stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=count,
+                        metadata_params={nn.PARTITION_NAME: 'layers'})
+        x, stats = stack(cfg, p, placement, collect_stats, name=f'layers_{group}')(x, positions, segment_ids)
+        layer_stats.append(stats)
+      else:
+        for _ in range(count):
+          x, stats = layer(cfg, p, placement, collect_stats, name=f'layer_{layer_index}')(x, positions, segment_ids)
+          layer_stats.append(jax.tree.map(lambda a: a[None], stats))
+          layer_index += 1
+
+    if placement_lib.needs_final_norm(placements[-1]):
+      x = make_norm(name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=p.compute, param_dtype=p.param,
+                        kernel_init=dense_init(cfg.init_std, ('embed', 'vocab')), name='lm_head')(x)
+    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if collect_stats else None
+    return logits, stats
+
+
+def runs_of_equal(items):
+  """[a, a, b] -> [(a, 2), (b, 1)]: layers of one placement are scanned together."""
+  runs = []
+  for item in items:
+    if runs and runs[-1][0] == item:
+      runs[-1] = (item, runs[-1][1] + 1)
+    else:
+      runs.append((item, 1))
+  return runs

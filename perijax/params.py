@@ -1,0 +1,64 @@
+"""Parameter counts and training FLOPs per token of a config.
+
+    python -m perijax.params --config=configs/paper_400m.py
+
+Counts come from the model itself (abstract init, nothing allocated), so they can never drift from the code.
+"""
+
+import math
+
+from absl import app
+from ml_collections import config_flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from perijax import config as config_lib
+from perijax import model as model_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+
+
+def abstract_params(model_config):
+  """Parameter shapes (jax.ShapeDtypeStruct, still boxed with their logical axes), without allocating."""
+  model = model_lib.Transformer(ml_collections.FrozenConfigDict(model_config))
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['params']
+
+
+def count_params(model_config):
+  """{'total', 'embedding', 'non_embedding'}; the untied LM head counts as embedding (as in the paper's sizes)."""
+  params = nn.unbox(abstract_params(model_config))
+  sizes = {'/'.join(str(k.key) for k in path): math.prod(leaf.shape)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  embedding = sum(size for name, size in sizes.items() if name.startswith(('embed/', 'lm_head/')))
+  total = sum(sizes.values())
+  return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding}
+
+
+def train_flops_per_token(model_config, seq_len):
+  """6 x (matmul parameters used per token, LM head included) + 12 x layers x seq_len x attention width.
+
+  The PaLM convention (Chowdhery et al. 2022, App. B): forward + backward = 3 x forward, attention scores and values
+  counted over the full (not causal-halved) sequence. It is the numerator of MFU.
+  """
+  counts = count_params(model_config)
+  lm_head = model_config.vocab_size * model_config.d_model
+  attention_width = model_config.num_heads * model_lib.head_dim(model_config)
+  return 6 * (counts['non_embedding'] + lm_head) + 12 * model_config.num_layers * seq_len * attention_width
+
+
+def main(argv):
+  del argv
+  config = config_lib.validate(_CONFIG.value)
+  counts = count_params(config.model)
+  flops = train_flops_per_token(config.model, config.train.seq_len)
+  print(f"total parameters:          {counts['total']:>16,}")
+  print(f"embedding parameters:      {counts['embedding']:>16,}")
+  print(f"non-embedding parameters:  {counts['non_embedding']:>16,}  ({counts['non_embedding'] / 1e6:,.1f}M)")
+  print(f'training FLOPs per token:  {flops:>16,.0f}  (seq_len {config.train.seq_len})')
+
+
+if __name__ == '__main__':
+  app.run(main)

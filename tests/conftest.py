@@ -1,0 +1,14 @@
+"""Test set-up: 8 simulated CPU devices (before JAX is imported) and the repository root on sys.path."""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: takes more than a few seconds; deselect with -m "not slow"')

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up .venv, then runs the whole suite on 8 simulated CPU devices.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup-venv
+export XLA_FLAGS="--xla_force_host_platform_device_count=8" JAX_PLATFORMS=cpu
+exec .venv/bin/python -m pytest -q tests "$@"

@@ -1,0 +1,66 @@
+"""Every bad config field fails before anything is built, with a message naming the field, value and what is allowed."""
+
+import pytest
+
+from configs import default, paper_1_5b, paper_3_2b, paper_400m, tiny
+from perijax import config as config_lib
+from perijax import params as params_lib
+
+BAD_FIELDS = [
+    ('model.norm.placement', 'middle', "config.model.norm.placement = 'middle'.*'post', 'pre', 'peri'"),
+    ('model.norm.kind', 'batchnorm', "config.model.norm.kind = 'batchnorm'.*'layernorm', 'rmsnorm'"),
+    ('model.compute_dtype', 'float8', "config.model.compute_dtype = 'float8'.*'float32', 'bfloat16', 'float16'"),
+    ('model.param_dtype', 'int8', "config.model.param_dtype = 'int8'.*'float32'"),
+    ('model.d_model', 130, 'config.model.d_model = 130.*multiple of model.num_heads = 4'),
+    ('model.num_layers', 0, 'config.model.num_layers = 0.*positive'),
+    ('model.d_model', -8, 'config.model.d_model = -8.*positive'),
+    ('train.batch_size', 0, 'config.train.batch_size = 0.*positive'),
+    ('train.seq_len', -1, 'config.train.seq_len = -1.*positive'),
+    ('model.norm.mix_post_layers', 9, 'config.model.norm.mix_post_layers = 9.*at most model.num_layers = 4'),
+    ('model.num_kv_heads', 3, 'config.model.num_kv_heads = 3.*divisor of model.num_heads = 4'),
+    ('optimizer.schedule', 'step', "config.optimizer.schedule = 'step'.*'cosine'"),
+    ('model.remat', 'some', "config.model.remat = 'some'.*'none', 'minimal', 'full'"),
+    ('mesh.tensor', 0, 'config.mesh.tensor = 0.*-1'),
+]
+
+
+@pytest.mark.parametrize('field, value, message', BAD_FIELDS)
+def test_bad_field_fails_with_its_message(field, value, message):
+  config = tiny.get_config()
+  if field == 'model.norm.mix_post_layers':
+    config.model.norm.placement = 'mix'
+  parent, name = field.rsplit('.', 1)
+  node = config
+  for part in parent.split('.'):
+    node = node[part]
+  node[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_float16_parameters_need_float16_compute():
+  config = tiny.get_config()
+  config.model.param_dtype = 'float16'
+  with pytest.raises(config_lib.ConfigError, match='pure float16'):
+    config_lib.validate(config)
+
+
+def test_shipped_configs_are_valid():
+  for module in (default, tiny, paper_400m, paper_1_5b, paper_3_2b):
+    config_lib.validate(module.get_config())
+
+
+@pytest.mark.parametrize('module, billions', [(paper_400m, 0.4), (paper_1_5b, 1.5), (paper_3_2b, 3.2)])
+def test_paper_configs_are_within_5_percent_of_their_name(module, billions):
+  counts = params_lib.count_params(module.get_config().model)
+  assert abs(counts['non_embedding'] / (billions * 1e9) - 1) < 0.05
+
+
+def test_parameter_count_matches_the_formula():
+  config = tiny.get_config()
+  m = config.model
+  d, v, layers, mlp = m.d_model, m.vocab_size, m.num_layers, 384  # tiny: 8/3 * 128 rounded up to 64
+  per_layer = 4 * d * d + 3 * d * mlp + 2 * d  # q, k, v, out; gate, up, down; two RMSNorm scales (Pre-LN)
+  counts = params_lib.count_params(m)
+  assert counts['embedding'] == v * d
+  assert counts['non_embedding'] == layers * per_layer + d  # + the final norm

@@ -1,0 +1,192 @@
+"""The model against PAPER.md: every placement's formula, causality, the variance law, scan == loop, statistics."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from perijax import model as model_lib
+from perijax import stats as stats_lib
+from perijax.placement import PLACEMENTS, layer_placements, needs_final_norm
+from tests import numpy_reference
+
+
+def small_config(placement='pre', kind='rmsnorm', num_layers=3, d_model=32, **model_overrides):
+  config = default.get_config()
+  config.model.update(vocab_size=64, d_model=d_model, num_layers=num_layers, num_heads=4, scan_layers=False,
+                      **model_overrides)
+  config.model.norm.update(placement=placement, kind=kind, mix_post_layers=1)
+  return config
+
+
+def init_params(model_config, seed=0, length=8):
+  model = model_lib.Transformer(ml_collections.FrozenConfigDict(model_config))
+  tokens = jnp.zeros((1, length), jnp.int32)
+  return model, nn.unbox(model.init(jax.random.key(seed), tokens)['params'])
+
+
+def randomize(params, seed):
+  """Random weights everywhere, norm scales and biases too, so every parameter shows up in the output."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [leaf + 0.3 * jax.random.normal(k, leaf.shape) * (1.0 if leaf.ndim == 1 else 0.5)
+         for leaf, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, new)
+
+
+@pytest.mark.parametrize('kind', ['rmsnorm', 'layernorm'])
+@pytest.mark.parametrize('placement', PLACEMENTS)
+def test_forward_matches_numpy_float64_reference(placement, kind):
+  config = small_config(placement, kind)
+  model, params = init_params(config.model)
+  params = randomize(params, seed=1)
+  tokens = np.array([[3, 17, 5, 60, 2, 9, 33, 1]], np.int32)
+  logits, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  placements = layer_placements(config.model.norm, config.model.num_layers)
+  expected = numpy_reference.forward(jax.device_get(params), tokens[0], placements, kind, config.model.norm.eps,
+                                     final_norm=needs_final_norm(placements[-1]))
+  relative_error = np.abs(np.asarray(logits[0], np.float64) - expected).max() / np.abs(expected).max()
+  assert relative_error < 1e-5
+
+
+def test_peri_has_two_norms_per_sublayer_and_post_has_no_final_norm():
+  _, peri = init_params(small_config('peri').model)
+  _, post = init_params(small_config('post').model)
+  assert {'attention_in_norm', 'attention_out_norm', 'mlp_in_norm', 'mlp_out_norm'} <= set(peri['layer_0'])
+  assert 'final_norm' in peri and 'final_norm' not in post
+
+
+@pytest.mark.parametrize('placement', ['pre', 'peri', 'post'])
+def test_changing_a_future_token_never_changes_earlier_logits(placement):
+  model, params = init_params(small_config(placement).model, length=12)
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 64)
+  changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 64)
+  before, _ = model.apply({'params': params}, tokens)
+  after, _ = model.apply({'params': params}, changed)
+  np.testing.assert_array_equal(np.asarray(before[:, :7]), np.asarray(after[:, :7]))
+  assert not np.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_segment_ids_keep_packed_documents_apart():
+  model, params = init_params(small_config('peri').model, length=10)
+  first, second = jnp.array([[5, 6, 7, 8]]), jnp.array([[9, 10, 11, 12, 13, 14]])
+  packed = jnp.concatenate([first, second], axis=1)
+  segment_ids = jnp.array([[1] * 4 + [2] * 6])
+  positions = jnp.array([list(range(4)) + list(range(6))])
+  logits, _ = model.apply({'params': params}, packed, positions, segment_ids)
+  alone, _ = model.apply({'params': params}, second)
+  np.testing.assert_allclose(logits[:, 4:], alone, rtol=1e-5, atol=1e-5)
+
+
+def residual_increment(placement, scale, layer=1):
+  """Increment of residual variance across layer `layer`'s MLP sub-layer, its output projection scaled by `scale`."""
+  config = small_config(placement, num_layers=3, d_model=256)
+  model, params = init_params(config.model, length=64)
+  params = jax.tree.map(lambda a: a, params)
+  params[f'layer_{layer}']['mlp']['down']['kernel'] = params[f'layer_{layer}']['mlp']['down']['kernel'] * scale
+  tokens = jax.random.randint(jax.random.key(3), (4, 64), 0, 64)
+  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  var = np.asarray(stats['residual_var'], np.float64)
+  return var[layer, 1] - var[layer, 0]  # after the MLP minus after the attention of the same layer
+
+
+def test_pre_ln_variance_increment_grows_with_weight_scale_squared():
+  ratio = residual_increment('pre', 10.0) / residual_increment('pre', 1.0)
+  assert abs(ratio / 100.0 - 1) < 0.10
+
+
+def test_peri_variance_increment_ignores_weight_scale():
+  ratio = residual_increment('peri', 10.0) / residual_increment('peri', 1.0)
+  assert abs(ratio - 1) < 0.01
+
+
+def test_peri_residual_variance_grows_linearly_with_depth_at_init():
+  config = small_config('peri', num_layers=24, d_model=64)
+  config.model.scan_layers = True
+  model, params = init_params(config.model, length=32)
+  tokens = jax.random.randint(jax.random.key(4), (4, 32), 0, 64)
+  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  variance = np.asarray(stats['residual_var'][:, 1], np.float64)
+  depth = np.arange(1, 25, dtype=np.float64)
+  slope, intercept = np.polyfit(depth, variance, 1)
+  r_squared = 1 - np.sum((variance - (slope * depth + intercept)) ** 2) / np.sum((variance - variance.mean()) ** 2)
+  assert slope > 0 and r_squared > 0.99
+
+
+@pytest.mark.parametrize('placement', ['peri', 'mix'])
+def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement):
+  config = small_config(placement, num_layers=4)
+  config.model.norm.mix_post_layers = 2
+  loop_model, loop_params = init_params(config.model)
+  config.model.scan_layers = True
+  scan_model, _ = init_params(config.model)
+  # The scanned layout stacks each run of same-placement layers: layers_0 = layers 0..k-1, layers_1 = the rest.
+  runs = model_lib.runs_of_equal(layer_placements(config.model.norm, 4))
+  scan_params, first = {k: v for k, v in loop_params.items() if not k.startswith('layer_')}, 0
+  for group, (_, count) in enumerate(runs):
+    layers = [loop_params[f'layer_{i}'] for i in range(first, first + count)]
+    scan_params[f'layers_{group}'] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    first += count
+  tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 64)
+  loop_logits, loop_stats = loop_model.apply({'params': loop_params}, tokens, collect_stats=True)
+  scan_logits, scan_stats = scan_model.apply({'params': scan_params}, tokens, collect_stats=True)
+  np.testing.assert_allclose(loop_logits, scan_logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loop_stats['residual_var'], scan_stats['residual_var'], rtol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+  config = small_config('peri', num_layers=2)
+  config.model.scan_layers = True
+  model, params = init_params(config.model)
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, 64)
+  loss = lambda m, p: jnp.mean(m.apply({'params': p}, tokens)[0] ** 2)
+  expected = jax.grad(lambda p: loss(model, p))(params)
+  for policy in ('minimal', 'full'):
+    config.model.remat = policy
+    remat_model = model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
+    got = jax.grad(lambda p: loss(remat_model, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), expected, got)
+
+
+def test_fp16_overflow_counts_values_past_65504_and_non_finite():
+  x = np.zeros((2, 3, 4), np.float32)
+  x[0, 0, 0] = 70000.0      # past float16's max
+  x[1, 2, 3] = -1e6         # past it, negative
+  x[0, 1, 2] = 65504.0      # exactly the max: fits
+  x[1, 0, 1] = np.inf
+  x[1, 1, 1] = np.nan
+  stats = jax.device_get(stats_lib.tensor_stats(jnp.asarray(x)))
+  assert int(stats['fp16_overflow']) == 4
+
+
+def test_fp16_overflow_is_counted_per_layer_in_the_model():
+  config = small_config('none', num_layers=2)
+  model, params = init_params(config.model)
+  # Token 7's embedding is past float16's range in 3 of its 32 coordinates. With every sub-layer's output
+  # projection zeroed and no sub-layer norm, the residual stream is the embedding all the way up.
+  params['embed']['embedding'] = params['embed']['embedding'].at[7, :3].set(1e5)
+  for layer in ('layer_0', 'layer_1'):
+    params[layer]['attention']['out']['kernel'] *= 0
+    params[layer]['mlp']['down']['kernel'] *= 0
+  tokens = jnp.array([[7, 1, 2, 7, 3, 4, 5, 6]])
+  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  residual_overflow = np.asarray(stats['residual_fp16_overflow'])
+  assert residual_overflow.tolist() == [[6, 6], [6, 6]]  # 2 positions x 3 coordinates, after every sub-layer
+  assert np.asarray(stats['output_fp16_overflow']).sum() == 0
+  summary = stats_lib.layer_summary(jax.device_get(stats))
+  assert summary['fp16_overflow'] == [12, 12]
+  np.testing.assert_allclose(summary['fp16_headroom'], [1e5 / 65504] * 2, rtol=1e-6)
+  assert len(summary['residual_var']) == 2
+
+
+def test_layer_summary_matches_numpy():
+  rng = np.random.default_rng(0)
+  stats = {f'{w}_{k}': rng.uniform(0, 10, (3, 2)) for w in ('residual', 'output') for k in stats_lib.TENSOR_STATS}
+  summary = stats_lib.layer_summary(stats)
+  np.testing.assert_allclose(summary['residual_var'], stats['residual_var'][:, 1])
+  np.testing.assert_allclose(summary['max_abs'],
+                             np.max(np.concatenate([stats['residual_max_abs'], stats['output_max_abs']], 1), 1))
+  np.testing.assert_allclose(summary['mlp_out_var'], stats['output_var'][:, 1])
