@@ -171,11 +171,22 @@ def run_name(overrides: Dict[str, Any], names: Dict[str, str]) -> str:
   return _UNSAFE_NAME_CHARS.sub('_', name)
 
 
+def resolve(config: ml_collections.ConfigDict, overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with `overrides` applied, as `perijax.train` will see it."""
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    for field, value in overrides.items():
+      config_path.set_value(field, resolved, value)
+  return resolved
+
+
 def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds: int, root: str,
-                fixed_overrides: Optional[Dict[str, Any]] = None) -> List[Run]:
+                fixed_overrides: Optional[Dict[str, Any]] = None,
+                validate: Optional[Callable[[ml_collections.ConfigDict], Any]] = None) -> List[Run]:
   """Grid × seeds -> runs, each with its overrides (swept fields in order, then `train.seed`) and final step.
 
-  Raises ValueError before anything runs if a field does not exist, a value does not parse, or the grid is ambiguous.
+  Raises ValueError before anything runs if a field does not exist, a value does not parse, the grid is ambiguous,
+  or `validate` (e.g. `perijax.config.validate`) rejects a run's resolved config.
   """
   if seeds < 1:
     raise ValueError(f'--seeds={seeds}: need at least 1 seed')
@@ -195,9 +206,14 @@ def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds:
   runs = []
   for values in itertools.product(*[values for _, values in grid]):
     overrides = dict(zip(fields, values))
-    resolved = {**fixed_overrides, **overrides}
-    steps = resolved.get(STEPS_FIELD, config_path.get_value(STEPS_FIELD, config))
+    resolved = resolve(config, {**fixed_overrides, **overrides})
     name = run_name(overrides, names)
+    if validate is not None:
+      try:
+        validate(resolved)
+      except ValueError as e:
+        raise ValueError(f'run {name}: {e}') from None
+    steps = config_path.get_value(STEPS_FIELD, resolved)
     runs.append(Run(name=name, workdir=os.path.join(root, name), overrides=overrides, steps=int(steps)))
   return runs
 
@@ -325,7 +341,9 @@ def main(argv):
   config = FLAGS.config
   fixed_overrides = config_flags.get_override_values(FLAGS['config'])
   try:
-    runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides)
+    from perijax import config as perijax_config  # pylint: disable=g-import-not-at-top  (imports the model's tables)
+    runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides,
+                       validate=perijax_config.validate)
   except ValueError as e:
     sys.exit(f'perijax.sweep: {e}')
   if FLAGS.print:

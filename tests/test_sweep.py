@@ -195,3 +195,25 @@ def test_cli_typo_fails_before_any_run(tmp_path):
   assert result.returncode != 0
   assert "no field 'model.norm.placment'; did you mean model.norm.placement?" in result.stderr
   assert not (tmp_path / 'r').exists()
+
+
+def test_config_validation_rejects_a_bad_value_before_any_run(config):
+  seen = []
+
+  def validate(resolved):
+    seen.append((resolved.model.norm.placement, resolved.train.seed, resolved.train.steps))
+    if resolved.model.norm.placement == 'peri2':
+      raise ValueError("config.model.norm.placement = 'peri2' is not allowed")
+
+  with pytest.raises(ValueError, match=r"run placement=peri2,seed=0: .*'peri2' is not allowed"):
+    sweep.expand_grid(config, ['model.norm.placement=pre,peri2'], seeds=1, root='r',
+                      fixed_overrides={'train.steps': 9}, validate=validate)
+  assert seen == [('pre', 0, 9), ('peri2', 0, 9)]   # each run's resolved config, overrides applied
+  assert config.model.norm.placement == 'pre' and config.train.steps != 9   # the loaded config is untouched
+
+
+def test_the_project_validator_catches_an_unknown_placement(config):
+  perijax_config = pytest.importorskip('perijax.config')
+  with pytest.raises(ValueError, match='peri2'):
+    sweep.expand_grid(config, ['model.norm.placement=peri,peri2'], seeds=1, root='r',
+                      validate=perijax_config.validate)
