@@ -1,0 +1,213 @@
+"""perijax.inspect on small recorded workdirs (written here; no training): tables, fits, Table 1, plots, CLI."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from perijax import growth
+from perijax import inspect as perijax_inspect
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_LAYERS = 4
+STEPS = 40
+# Per (placement, seed): the final training loss and the eval task accuracies, so group stats have known answers.
+FINAL_LOSS = {('pre', 0): 3.0, ('pre', 1): 3.4, ('pre', 2): float('nan'), ('peri', 0): 2.9, ('peri', 1): 3.1,
+              ('peri', 2): 3.2}
+ACC = {('pre', 0): 0.30, ('pre', 1): 0.34, ('pre', 2): 0.25, ('peri', 0): 0.40, ('peri', 1): 0.41, ('peri', 2): 0.45}
+
+
+def residual_var(placement, step):
+  layers = np.arange(1, NUM_LAYERS + 1)
+  if placement == 'peri':
+    return list(1.0 + 0.5 * layers)                      # linear in depth, constant over training
+  return list(0.1 * np.exp((0.3 + step / 100) * layers))  # exponential, steeper as training goes on
+
+
+def write_run(workdir, placement, seed):
+  (workdir / 'eval').mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps(
+      {'model': {'norm': {'placement': placement}, 'num_layers': NUM_LAYERS},
+       'train': {'steps': STEPS, 'seed': seed}}))
+  lines = []
+  for step in range(0, STEPS + 1, 10):
+    loss = 5.0 - (5.0 - FINAL_LOSS[placement, seed]) * step / STEPS
+    line = {'step': step, 'loss': loss, 'lr': 1e-3, 'grad_norm': 1.0, 'loss_scale': 2.0 ** (16 - seed),
+            'skipped_steps': seed, 'spike': False, 'spikes': seed + (placement == 'pre'), 'forward_overflows': 0,
+            'layer_grad_norm': [1.0, 0.8, 0.6, 0.4]}
+    if step % 20 == 0:
+      variance = residual_var(placement, step)
+      line.update(residual_var=variance, max_abs=[30 * math.sqrt(v) for v in variance],
+                  fp16_headroom=[30 * math.sqrt(v) / 65504 for v in variance],
+                  fp16_overflow=[0, 0, 0, 2 if placement == 'pre' else 0])
+    lines.append(json.dumps(line))
+  if (placement, seed) == ('pre', 1):   # resumed from step 20: steps 30 and 40 logged again, the later lines win
+    lines.insert(3, json.dumps({'step': 30, 'loss': 99.0}))   # the first attempt's step 30
+    lines.append('{"step": 50, "loss": 1.0, "truncat')   # and killed mid-write
+  (workdir / 'metrics.jsonl').write_text('\n'.join(lines) + '\n')
+  (workdir / 'eval' / f'step_{STEPS}.json').write_text(json.dumps(
+      {'step': STEPS, 'loss': FINAL_LOSS[placement, seed] + 0.5,
+       'tasks': {'next_line': {'acc': ACC[placement, seed], 'acc_norm': ACC[placement, seed] + 0.1, 'n': 100},
+                 'winogrande': {'acc': 0.5, 'n': 40}}}))
+
+
+@pytest.fixture(scope='module')
+def sweep_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sweep')
+  names = []
+  for placement in ('pre', 'peri'):
+    for seed in range(3):
+      names.append(f'placement={placement},seed={seed}')
+      write_run(root / names[-1], placement, seed)
+  (root / 'sweep.json').write_text(json.dumps({'runs': [{'name': n} for n in names]}))
+  return root
+
+
+@pytest.fixture(scope='module')
+def runs(sweep_root):
+  return perijax_inspect.load_runs([str(sweep_root)])
+
+
+def test_sweep_root_expands_to_its_runs_and_single_workdirs_work_too(sweep_root, runs):
+  assert [r.name for r in runs] == [f'placement={p},seed={s}' for p in ('pre', 'peri') for s in range(3)]
+  single = perijax_inspect.load_runs([str(sweep_root / 'placement=peri,seed=0')])
+  assert [r.name for r in single] == ['placement=peri,seed=0']
+
+
+def test_a_path_that_is_not_a_run_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    perijax_inspect.find_workdirs([str(tmp_path / 'missing')])
+  with pytest.raises(FileNotFoundError, match='expected a run workdir or a sweep root'):
+    perijax_inspect.find_workdirs([str(tmp_path)])
+
+
+def test_resumed_duplicates_keep_the_later_line_and_a_torn_line_is_skipped(runs):
+  resumed = runs[1]
+  assert [line['step'] for line in resumed.metrics] == [0, 10, 20, 30, 40]
+  assert resumed.metrics[3]['loss'] == pytest.approx(5.0 - 1.6 * 30 / 40)
+
+
+def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
+  text = perijax_inspect.layer_tables(runs[:1] + runs[3:4])
+  variance_block = text.split('residual variance')[1].split('max |x|')[0]
+  rows = {line.split()[0]: line.split() for line in variance_block.strip().splitlines()[3:]}
+  pre0, peri0 = runs[0], runs[3]
+  assert '#1 = placement=pre,seed=0' in text and '#2 = placement=peri,seed=0' in text
+  assert 'step 0' in variance_block and 'step 40' in variance_block
+  # Layer 4: pre at step 0 and 40, then peri at step 0 and 40.
+  expected = [residual_var('pre', 0)[3], residual_var('pre', 40)[3], residual_var('peri', 0)[3],
+              residual_var('peri', 40)[3]]
+  assert [float(v) for v in rows['4'][1:]] == pytest.approx(expected, rel=1e-3)
+  headroom_block = text.split('float16 headroom')[1]
+  assert f'{30 * math.sqrt(residual_var("pre", 40)[3]) / 65504:.2e}' in headroom_block
+  assert pre0.name and peri0.name
+
+
+def test_requested_steps_use_the_last_stats_at_or_before_each(runs):
+  chosen = perijax_inspect.chosen_stats(runs[0], [10, 39, 1000])
+  assert [line['step'] for line in chosen] == [0, 20, 40]
+  assert perijax_inspect.chosen_stats(runs[0], [-5]) == [None]
+
+
+def test_growth_fit_per_run_matches_the_pure_fit(runs):
+  fits = perijax_inspect.growth_fits(runs[0])
+  assert [f['step'] for f in fits] == [0, 40]
+  reference = growth.fit_growth(residual_var('pre', 40))
+  assert fits[1]['exp_rate'] == pytest.approx(0.7) == pytest.approx(reference.exp_rate)
+  assert fits[1]['better'] == 'exponential'
+  peri_fit = perijax_inspect.growth_fits(runs[3])[1]
+  assert peri_fit['better'] == 'linear' and peri_fit['linear_slope'] == pytest.approx(0.5)
+  table = perijax_inspect.growth_table(runs[:1])
+  assert 'exponential' in table and '0.7' in table
+
+
+def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
+  healthy = perijax_inspect.summarize_run(runs[0])
+  assert healthy['final_loss'] == pytest.approx(3.0)
+  assert healthy['diverged'] is False and healthy['finished'] is True
+  assert healthy['spikes'] == 1 and healthy['skipped_steps'] == 0
+  assert healthy['fp16_overflows'] == 2 * 3          # 2 per stats line at steps 0, 20, 40
+  assert healthy['eval_loss'] == pytest.approx(3.5)
+  assert healthy['avg'] == pytest.approx((0.40 + 0.5) / 2)       # acc_norm where reported, acc for winogrande
+  assert healthy['avg_acc'] == pytest.approx((0.30 + 0.5) / 2)
+  assert perijax_inspect.summarize_run(runs[2])['diverged'] is True   # final loss NaN
+
+  def record(losses, planned):
+    metrics = [{'step': 10 * i, 'loss': loss} for i, loss in enumerate(losses)]
+    return perijax_inspect.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
+
+  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=100))['diverged'] is True   # stopped early
+  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=20))['diverged'] is False   # recovered
+  assert perijax_inspect.summarize_run(record([5.0, 6.0, 5.5], planned=20))['diverged'] is True   # above initial
+  assert perijax_inspect.summarize_run(record([5.0, 4.0], planned=100))['diverged'] is False   # still running
+
+
+def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
+  groups = perijax_inspect.group_runs(runs)
+  assert [(label, len(members)) for label, members in groups] == [('placement=pre', 3), ('placement=peri', 3)]
+  rows = perijax_inspect.aggregate(groups)
+  pre, peri = rows
+  peri_losses = [FINAL_LOSS['peri', s] for s in range(3)]
+  assert peri['columns']['final_loss']['mean'] == pytest.approx(np.mean(peri_losses))
+  assert peri['columns']['final_loss']['std'] == pytest.approx(np.std(peri_losses, ddof=1))
+  # pre seed 2 diverged (NaN): the mean and std are over the two finite seeds, and that is said.
+  assert pre['columns']['final_loss']['mean'] == pytest.approx(np.mean([3.0, 3.4]))
+  assert pre['columns']['final_loss']['std'] == pytest.approx(np.std([3.0, 3.4], ddof=1))
+  assert (pre['columns']['final_loss']['n'], pre['columns']['final_loss']['n_finite']) == (3, 2)
+  pre_acc = [ACC['pre', s] for s in range(3)]
+  assert pre['columns']['next_line/acc']['mean'] == pytest.approx(np.mean(pre_acc))
+  assert pre['columns']['next_line/acc']['std'] == pytest.approx(np.std(pre_acc, ddof=1))
+  assert pre['columns']['spikes']['mean'] == pytest.approx(2.0)   # seeds 0..2 plus one each for pre
+  assert (pre['diverged'], peri['diverged'], pre['n_seeds']) == (1, 0, 3)
+
+  text = perijax_inspect.table1(rows)
+  peri_line = next(line for line in text.splitlines() if line.startswith('placement=peri '))
+  assert f'{np.mean(peri_losses):.4g} ± {np.std(peri_losses, ddof=1):.4g}' in peri_line
+  pre_line = next(line for line in text.splitlines() if line.startswith('placement=pre ') and '/3' in line)
+  assert pre_line.split()[-2:] == ['1/3', '3/3']   # diverged 1/3, finished 3/3
+  assert '3.2 ± 0.2828*' in text
+  assert 'winogrande/acc_norm' not in text   # no run reports it
+
+
+def test_runs_without_config_group_by_name_without_seed(tmp_path):
+  records = [perijax_inspect.RunRecord(f'lr=0.001,seed={s}', str(tmp_path), {}, [{'step': 0, 'loss': 1.0 + s}], {})
+             for s in range(2)]
+  groups = perijax_inspect.group_runs(records)
+  assert [(label, len(m)) for label, m in groups] == [('lr=0.001', 2)]
+
+
+def test_number_format_is_fixed_point_or_scientific():
+  assert perijax_inspect.format_number(1.5) == '1.5'
+  assert perijax_inspect.format_number(12345.6) == '1.23e+04'
+  assert perijax_inspect.format_number(0.00056) == '5.60e-04'
+  assert perijax_inspect.format_number(float('nan')) == 'nan'
+  assert perijax_inspect.format_number(None) == '-'
+  assert perijax_inspect.format_number(7) == '7'
+
+
+def test_plots_are_valid_pngs(runs, tmp_path):
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  from perijax import plots  # pylint: disable=g-import-not-at-top
+  paths = plots.write_plots(runs, str(tmp_path / 'plots'))
+  assert sorted(pathlib.Path(p).name for p in paths) == [
+      'layer_grad_norm.png', 'loss.png', 'loss_scale.png', 'residual_variance.png']
+  for path in paths:
+    assert pathlib.Path(path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_cli_prints_tables_and_writes_json(sweep_root, tmp_path):
+  out = tmp_path / 'report.json'
+  result = subprocess.run([sys.executable, '-m', 'perijax.inspect', str(sweep_root), f'--json={out}'],
+                          cwd=REPO, capture_output=True, text=True, check=True)
+  assert 'Table 1 (quality)' in result.stdout and 'Growth of residual variance' in result.stdout
+  data = json.loads(out.read_text())
+  assert [r['name'] for r in data['runs']][:2] == ['placement=pre,seed=0', 'placement=pre,seed=1']
+  assert data['runs'][0]['growth'][1]['exp_rate'] == pytest.approx(0.7)
+  assert data['runs'][0]['layer_stats'][1]['step'] == 40
+  assert [row['group'] for row in data['table1']] == ['placement=pre', 'placement=peri']
