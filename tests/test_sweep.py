@@ -175,13 +175,13 @@ def test_run_that_stopped_early_is_evaluated_at_its_last_checkpoint(config, tmp_
 def test_cli_print_emits_one_quoted_line_per_run_and_writes_nothing(tmp_path):
   root = tmp_path / 'sweep root'
   out = subprocess.run(
-      [sys.executable, '-m', 'perijax.sweep', f'--config={DEFAULT_CONFIG}', *[f'--sweep={g}' for g in GRID],
+      [sys.executable, '-m', 'perijax.sweep', '--config=configs/tiny.py', *[f'--sweep={g}' for g in GRID],
        '--seeds=3', f'--root={root}', '--print', '--config.train.steps=50'],
       cwd=REPO, capture_output=True, text=True, check=True).stdout.strip().splitlines()
   assert len(out) == 18
   train, evaluate = out[0].split(' && ')
   train_argv = shlex.split(train)
-  assert train_argv[1:3] == ['-m', 'perijax.train']
+  assert train_argv[1:4] == ['-m', 'perijax.train', '--config=configs/tiny.py']
   assert f'--workdir={root}/placement=pre,lr=0.001,seed=0' in train_argv
   assert '--config.train.steps=50' in train_argv and '--config.optimizer.lr=0.001' in train_argv
   assert shlex.split(evaluate)[-1] == '--step=50'
@@ -217,3 +217,20 @@ def test_the_project_validator_catches_an_unknown_placement(config):
   with pytest.raises(ValueError, match='peri2'):
     sweep.expand_grid(config, ['model.norm.placement=peri,peri2'], seeds=1, root='r',
                       validate=perijax_config.validate)
+
+
+def test_config_argument_after_colon_is_used_and_passed_through_untouched(tmp_path):
+  config_file = tmp_path / 'variants.py'
+  config_file.write_text(
+      'import ml_collections\n'
+      'def get_config(arg):\n'
+      '  config = ml_collections.ConfigDict()\n'
+      '  config.train = ml_collections.ConfigDict({"steps": 7 if arg == "short" else 70, "seed": 0})\n'
+      '  return config\n')
+  config_arg = f'{config_file}:short'
+  config = sweep.load_config(config_arg)
+  runs = sweep.expand_grid(config, [], seeds=2, root='r')
+  assert [r.steps for r in runs] == [7, 7]
+  line = sweep.print_commands(runs, config_arg, {}, 'python')[1]
+  assert f'--config={config_arg}' in shlex.split(line.split(' && ')[0])
+  assert line.endswith('--step=7')
