@@ -199,6 +199,8 @@ def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
   labels, legend = _short_labels(runs)
   chosen = [chosen_stats(run, steps) for run in runs]
   num_layers = max([len(line['residual_var']) for lines in chosen for line in lines if line] or [0])
+  if not num_layers:
+    return 'no per-layer stats in these runs (metrics lines every train.stats_every steps, or eval `layers`)'
   header_runs, header_steps = ['layer'], ['']
   for label, lines in zip(labels, chosen):
     for i, line in enumerate(lines):
@@ -384,7 +386,8 @@ def table1(rows: Sequence[Dict[str, Any]]) -> str:
       counts = [f'{row[k]}/{row["n_seeds"]}' for k in extra]
       body.append([row['group'], str(row['n_seeds'])] + cells + counts)
     text += [f'\nTable 1 ({title}): mean ± std over seeds', format_table([headers], body)]
-  text.append('* over the seeds whose value is finite (a diverged seed has none)')
+  if any(c['n_finite'] < c['n'] for row in rows for c in row['columns'].values()):
+    text.append('* over the seeds whose value is finite (a diverged seed has none)')
   return '\n'.join(text)
 
 
