@@ -400,7 +400,8 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
       growth_table(runs, steps), table1(rows)])
   data = {
       'runs': [{**summarize_run(run),
-                'layer_stats': [line and {k: line.get(k) for k in ('step',) + tuple(q for q, _ in LAYER_QUANTITIES)}
+                # Every per-layer list of the chosen lines (attn_out_var, mlp_out_var, ... too), not just the tables'.
+                'layer_stats': [line and {k: v for k, v in line.items() if k == 'step' or isinstance(v, list)}
                                 for line in chosen_stats(run, steps)],
                 'growth': growth_fits(run, steps)} for run in runs],
       'table1': rows,
