@@ -2,8 +2,8 @@ r"""Per-layer variance summaries, the growth-law fit, plots and a Table-1-style 
 
     python -m perijax.inspect DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
 
-A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (its sweep.json, or else its
-subdirectories that are workdirs). Printed, in order:
+A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (the runs its sweep.json lists, in
+grid order, then any other workdir under it, e.g. an earlier grid's). Printed, in order:
   1. per quantity (residual variance, max |x|, float16 headroom = max |x| / 65504), a table layer by run at the chosen
      steps: by default each run's first and last step with per-layer stats; with --steps, for each requested step the
      last stats step at or before it (a run that ended early shows its last);
@@ -64,16 +64,18 @@ def find_workdirs(paths: Sequence[str]) -> List[str]:
       raise FileNotFoundError(f'{path!r} is not a directory; expected a run workdir or a sweep root')
     if _is_workdir(path):
       workdirs.append(path)
-    elif os.path.exists(os.path.join(path, 'sweep.json')):
+      continue
+    # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
+    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and _is_workdir(d))
+    listed = []
+    if os.path.exists(os.path.join(path, 'sweep.json')):
       with open(os.path.join(path, 'sweep.json')) as f:
-        names = [run['name'] for run in json.load(f)['runs']]
-      workdirs.extend(os.path.join(path, n) for n in names if _is_workdir(os.path.join(path, n)))
-    else:
-      children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and _is_workdir(d))
-      if not children:
-        raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl, no sweep.json and no run '
-                                'subdirectories; expected a run workdir or a sweep root')
-      workdirs.extend(children)
+        listed = [os.path.join(path, run['name']) for run in json.load(f)['runs']]
+    listed = [d for d in listed if d in children]
+    if not listed and not children:
+      raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
+                              'expected a run workdir or a sweep root')
+    workdirs.extend(listed + [d for d in children if d not in listed])
   return workdirs
 
 

@@ -78,6 +78,16 @@ def test_sweep_root_expands_to_its_runs_and_single_workdirs_work_too(sweep_root,
   assert [r.name for r in single] == ['placement=peri,seed=0']
 
 
+def test_sweep_root_lists_its_grid_first_then_other_runs(tmp_path):
+  for name in ('a', 'b', 'c'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'metrics.jsonl').write_text('{"step": 0, "loss": 1.0}\n')
+  (tmp_path / 'not_a_run').mkdir()
+  (tmp_path / 'sweep.json').write_text(json.dumps({'runs': [{'name': 'c'}, {'name': 'b'}, {'name': 'unstarted'}]}))
+  found = perijax_inspect.find_workdirs([str(tmp_path)])
+  assert [pathlib.Path(p).name for p in found] == ['c', 'b', 'a']
+
+
 def test_a_path_that_is_not_a_run_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a directory'):
     perijax_inspect.find_workdirs([str(tmp_path / 'missing')])
