@@ -105,7 +105,6 @@ def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
   text = perijax_inspect.layer_tables(runs[:1] + runs[3:4])
   variance_block = text.split('residual variance')[1].split('max |x|')[0]
   rows = {line.split()[0]: line.split() for line in variance_block.strip().splitlines()[3:]}
-  pre0, peri0 = runs[0], runs[3]
   assert '#1 = placement=pre,seed=0' in text and '#2 = placement=peri,seed=0' in text
   assert 'step 0' in variance_block and 'step 40' in variance_block
   # Layer 4: pre at step 0 and 40, then peri at step 0 and 40.
@@ -114,7 +113,6 @@ def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
   assert [float(v) for v in rows['4'][1:]] == pytest.approx(expected, rel=1e-3)
   headroom_block = text.split('float16 headroom')[1]
   assert f'{30 * math.sqrt(residual_var("pre", 40)[3]) / 65504:.2e}' in headroom_block
-  assert pre0.name and peri0.name
 
 
 def test_requested_steps_use_the_last_stats_at_or_before_each(runs):
