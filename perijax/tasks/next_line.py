@@ -104,9 +104,17 @@ def read_corpus_test_split(data_dir: str | None) -> Sequence[dict]:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise FileNotFoundError(
         f"task 'next_line' reads the embedded corpus '{CORPUS_NAME}' split '{CORPUS_SPLIT}', which is not prepared "
-        f"under data dir {data_dir or '~/tensorflow_datasets (the TFDS default)'}. Training on it prepares it "
-        f"(config.data.name='{CORPUS_NAME}' with the same config.data.data_dir). (TFDS said: {first_line})"
+        f"under data dir {data_dir or '~/tensorflow_datasets (the TFDS default)'}: prepare it with "
+        f"`{_prepare_command(data_dir)}` (config.data.data_dir says where it is). (TFDS said: {first_line})"
     ) from error
+
+
+def _prepare_command(data_dir: str | None) -> str:
+  try:
+    from perijax.data import corpus  # pylint: disable=g-import-not-at-top
+    return corpus.prepare_command(data_dir or '')
+  except (ImportError, AttributeError):
+    return 'python -m perijax.data.corpus' + (f' --data_dir={data_dir}' if data_dir else '')
 
 
 def next_line_items(data_dir: str | None, max_examples: int) -> list[MultipleChoiceItem]:
