@@ -93,7 +93,8 @@ def test_winogrande_prompt_is_partial():
 def test_catalog_readers_through_mocked_tfds(tmp_path):
   """Random mock examples from the real TFDS feature specs: the reader and schema path, end to end."""
   with tfds.testing.mock_data(num_examples=3):
-    for read, item_fn in [(benchmarks.read_arc_easy, benchmarks.arc_item), (benchmarks.read_piqa, benchmarks.piqa_item)]:
+    for read, item_fn in [(benchmarks.read_arc_easy, benchmarks.arc_item),
+                          (benchmarks.read_piqa, benchmarks.piqa_item)]:
       items = benchmarks.take_items('t', read(str(tmp_path)), item_fn, max_examples=2)
       assert len(items) == 2
       for item in items:

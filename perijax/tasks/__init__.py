@@ -27,7 +27,8 @@ def validate_task_names(names: Sequence[str]) -> tuple[str, ...]:
     names = (names,)
   unknown = [name for name in names if name not in TASK_NAMES]
   if unknown:
-    raise ValueError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; known tasks: {", ".join(TASK_NAMES)}')
+    raise ValueError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
+                     f'known tasks: {", ".join(TASK_NAMES)}')
   if len(set(names)) != len(names):
     raise ValueError(f'tasks repeated in {list(names)}')
   return tuple(names)

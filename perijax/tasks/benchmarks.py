@@ -41,13 +41,14 @@ def arc_item(doc: dict) -> MultipleChoiceItem:
   labels = [int(label) for label in doc['choices']['label']]
   answer = int(doc['answerKey'])
   if answer not in labels:
-    raise ValueError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its labels {labels}')
+    raise ValueError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its choice '
+                     f'labels {labels}')
   return _choices_item(f'Question: {as_text(doc["question"])}\nAnswer:',
                        [as_text(text) for text in doc['choices']['text']], labels.index(answer))
 
 
 def hellaswag_preprocess(text: str) -> str:
-  """lm-eval `hellaswag/utils.py` preprocess, in its order: strip, " [title]" -> ". ", drop "[...]", one pass of "  "."""
+  """lm-eval `hellaswag/utils.py` preprocess, in order: strip, " [title]" -> ". ", drop "[...]", "  " -> " " once."""
   text = text.strip()
   text = text.replace(' [title]', '. ')
   text = re.sub('\\[.*?\\]', '', text)
@@ -124,7 +125,8 @@ def read_piqa(data_dir: str | None) -> Sequence[dict]:
 
 def read_winogrande(data_dir: str | None) -> Sequence[dict]:
   """Winogrande validation split (the dev set, the same for every size): TFDS `winogrande`."""
-  import tensorflow_datasets.text.winogrande  # pylint: disable=g-import-not-at-top,unused-import  # legacy builder: lazy
+  # A legacy TFDS builder: registered only once its module is imported.
+  import tensorflow_datasets.text.winogrande  # pylint: disable=g-import-not-at-top,unused-import
   return _tfds_split('winogrande', 'winogrande', 'validation', data_dir, _prepare_catalog_hint('winogrande'))
 
 
@@ -139,7 +141,11 @@ def read_siqa(data_dir: str | None, jsonl_path: str) -> Sequence[dict]:
 
 
 def take_items(task: str, docs: Sequence[dict], item_fn, max_examples: int) -> list[MultipleChoiceItem]:
-  """The first `max_examples` documents (0 = all) in the data source's order, which is fixed once prepared."""
+  """The first `max_examples` documents (0 = all) in the data source's order, which is fixed once prepared.
+
+  TFDS's catalog datasets are stored in a hashed order, not the source file's (HellaSwag and SIQA keep the file's), so
+  a partial run covers different documents than `lm_eval --limit N`; over the whole split the accuracies agree.
+  """
   count = len(docs) if max_examples <= 0 else min(max_examples, len(docs))
   if count == 0:
     raise ValueError(f"task '{task}': the evaluated split has no documents")

@@ -1,8 +1,8 @@
 """Zero-shot multiple-choice scoring, exactly as EleutherAI's lm-evaluation-harness (lm-eval) does it.
 
 A choice's score is the sum of its continuation tokens' log-probabilities given the context. `acc` takes the argmax
-of those sums, `acc_norm` the argmax of the sums divided by the choice's length in characters. Where a rule is lm-eval's,
-the comment names the lm-eval file (snapshot 4e7e0d47, v0.4.13.dev0; the same logic since v0.4.3).
+of those sums, `acc_norm` the argmax of the sums divided by the choice's length in characters. Where a rule is
+lm-eval's, the comment names the lm-eval file (snapshot 4e7e0d47, v0.4.13.dev0; the same logic since v0.4.3).
 """
 
 from typing import Callable, NamedTuple, Sequence
@@ -57,8 +57,10 @@ def _pack_request(context: Sequence[int], continuation: Sequence[int], seq_len: 
   """The model's input row for one request, and where its continuation's predictions are.
 
   The model reads `[eos] + tokens` (eos doubles as beginning-of-sequence, as in training). lm-eval
-  `lm_eval/models/huggingface.py` _loglikelihood_tokens: `inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]`
-  (left truncation keeps the end), and the continuation is scored at the last `len(continuation_enc)` positions.
+  `lm_eval/models/huggingface.py` _loglikelihood_tokens:
+  `inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]` (left truncation keeps the end), and the
+  continuation is scored at the last `len(continuation_enc)` positions. lm-eval's empty-context rule (context_enc =
+  [prefix token]) is what the leading eos gives here for every request.
   """
   if not continuation:
     raise ValueError('a continuation must have at least one token (lm-eval scores a non-empty continuation)')
