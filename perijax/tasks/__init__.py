@@ -53,7 +53,7 @@ def load_task_items(name: str, eval_config, data_config) -> list[MultipleChoiceI
   elif name == 'winogrande':
     docs, item_fn = benchmarks.read_winogrande(tasks_data_dir), benchmarks.winogrande_item
   else:
-    validate_task_names([name])
+    raise ValueError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
   return benchmarks.take_items(name, docs, item_fn, max_examples)
 
 
