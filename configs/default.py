@@ -102,6 +102,8 @@ def get_config():
   data.worker_count = 0             # grain worker processes; 0 = in the main process
   data.prefetch = 2                 # batches prefetched ahead of the train step
   data.eval_max_batches = 0         # evaluation batches; 0 = the whole eval split once
+  data.process_split = 'documents'  # multi-host input: 'documents' (each process reads a disjoint shard; scales) or
+                                    # 'rows' (each reads all, keeps its rows: batches identical for any process count)
 
   # ---- checkpoints -------------------------------------------------------------------------------------------------
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

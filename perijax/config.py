@@ -70,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'optimizer.schedule', SCHEDULES)
   _one_of(config, 'train.loss_scale', LOSS_SCALES)
   _one_of(config, 'data.tokenizer', TOKENIZERS)
+  _one_of(config, 'data.process_split', ('documents', 'rows'))
   if not m.head_dim and m.d_model % m.num_heads:
     _fail('model.d_model', m.d_model, f'expected a multiple of model.num_heads = {m.num_heads} (or set model.head_dim)')
   head_dim = m.head_dim or m.d_model // m.num_heads

@@ -85,10 +85,14 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
     heads, kv_heads, dim = cfg.num_heads, num_kv_heads(cfg), head_dim(cfg)
-    proj = functools.partial(nn.DenseGeneral, axis=-1, use_bias=False, dtype=p.compute, param_dtype=p.param)
-    q = proj((heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'heads', 'head_dim')), name='query')(x)
-    k = proj((kv_heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), name='key')(x)
-    v = proj((kv_heads, dim), kernel_init=dense_init(cfg.init_std, ('embed', 'kv_heads', 'head_dim')), name='value')(x)
+    # nn.Einsum rather than DenseGeneral: its kernel is created in its final shape, so the logical axes apply at init.
+    def projection(shape, equation, axes, name):
+      return nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
+                       kernel_init=dense_init(cfg.init_std, axes), name=name)
+    d = cfg.d_model
+    q = projection((d, heads, dim), 'btd,dnh->btnh', ('embed', 'heads', 'head_dim'), 'query')(x)
+    k = projection((d, kv_heads, dim), 'btd,dnh->btnh', ('embed', 'kv_heads', 'head_dim'), 'key')(x)
+    v = projection((d, kv_heads, dim), 'btd,dnh->btnh', ('embed', 'kv_heads', 'head_dim'), 'value')(x)
     if cfg.norm.qk_norm:  # RMSNorm per head before RoPE (OLMo 2), whatever the block's norm kind
       qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim')
       q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
@@ -101,8 +105,7 @@ class Attention(nn.Module):
     else:
       out = low_precision_attention(q, k, v, mask, p.softmax)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=p.compute, param_dtype=p.param,
-                           kernel_init=dense_init(cfg.init_std, ('heads', 'head_dim', 'embed')), name='out')(out)
+    return projection((heads, dim, d), 'btnh,nhd->btd', ('heads', 'head_dim', 'embed'), 'out')(out)
 
 
 class Mlp(nn.Module):
@@ -213,3 +216,16 @@ def runs_of_equal(items):
     else:
       runs.append((item, 1))
   return runs
+
+
+def layer_grad_norms(grads):
+  """The L2 norm of each layer's gradient, in layer order, for both the scanned and the looped parameter layout."""
+  keys = sorted((k for k in grads if k.startswith('layer')), key=lambda k: int(k.split('_')[1]))
+  squares = []
+  for key in keys:
+    leaves = [jnp.square(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(grads[key])]
+    if key.startswith('layers_'):  # scanned: the leading axis is the layer
+      squares.append(sum(jnp.sum(leaf, axis=tuple(range(1, leaf.ndim))) for leaf in leaves))
+    else:
+      squares.append(sum(jnp.sum(leaf) for leaf in leaves)[None])
+  return jnp.sqrt(jnp.concatenate(squares))

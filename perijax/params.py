@@ -7,7 +7,7 @@ Counts come from the model itself (abstract init, nothing allocated), so they ca
 
 import math
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 import flax.linen as nn
 import jax
@@ -16,8 +16,6 @@ import ml_collections
 
 from perijax import config as config_lib
 from perijax import model as model_lib
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 
 
 def abstract_params(model_config):
@@ -51,7 +49,7 @@ def train_flops_per_token(model_config, seq_len):
 
 def main(argv):
   del argv
-  config = config_lib.validate(_CONFIG.value)
+  config = config_lib.validate(flags.FLAGS.config)
   counts = count_params(config.model)
   flops = train_flops_per_token(config.model, config.train.seq_len)
   print(f"total parameters:          {counts['total']:>16,}")
@@ -61,4 +59,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: perijax.train imports this module and has its own --config.
+  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
   app.run(main)

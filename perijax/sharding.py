@@ -1,0 +1,95 @@
+"""The device mesh and where every array lives on it, from `config.mesh`.
+
+The model names its axes (`embed`, `heads`, `mlp`, ...); `config.mesh.logical_axis_rules` maps each name onto mesh
+axes `data`, `fsdp`, `tensor`. This module turns that table into `NamedSharding`s and checks, before anything is
+compiled, that every sharded dimension divides evenly.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+class ShardingError(ValueError):
+  """The mesh, batch or a parameter shape cannot be laid out as the config asks."""
+
+
+def mesh_shape(mesh_config, device_count):
+  """Resolves -1 to the devices the other axes leave, and checks the product is the device count."""
+  sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if -1 in sizes.values():
+    if device_count % fixed:
+      raise ShardingError(f'config.mesh {sizes}: the fixed axes (product {fixed}) do not divide the '
+                          f'{device_count} devices; choose sizes whose product divides {device_count}')
+    sizes = {axis: device_count // fixed if size == -1 else size for axis, size in sizes.items()}
+  if math.prod(sizes.values()) != device_count:
+    raise ShardingError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but there are {device_count}; '
+                        f'data x fsdp x tensor must equal the device count (use -1 for one axis to fill it)')
+  return tuple(sizes[axis] for axis in MESH_AXES)
+
+
+def make_mesh(mesh_config, devices=None):
+  """A mesh over all devices of all processes. Auto axes: Flax's logical partitioning is GSPMD-style (STACK.md)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_rules(mesh_config):
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in mesh_config.logical_axis_rules)
+
+
+def shardings_of(boxed_tree, mesh, rules):
+  """NamedShardings for a tree whose leaves are boxed with logical axis names (unboxed leaves: replicated)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_tree, shardings, mesh):
+  """Every sharded dimension must split evenly over its mesh axes; says which tensor does not."""
+  problems = []
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                                    jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if dim % ways:
+        problems.append(f'{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} over mesh axes '
+                        f'{axes} ({ways} ways)')
+  if problems:
+    raise ShardingError('these tensors do not divide evenly over the mesh: ' + '; '.join(problems[:5]) +
+                        (f' (+{len(problems) - 5} more)' if len(problems) > 5 else '') +
+                        '; change config.mesh or the model shape')
+
+
+def batch_sharding(mesh, rules):
+  """Batch dimension over data x fsdp (the 'batch' rule), sequence replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), rules))
+
+
+def check_batch(global_batch, mesh, process_count, grad_accum_steps=1):
+  """The micro-batch must split over the data-parallel devices and over the processes feeding them."""
+  if global_batch % grad_accum_steps:
+    raise ShardingError(f'config.train.batch_size = {global_batch} is not divisible by '
+                        f'config.optimizer.grad_accum_steps = {grad_accum_steps}')
+  micro = global_batch // grad_accum_steps
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  if micro % ways:
+    raise ShardingError(f'batch of {micro} sequences (config.train.batch_size / grad_accum_steps) is not divisible '
+                        f'by data x fsdp = {ways} devices; use a multiple of {ways}')
+  if micro % process_count:
+    raise ShardingError(f'batch of {micro} sequences is not divisible by the {process_count} processes feeding it')
+  return micro
+
+
+def global_batch_from_local(local_batch, sharding):
+  """Each process passes its slice; JAX assembles the global array (multi-host input, no gather)."""
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_batch)

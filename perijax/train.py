@@ -1,0 +1,202 @@
+"""Trains a model: `python -m perijax.train --config=configs/tiny.py --workdir=DIR [--config.a.b=value ...]`.
+
+The same command runs on every host of a pod. WORKDIR gets config.json, tokenizer.json, metrics.jsonl, tensorboard/
+and checkpoints/; a workdir that already has checkpoints resumes from the latest one.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+import flax.linen as nn
+import jax
+import numpy as np
+
+from perijax import checkpoint as checkpoint_lib
+from perijax import config as config_lib
+from perijax import hardware
+from perijax import optimizer as optimizer_lib
+from perijax import params as params_lib
+from perijax import sharding as sharding_lib
+from perijax import stats as stats_lib
+from perijax import train_step as train_step_lib
+from perijax.data import pipeline, tokenizers
+from perijax.metrics import MetricsWriter
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, checkpoints.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on '
+                                   'TPU pods and SLURM, where jax.distributed finds it).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed for several processes: explicit flags, or automatic on TPU pods and SLURM jobs."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs: collectives across processes
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
+
+
+def make_data_iterator(config, tokenizer, micro_batch):
+  """This process's share of each global batch, as a checkpointable grain iterator."""
+  kwargs = dict(seq_len=config.train.seq_len, seed=config.train.seed)
+  if config.data.process_split == 'rows':  # every process packs the global stream and keeps its own rows
+    return RowSlice(pipeline.make_train_iterator(config.data, tokenizer, batch_size=micro_batch, **kwargs))
+  return pipeline.make_train_iterator(config.data, tokenizer, batch_size=micro_batch // jax.process_count(),
+                                      process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
+
+
+class RowSlice:
+  """Keeps this process's rows of a global-batch iterator; checkpoints through the wrapped iterator's state."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+
+  def __next__(self):
+    batch = next(self.iterator)
+    rows = batch['inputs'].shape[0] // jax.process_count()
+    return {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+
+class Preemption:
+  """SIGTERM (a pod preemption) asks for a checkpoint at the next step boundary, then a clean exit."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, manager, step):
+    return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
+
+
+def write_run_files(config, workdir, tokenizer):
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  tokenizers.save_tokenizer(tokenizer, workdir)
+
+
+def train(config, workdir):
+  """Trains config.train.steps optimizer steps (resuming from WORKDIR's latest checkpoint). Returns the final state."""
+  config_lib.validate(config)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(config.mesh)
+  accum = config.optimizer.grad_accum_steps
+  micro_batch = sharding_lib.check_batch(config.train.batch_size, mesh, jax.process_count(), accum)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  abstract_state, state_shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
+  tokenizer = tokenizers.make_tokenizer(config.data)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(f'config.model.vocab_size = {config.model.vocab_size} is smaller than the '
+                                 f'tokenizer vocabulary ({tokenizer.vocab_size}); use at least that')
+  data_iterator = make_data_iterator(config, tokenizer, micro_batch)
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
+  latest = manager.latest_step()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if latest is None:
+      state, _ = train_step_lib.create_train_state(config, model, optimizer, mesh)
+    else:
+      state = checkpoint_lib.restore(manager, latest, abstract_state, state_shardings, data_iterator)
+      if jax.process_index() == 0:
+        print(f'resuming from the checkpoint at step {latest} in {checkpoint_lib.checkpoint_dir(workdir)}', flush=True)
+  write_run_files(config, workdir, tokenizer)
+
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step_fns = {
+      collect: jax.jit(functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer,
+                                         train_config=config.train, collect_stats=collect),
+                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                       donate_argnums=0)
+      for collect in (False, True)}
+
+  tokens_per_step = config.train.batch_size * config.train.seq_len
+  flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
+  peak = hardware.peak_flops(config.train.accelerator)
+  if config.train.accelerator != 'cpu':  # table peaks are per device; the CPU rate is measured for the whole host
+    peak *= jax.device_count()
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.steps)
+  writer = MetricsWriter(workdir, config.train.steps)
+  preemption = Preemption()
+  step = int(state.step) // accum
+  window_start, window_step, last_overflows = None, step, int(state.forward_overflows)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    while step < config.train.steps:
+      is_stats_step = (step + 1) % config.train.stats_every == 0 or step + 1 == config.train.steps
+      for micro in range(accum):
+        batch = sharding_lib.global_batch_from_local(next(data_iterator), batch_sharding)
+        state, metrics = step_fns[is_stats_step and micro == accum - 1](state, batch)
+      step += 1
+      if window_start is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(state.step)
+        window_start, window_step = time.time(), step
+      if step % config.train.log_every == 0 or is_stats_step or step == config.train.steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.time() - window_start
+        tokens_per_sec = tokens_per_step * (step - window_step) / elapsed if step > window_step else 0.0
+        record = {
+            'loss': float(metrics['loss']), 'lr': float(schedule(step - 1)), 'grad_norm': float(metrics['grad_norm']),
+            'layer_grad_norm': np.asarray(metrics['layer_grad_norm'], np.float64).tolist(),
+            'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
+            'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
+            'forward_overflows': int(metrics['forward_overflows']),
+            'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
+        }
+        if 'stats' in metrics:
+          record.update(stats_lib.layer_summary(metrics['stats']))
+        writer.write(step, record)
+        writer.console(step, record)
+        if record['forward_overflows'] > last_overflows and jax.process_index() == 0:
+          print(f'forward overflow: the loss was not finite on {record["forward_overflows"] - last_overflows} '
+                f'step(s) up to step {step}', flush=True)
+        last_overflows = record['forward_overflows']
+        window_start, window_step = time.time(), step
+      if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
+        checkpoint_lib.save(manager, step, state, data_iterator)
+      if preemption.reached(manager, step):
+        checkpoint_lib.save(manager, step, state, data_iterator)
+        manager.wait_until_finished()
+        if jax.process_index() == 0:
+          print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)
+        writer.close()
+        return state
+  if manager.latest_step() != step:
+    checkpoint_lib.save(manager, step, state, data_iterator)
+  manager.wait_until_finished()
+  writer.close()
+  return state
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,154 @@
+"""The train state and the one pure training step: loss, dynamic loss scaling, skip-on-overflow, AdamW, metrics.
+
+`train_step(state, batch, ...) -> (state, metrics)` is jitted once by the trainer (and once more with statistics on),
+with explicit shardings and the old state donated. Nothing in here touches the host.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training.dynamic_scale import DynamicScale
+
+from perijax import model as model_lib
+from perijax import sharding as sharding_lib
+from perijax.precision import Precision
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                # train_step calls so far (micro-batches when accumulating gradients)
+  params: Any
+  opt_state: Any
+  loss_scale: DynamicScale | None  # float16 only: flax's dynamic loss scale, checkpointed with the rest
+  grad_norm_history: jax.Array   # last `spike_window` global gradient norms (NaN = not yet seen), for spike detection
+  skipped_steps: jax.Array       # steps whose gradients were not finite (parameters left unchanged)
+  forward_overflows: jax.Array   # steps whose loss itself was not finite (the forward pass overflowed)
+  spikes: jax.Array              # gradient-norm spikes (see `train_step`)
+
+
+def unboxed(tree):
+  """Strips the logical-axis boxes (their shardings are already known) without adding sharding constraints."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def make_model(config):
+  return model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
+
+
+def uses_loss_scaling(config):
+  return config.model.compute_dtype == 'float16' and config.train.loss_scale == 'dynamic'
+
+
+def init_train_state(rng, config, model, optimizer):
+  """A fresh state whose parameters are still boxed with logical axis names (unbox after sharding)."""
+  tokens = jnp.zeros((1, config.train.seq_len), jnp.int32)
+  params = model.init(rng, tokens)['params']
+  loss_scale = None
+  if uses_loss_scaling(config):
+    loss_scale = DynamicScale(growth_interval=config.train.loss_scale_growth_interval,
+                              scale=jnp.asarray(config.train.initial_loss_scale, jnp.float32))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=optimizer.init(params), loss_scale=loss_scale,
+                    grad_norm_history=jnp.full((config.train.spike_window,), jnp.nan, jnp.float32),
+                    skipped_steps=zero, forward_overflows=zero, spikes=zero)
+
+
+def abstract_train_state(config, model, optimizer, mesh):
+  """(abstract unboxed state, its NamedShardings) without allocating anything: shape-first sharded init."""
+  init = functools.partial(init_train_state, config=config, model=model, optimizer=optimizer)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding_lib.shardings_of(boxed, mesh, sharding_lib.logical_rules(config.mesh))
+  abstract = unboxed(boxed)
+  sharding_lib.check_divisible(abstract, shardings, mesh)
+  return abstract, shardings
+
+
+def create_train_state(config, model, optimizer, mesh):
+  """The initial state, each array created directly in its shard (never whole on one device)."""
+  _, shardings = abstract_train_state(config, model, optimizer, mesh)
+  init = functools.partial(init_train_state, config=config, model=model, optimizer=optimizer)
+  boxed = jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
+  return unboxed(boxed), shardings
+
+
+def cross_entropy(logits, targets, weights, dtype):
+  """Mean negative log-likelihood over the target tokens with weight 1 (padding has weight 0)."""
+  log_probs = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def compute_loss(params, batch, model, collect_stats=False):
+  """(loss, per-layer statistics or None) for one batch."""
+  logits, stats = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                              collect_stats=collect_stats)
+  loss = cross_entropy(logits, batch['targets'], batch['weights'], Precision.from_config(model.config).loss)
+  return loss, stats
+
+
+def is_spike(grad_norm, history, spike_factor):
+  """The documented spike rule: a finite global gradient norm above spike_factor x the median of the previous
+  spike_window finite norms, once the window is full. k = config.train.spike_factor, W = config.train.spike_window."""
+  window_full = jnp.all(jnp.isfinite(history))
+  return window_full & jnp.isfinite(grad_norm) & (grad_norm > spike_factor * jnp.nanmedian(history))
+
+
+def train_step(state, batch, *, model, optimizer, train_config, collect_stats=False):
+  """One optimizer update (or one micro-batch of it). Non-finite gradients leave params and optimizer state as they
+  were, shrink the loss scale and count a skipped step."""
+
+  def objective(params):
+    loss, stats = compute_loss(params, batch, model, collect_stats)
+    # Test-only hook (config.train.debug_overflow_step): blow the loss up so its gradients overflow float16.
+    injected = jnp.where(state.step == train_config.debug_overflow_step, 1e30, 1.0).astype(loss.dtype)
+    return loss * injected, (loss, stats)
+
+  if state.loss_scale is not None:
+    loss_scale, grads_finite, (_, (loss, stats)), grads = state.loss_scale.value_and_grad(
+        objective, has_aux=True)(state.params)
+  else:
+    loss_scale = None
+    (_, (loss, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    grads_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), new, old)
+
+  spike = grads_finite & is_spike(grad_norm, state.grad_norm_history, train_config.spike_factor)
+  history = jnp.where(grads_finite, jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm),
+                      state.grad_norm_history)
+  forward_overflow = ~jnp.isfinite(loss)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_finite(new_params, state.params),
+      opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      loss_scale=loss_scale,
+      grad_norm_history=history,
+      skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+      forward_overflows=state.forward_overflows + forward_overflow.astype(jnp.int32),
+      spikes=state.spikes + spike.astype(jnp.int32),
+  )
+  metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'layer_grad_norm': model_lib.layer_grad_norms(grads),
+      'loss_scale': loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
+      'grads_finite': grads_finite,
+      'forward_overflow': forward_overflow,
+      'spike': spike,
+      'skipped_steps': new_state.skipped_steps,
+      'forward_overflows': new_state.forward_overflows,
+      'spikes': new_state.spikes,
+  }
+  if collect_stats:
+    metrics['stats'] = stats
+  return new_state, metrics
