@@ -1,0 +1,254 @@
+"""grain input pipelines over `tfds.data_source`: shuffle, tokenize, pack, batch, shard across JAX processes.
+
+Every batch is a dict of numpy arrays of shape [batch_size, seq_len], batch_size being THIS process's share:
+  inputs, targets  int32   model input tokens and the tokens to predict
+  segment_ids      int32   1, 2, 3... per packed document within a row; 0 = padding
+  positions        int32   0-based position within its document (chunk)
+  weights          float32 1 where a target is to be predicted, 0 on padding
+
+Packing rule (no prediction across documents, no token lost): a document's tokens are t = encode(text) + [eos]; its
+inputs are [eos] + t[:-1] (EOS doubles as beginning-of-document) and its targets are t. A document longer than seq_len
+is cut into seq_len chunks (inputs and targets cut at the same places, so chunk k's first input is the last target of
+chunk k-1); each chunk is packed as a document of its own, its positions restarting at 0. Chunks are packed into rows
+first-fit (grain's FirstFitPackIterDataset over PACKING_BINS_PER_ROW * batch_size bins), the rest of a row padded.
+
+Sharding: process i of n reads examples i, i+n, i+2n... of the split, so processes read disjoint parts and the global
+batch is batch_size * n. Training shuffles that shard with the seed, reshuffles every epoch and never stops; its
+iterator is a grain DatasetIterator, checkpointable in Orbax with grain.checkpoint.CheckpointSave/CheckpointRestore.
+Evaluation goes through the shard once in order; `EvalBatches.target_tokens` says how many targets it covered, and
+`bytes_per_token` gives the ratio evaluation needs to turn a per-token loss into bits per byte.
+"""
+
+from typing import Any, Iterator, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from perijax.data import corpus  # registers the embedded `shakespeare_milton` builder with TFDS
+from perijax.data import tokenizers
+
+Batch = dict[str, np.ndarray]
+PACKING_BINS_PER_ROW = 4   # more open rows -> less padding, rows of one batch drawn from more documents
+READ_THREADS = 4           # threads reading and tokenizing examples (per grain worker)
+READ_BUFFER = 256          # examples read ahead of the packer
+_NOT_PREPARED_ELSEWHERE = ('perijax only reads prepared datasets: prepare it once with TFDS elsewhere, as '
+                           'array_record (c4 needs Apache Beam, lm1b needs TensorFlow), and place it in data.data_dir '
+                           '(a local path or a gs:// bucket).')
+
+
+# ---- the source --------------------------------------------------------------------------------------------------
+
+def open_source(data_config, split: str) -> Sequence[Any]:
+  """`tfds.data_source` of the split, checked: prepared, non-empty, readable, with a text field."""
+  name, data_dir = data_config.name, data_config.data_dir or None
+  where = f'data dir {data_config.data_dir!r}' if data_config.data_dir else "TFDS's default data dir"
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise ValueError(f'data.name {name!r} is not a TFDS dataset (e.g. {corpus.DATASET_NAME!r}, "c4/en", '
+                     f'"lm1b"): {str(error).splitlines()[0]}') from error
+  except Exception as error:  # pylint: disable=broad-except  TFDS raises many kinds for "not there"
+    if isinstance(error, ValueError) and 'Unknown split' in str(error):
+      raise ValueError(f'Split {split!r} of {name!r}: {str(error).splitlines()[0]} (check data.train_split / '
+                       'data.eval_split).') from error
+    if name == corpus.DATASET_NAME:
+      fix = f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}'
+    else:
+      fix = _NOT_PREPARED_ELSEWHERE
+    reason = (str(error).strip().splitlines() or [''])[0]
+    raise FileNotFoundError(f'TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {where}. '
+                            f'{fix}\n(TFDS said: {type(error).__name__}: {reason})') from error
+  if len(source) == 0:
+    raise ValueError(f'TFDS dataset {name!r} split {split!r} in {where} is empty: nothing to read.')
+  try:
+    first = source[0]
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f'TFDS dataset {name!r} split {split!r} in {where} cannot be read (corrupt or incomplete '
+                     f'files?): {type(error).__name__}: {error}') from error
+  if data_config.text_field not in first:
+    raise ValueError(f'data.text_field {data_config.text_field!r} is not a feature of {name!r}; its features: '
+                     f'{sorted(first)}.')
+  if not isinstance(first[data_config.text_field], (str, bytes)):
+    raise ValueError(f'data.text_field {data_config.text_field!r} of {name!r} holds '
+                     f'{type(first[data_config.text_field]).__name__}, not text.')
+  return source
+
+
+def example_text(example: dict[str, Any], text_field: str) -> str:
+  # Real array_record sources return text as bytes, tfds.testing.mock_data as str.
+  text = example[text_field]
+  return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+
+
+# ---- transforms --------------------------------------------------------------------------------------------------
+
+class TokenizeDocument(grain.transforms.Map):
+  """example -> t = encode(text) + [eos], int32."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, text_field: str):
+    self.tokenizer = tokenizer
+    self.text_field = text_field
+
+  def map(self, example):
+    text = example_text(example, self.text_field)
+    encode = getattr(self.tokenizer, 'encode_array', None)
+    tokens = encode(text) if encode else np.asarray(self.tokenizer.encode(text), np.int32)
+    return np.append(tokens.astype(np.int32), np.int32(self.tokenizer.eos_id))
+
+
+class ChunkDocument(grain.experimental.FlatMapTransform):
+  """t -> {'inputs': ([eos] + t[:-1])[chunk], 'targets': t[chunk]} for seq_len-long chunks."""
+
+  max_fan_out = 1 << 20  # not enforced by the IterDataset flat map; documents may be long
+
+  def __init__(self, seq_len: int, eos_id: int):
+    self.seq_len = seq_len
+    self.eos_id = eos_id
+
+  def flat_map(self, tokens):
+    inputs = np.concatenate([np.array([self.eos_id], np.int32), tokens[:-1]])
+    return [{'inputs': inputs[start:start + self.seq_len], 'targets': tokens[start:start + self.seq_len]}
+            for start in range(0, len(tokens), self.seq_len)]
+
+
+def _model_row(packed: dict[str, np.ndarray]) -> Batch:
+  segment_ids = packed['targets_segment_ids']
+  return {'inputs': packed['inputs'].astype(np.int32), 'targets': packed['targets'].astype(np.int32),
+          'segment_ids': segment_ids.astype(np.int32), 'positions': packed['targets_positions'].astype(np.int32),
+          'weights': (segment_ids > 0).astype(np.float32)}
+
+
+def _pack_and_batch(documents: grain.IterDataset, *, eos_id: int, batch_size: int, seq_len: int,
+                    drop_remainder: bool) -> grain.IterDataset:
+  chunks = grain.experimental.FlatMapIterDataset(documents, ChunkDocument(seq_len, eos_id))
+  rows = grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct={'inputs': seq_len, 'targets': seq_len},
+      num_packing_bins=PACKING_BINS_PER_ROW * batch_size, shuffle_bins=False)
+  return rows.map(_model_row).batch(batch_size, drop_remainder=drop_remainder)
+
+
+def _check_shapes(batch_size: int, seq_len: int, process_index: int, process_count: int):
+  if batch_size <= 0 or seq_len <= 0:
+    raise ValueError(f'batch_size ({batch_size}) and seq_len ({seq_len}) must be positive.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} must be in [0, process_count={process_count}).')
+
+
+def _documents(data_config, tokenizer, split, process_index, process_count) -> grain.MapDataset:
+  source = open_source(data_config, split)
+  if len(source) < process_count:
+    raise ValueError(f'Split {split!r} of {data_config.name!r} has {len(source)} examples, fewer than the '
+                     f'{process_count} processes that each need a disjoint part of it.')
+  return grain.MapDataset.source(source)[process_index::process_count]
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def make_train_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of this process's packed batches of `data_config.train_split`."""
+  _check_shapes(batch_size, seq_len, process_index, process_count)
+  if data_config.worker_count < 0 or data_config.prefetch < 0:
+    raise ValueError(f'data.worker_count ({data_config.worker_count}) and data.prefetch ({data_config.prefetch}) '
+                     'must be >= 0.')
+  documents = _documents(data_config, tokenizer, data_config.train_split, process_index, process_count)
+  documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed
+  tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
+      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
+  batches = _pack_and_batch(tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seq_len=seq_len,
+                            drop_remainder=True)
+  if data_config.worker_count > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests, notebooks) nothing parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    # Each worker packs its own slice of the documents; deterministic for a given worker_count.
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_config.worker_count, per_worker_buffer_size=max(1, data_config.prefetch)))
+  elif data_config.prefetch > 0:
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=data_config.prefetch)
+  return iter(batches)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+class EvalBatches:
+  """The split once, in order, as this process's batches; the last one padded with weights 0.
+
+  Iterate it as often as needed (each pass starts over). With max_batches > 0 every pass yields exactly max_batches
+  batches (all-padding ones once the shard runs out), so processes stay in lockstep; with max_batches = 0 it yields
+  until the shard ends, and `count_batches()` tells how many that is (processes can agree on the largest and set
+  `pad_to_batches`). After a pass, `target_tokens` is the number of targets it covered (= sum of weights).
+  """
+
+  def __init__(self, dataset: grain.IterDataset, *, batch_size: int, seq_len: int, max_batches: int):
+    self._dataset = dataset
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.max_batches = max_batches
+    self.pad_to_batches = max_batches
+    self.target_tokens = 0
+
+  def _padding_batch(self) -> Batch:
+    zeros = np.zeros((self.batch_size, self.seq_len), np.int32)
+    return {'inputs': zeros, 'targets': zeros, 'segment_ids': zeros, 'positions': zeros,
+            'weights': np.zeros((self.batch_size, self.seq_len), np.float32)}
+
+  def _pad_rows(self, batch: Batch) -> Batch:
+    missing = self.batch_size - batch['inputs'].shape[0]
+    if not missing:
+      return batch
+    return {key: np.concatenate([value, np.zeros((missing, self.seq_len), value.dtype)]) for key, value in batch.items()}
+
+  def __iter__(self) -> Iterator[Batch]:
+    self.target_tokens = 0
+    count = 0
+    for batch in self._dataset:
+      if self.max_batches and count >= self.max_batches:
+        break
+      batch = self._pad_rows(batch)
+      self.target_tokens += int(batch['weights'].sum())
+      count += 1
+      yield batch
+    while count < self.pad_to_batches:
+      count += 1
+      yield self._padding_batch()
+
+  def count_batches(self) -> int:
+    """Batches in one pass of this shard, up to max_batches (one pass of tokenizing and packing)."""
+    count = 0
+    for _ in self._dataset:
+      count += 1
+      if self.max_batches and count >= self.max_batches:
+        break
+    return count
+
+
+def make_eval_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, split: str, batch_size: int, seq_len: int,
+                       process_index: int = 0, process_count: int = 1, max_batches: int = 0) -> EvalBatches:
+  """This process's batches of `split`, once, in order (see EvalBatches)."""
+  _check_shapes(batch_size, seq_len, process_index, process_count)
+  if max_batches < 0:
+    raise ValueError(f'max_batches ({max_batches}) must be >= 0 (0 = the whole split).')
+  documents = _documents(data_config, tokenizer, split, process_index, process_count)
+  tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
+      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
+  batches = _pack_and_batch(tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seq_len=seq_len,
+                            drop_remainder=False)
+  return EvalBatches(batches, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+
+
+def bytes_per_token(data_config, tokenizer: tokenizers.Tokenizer, split: str, max_docs: int = 2000) -> float:
+  """UTF-8 bytes of text per target token (EOS included) over the first `max_docs` documents of `split`.
+
+  Bits per byte = (mean loss per target token in nats) / ln 2 / bytes_per_token.
+  """
+  source = open_source(data_config, split)
+  num_docs = len(source) if max_docs <= 0 else min(max_docs, len(source))
+  text_bytes = target_tokens = 0
+  for index in range(num_docs):
+    text = example_text(source[index], data_config.text_field)
+    text_bytes += len(text.encode('utf-8'))
+    target_tokens += len(tokenizer.encode(text)) + 1  # + the EOS target
+  return text_bytes / target_tokens
