@@ -101,7 +101,7 @@ class TokenizeDocument(grain.transforms.Map):
 class ChunkDocument(grain.experimental.FlatMapTransform):
   """t -> {'inputs': ([eos] + t[:-1])[chunk], 'targets': t[chunk]} for seq_len-long chunks."""
 
-  max_fan_out = 1 << 20  # not enforced by the IterDataset flat map; documents may be long
+  max_fan_out = 1 << 20  # required by the FlatMap interface; FlatMapIterDataset does not bound it
 
   def __init__(self, seq_len: int, eos_id: int):
     self.seq_len = seq_len
@@ -136,7 +136,7 @@ def _check_shapes(batch_size: int, seq_len: int, process_index: int, process_cou
     raise ValueError(f'process_index {process_index} must be in [0, process_count={process_count}).')
 
 
-def _documents(data_config, tokenizer, split, process_index, process_count) -> grain.MapDataset:
+def _documents(data_config, split: str, process_index: int, process_count: int) -> grain.MapDataset:
   source = open_source(data_config, split)
   if len(source) < process_count:
     raise ValueError(f'Split {split!r} of {data_config.name!r} has {len(source)} examples, fewer than the '
@@ -153,7 +153,7 @@ def make_train_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, batch_s
   if data_config.worker_count < 0 or data_config.prefetch < 0:
     raise ValueError(f'data.worker_count ({data_config.worker_count}) and data.prefetch ({data_config.prefetch}) '
                      'must be >= 0.')
-  documents = _documents(data_config, tokenizer, data_config.train_split, process_index, process_count)
+  documents = _documents(data_config, data_config.train_split, process_index, process_count)
   documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed
   tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
       grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
@@ -231,7 +231,7 @@ def make_eval_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, split: s
   _check_shapes(batch_size, seq_len, process_index, process_count)
   if max_batches < 0:
     raise ValueError(f'max_batches ({max_batches}) must be >= 0 (0 = the whole split).')
-  documents = _documents(data_config, tokenizer, split, process_index, process_count)
+  documents = _documents(data_config, split, process_index, process_count)
   tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
       grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
   batches = _pack_and_batch(tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seq_len=seq_len,
