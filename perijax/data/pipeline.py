@@ -199,7 +199,8 @@ class EvalBatches:
     missing = self.batch_size - batch['inputs'].shape[0]
     if not missing:
       return batch
-    return {key: np.concatenate([value, np.zeros((missing, self.seq_len), value.dtype)]) for key, value in batch.items()}
+    return {key: np.concatenate([value, np.zeros((missing, self.seq_len), value.dtype)])
+            for key, value in batch.items()}
 
   def __iter__(self) -> Iterator[Batch]:
     self.target_tokens = 0
