@@ -100,8 +100,13 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     mask = attention_mask(segment_ids)
     if p.softmax == jnp.float32:
+      if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
+        # XLA:CPU cannot compile the gradient of a float16 x float16 -> float32 dot; the logits are float32 anyway,
+        # and the output is cast back to float16 below, so overflow behaves as on a GPU.
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
       implementation = None if cfg.attention_impl == 'auto' else cfg.attention_impl
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+      out = out.astype(p.compute)
     else:
       out = low_precision_attention(q, k, v, mask, p.softmax)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))

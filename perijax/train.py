@@ -64,11 +64,15 @@ class RowSlice:
     rows = batch['inputs'].shape[0] // jax.process_count()
     return {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
 
+  # grain's Orbax handler stores a non-DatasetIterator's state as bytes.
   def get_state(self):
-    return self.iterator.get_state()
+    return json.dumps(self.iterator.get_state()).encode()
 
   def set_state(self, state):
-    self.iterator.set_state(state)
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self):
+    self.iterator.start_prefetch()
 
 
 class Preemption:
@@ -94,10 +98,13 @@ def write_run_files(config, workdir, tokenizer):
   tokenizers.save_tokenizer(tokenizer, workdir)
 
 
-def train(config, workdir):
-  """Trains config.train.steps optimizer steps (resuming from WORKDIR's latest checkpoint). Returns the final state."""
+def train(config, workdir, devices=None):
+  """Trains config.train.steps optimizer steps (resuming from WORKDIR's latest checkpoint). Returns the final state.
+
+  `devices`: the mesh's devices; all devices of all processes by default.
+  """
   config_lib.validate(config)
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_rules(config.mesh)
   accum = config.optimizer.grad_accum_steps
   micro_batch = sharding_lib.check_batch(config.train.batch_size, mesh, jax.process_count(), accum)

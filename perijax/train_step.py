@@ -118,7 +118,7 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
     (_, (loss, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     grads_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), new, old)

@@ -1,0 +1,200 @@
+"""Sharded float16 training: the same run on any mesh, loss scaling that skips overflowing steps, multi-process."""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from perijax import optimizer as optimizer_lib
+from perijax import sharding as sharding_lib
+from perijax import train as train_lib
+from perijax import train_step as train_step_lib
+from perijax.data import tokenizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(data_dir, steps=10):
+  config = tiny.get_config()
+  config.model.update(d_model=32, num_layers=2, num_heads=4)
+  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1000)
+  config.optimizer.update(warmup_steps=2)
+  config.data.data_dir = data_dir
+  config.checkpoint.every = 0
+  return config
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['loss'] for line in f]
+
+
+MESHES = {
+    'data8': dict(data=8, fsdp=1, tensor=1),
+    'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
+    'fsdp8': dict(data=1, fsdp=8, tensor=1),
+}
+
+
+@pytest.fixture(scope='module')
+def single_device_losses(corpus_data_dir, tmp_path_factory):
+  config = small_config(corpus_data_dir)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  train_lib.train(config, workdir, devices=jax.devices()[:1])
+  return losses(workdir)
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_same_losses_on_every_mesh(mesh, corpus_data_dir, tmp_path, single_device_losses):
+  config = small_config(corpus_data_dir)
+  config.mesh.update(**MESHES[mesh])
+  train_lib.train(config, str(tmp_path))
+  got = losses(str(tmp_path))
+  assert len(got) == 10 and got[-1] < got[0]
+  np.testing.assert_allclose(got, single_device_losses, rtol=2e-5)
+
+
+def test_parameters_are_sharded_as_the_rules_say(corpus_data_dir):
+  config = small_config(corpus_data_dir)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, 10)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.logical_rules(config.mesh)):
+    state, _ = train_step_lib.create_train_state(config, model, optimizer, mesh)
+  layers = state.params['layers_0']
+  # (layers, embed, mlp): layers replicated, embed over fsdp (FSDP), mlp width over tensor (tensor parallelism).
+  assert layers['mlp']['gate']['kernel'].sharding.spec == P(None, 'fsdp', 'tensor')
+  assert layers['mlp']['down']['kernel'].sharding.spec == P(None, 'tensor', 'fsdp')
+  assert layers['attention']['query']['kernel'].sharding.spec == P(None, 'fsdp', 'tensor', None)
+  assert state.params['embed']['embedding'].sharding.spec == P('tensor', 'fsdp')
+  # Adam's moments follow their parameters.
+  adam = state.opt_state[1][0]
+  assert adam.mu['layers_0']['mlp']['gate']['kernel'].sharding.spec == P(None, 'fsdp', 'tensor')
+  shard = layers['mlp']['gate']['kernel'].addressable_shards[0].data
+  assert shard.shape == (2, 32 // 2, 128 // 2)
+
+
+def run_steps(config, data_dir, steps, mutate_params=None):
+  """Runs the jitted train step by hand; returns [(state before, metrics)] per step and the final state."""
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(config.mesh)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  from perijax.data import pipeline
+  iterator = pipeline.make_train_iterator(config.data, tokenizers.make_tokenizer(config.data),
+                                          batch_size=config.train.batch_size, seq_len=config.train.seq_len, seed=0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = train_step_lib.create_train_state(config, model, optimizer, mesh)
+    if mutate_params:
+      state = state.replace(params=mutate_params(state.params))
+    step = jax.jit(functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer,
+                                     train_config=config.train))
+    history = []
+    for _ in range(steps):
+      before = jax.device_get(state)
+      state, metrics = step(state, next(iterator))
+      history.append((before, jax.device_get(metrics)))
+  return history, jax.device_get(state)
+
+
+def test_float16_overflow_is_skipped_and_the_scale_halves(corpus_data_dir):
+  config = small_config(corpus_data_dir, steps=12)
+  config.model.compute_dtype = 'float16'
+  config.train.debug_overflow_step = 4  # the loss is multiplied by 1e30 at this step: its gradients overflow
+  history, final = run_steps(config, corpus_data_dir, 12)
+  before, metrics = history[4]
+  after = history[5][0]
+  assert not metrics['grads_finite'] and metrics['skipped_steps'] == 1 and not metrics['forward_overflow']
+  assert float(after.loss_scale.scale) == float(before.loss_scale.scale) / 2
+  jax.tree.map(np.testing.assert_array_equal, before.params, after.params)          # bitwise unchanged
+  jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
+  assert all(history[i][1]['grads_finite'] for i in range(12) if i != 4)
+  assert final.skipped_steps == 1
+  assert history[-1][1]['loss'] < history[0][1]['loss']  # training went on and the loss still fell
+
+
+def test_float16_scale_grows_back_after_a_run_of_good_steps(corpus_data_dir):
+  config = small_config(corpus_data_dir, steps=6)
+  config.model.compute_dtype = 'float16'
+  config.train.loss_scale_growth_interval = 2
+  history, final = run_steps(config, corpus_data_dir, 6)
+  scales = [float(h[0].loss_scale.scale) for h in history] + [float(final.loss_scale.scale)]
+  assert scales[0] == 65536.0 and scales[-1] > scales[0]
+
+
+def test_forward_overflow_is_reported_as_such(corpus_data_dir):
+  config = small_config(corpus_data_dir, steps=2)
+  config.model.compute_dtype = 'float16'
+
+  def overflow_embedding(params):  # every embedding past float16's range: the forward pass itself overflows
+    params['embed']['embedding'] = params['embed']['embedding'] * 0 + 1e5
+    return params
+
+  history, final = run_steps(config, corpus_data_dir, 2, overflow_embedding)
+  assert history[0][1]['forward_overflow'] and final.forward_overflows == 2 and final.skipped_steps == 2
+
+
+def test_pure_float16_keeps_parameters_in_float16(corpus_data_dir):
+  config = small_config(corpus_data_dir, steps=3)
+  config.model.update(compute_dtype='float16', param_dtype='float16')
+  history, final = run_steps(config, corpus_data_dir, 3)
+  assert all(leaf.dtype == np.float16 for leaf in jax.tree.leaves(final.params))
+  assert np.isfinite(history[-1][1]['loss'])
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(batch_size=6), 'not divisible by data x fsdp = 4'),
+    (dict(mesh=dict(data=3, fsdp=1, tensor=1)), 'has 3 devices but there are 8'),
+    (dict(mesh=dict(data=1, fsdp=1, tensor=8)), r"do not divide evenly over the mesh: .*heads.*8 ways|"
+                                                r"do not divide evenly over the mesh"),
+])
+def test_bad_shapes_fail_before_compiling(change, message, corpus_data_dir, tmp_path):
+  config = small_config(corpus_data_dir)
+  config.mesh.update(data=4, fsdp=1, tensor=2)
+  if 'batch_size' in change:
+    config.train.batch_size = change['batch_size']
+  if 'mesh' in change:
+    config.mesh.update(**change['mesh'])
+  with pytest.raises(sharding_lib.ShardingError, match=message):
+    train_lib.train(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp_path):
+  overrides = ['--config=configs/tiny.py', f'--config.data.data_dir={corpus_data_dir}', '--config.model.d_model=32',
+               '--config.model.num_layers=2', '--config.train.steps=6', '--config.train.batch_size=8',
+               '--config.train.seq_len=32', '--config.train.log_every=1', '--config.checkpoint.every=0',
+               '--config.data.process_split=rows']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  single = str(tmp_path / 'single')
+  subprocess.run([sys.executable, '-m', 'perijax.train', f'--workdir={single}', *overrides], cwd=REPO, check=True,
+                 env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), capture_output=True)
+  multi, port = str(tmp_path / 'multi'), free_port()
+  processes = [subprocess.Popen([sys.executable, '-m', 'perijax.train', f'--workdir={multi}', *overrides,
+                                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                                 f'--process_id={i}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4'))
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
+  assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+  np.testing.assert_allclose(losses(multi), losses(single), rtol=2e-5)
+  assert len(losses(multi)) == 6
