@@ -1,0 +1,168 @@
+"""Timing of the real train step: tokens/s and MFU, compile time, and how much the input pipeline and asynchronous
+checkpointing slow the steps down. Used by benchmarks/run.py; every function builds what it times from a config.
+
+Steps are timed the way the trainer runs them: the step jitted with the state's shardings and the old state donated,
+dispatched back to back, with one `block_until_ready` at the end of the timed window (the host never waits inside it).
+"""
+
+import functools
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perijax import checkpoint as checkpoint_lib
+from perijax import dryrun
+from perijax import hardware
+from perijax import optimizer as optimizer_lib
+from perijax import params as params_lib
+from perijax import sharding as sharding_lib
+from perijax import train_step as train_step_lib
+from perijax.data import pipeline, tokenizers
+
+
+class Trainer:
+  """A config's model, optimizer, state and jitted step on `devices` (default: the first device only, so MFU compares
+  with the matmul rate of that one device)."""
+
+  def __init__(self, config, devices=None):
+    self.config = config
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices or jax.devices()[:1])
+    self.rules = sharding_lib.logical_rules(config.mesh)
+    self.model = train_step_lib.make_model(config)
+    self.optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.state, shardings = train_step_lib.create_train_state(config, self.model, self.optimizer, self.mesh)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    step = functools.partial(train_step_lib.train_step, model=self.model, optimizer=self.optimizer,
+                             train_config=config.train)
+    self.step_fn = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+                           out_shardings=(shardings, replicated), donate_argnums=0)
+
+  def step(self, batch):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      self.state, metrics = self.step_fn(self.state, batch)
+    return metrics
+
+  def put(self, local_batch):
+    return sharding_lib.global_batch_from_local(local_batch, self.batch_sharding)
+
+  def run(self, next_batch, steps, every=None, on_every=None):
+    """Seconds per step over `steps` steps fed by `next_batch()`; `on_every(trainer, i)` after every `every`-th."""
+    jax.block_until_ready(self.state)
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+      self.step(next_batch())
+      if every and i % every == 0:
+        on_every(self, i)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / steps
+
+
+def synthetic_batch(config, seed=0):
+  """One packed-looking batch of random tokens (what a pre-made batch feeds: no pipeline work per step)."""
+  rng = np.random.default_rng(seed)
+  shape = (config.train.batch_size, config.train.seq_len)
+  tokens = rng.integers(0, min(config.model.vocab_size, 256), size=(shape[0], shape[1] + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': np.ones(shape, np.int32),
+          'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+          'weights': np.ones(shape, np.float32)}
+
+
+def matmul_rate(dtype_name, size=1024):
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}[dtype_name]
+  return hardware.measured_matmul_flops(size=size, dtype=dtype)
+
+
+_TRAINERS = {}
+
+
+def trainer_for(config):
+  """One Trainer per distinct config in this process: its step compiles once, whatever section times it next."""
+  key = config.to_json_best_effort(sort_keys=True)
+  if key not in _TRAINERS:
+    _TRAINERS[key] = Trainer(config)
+  return _TRAINERS[key]
+
+
+def speed_row(config, step_s, peak_flops=None):
+  tokens = config.train.batch_size * config.train.seq_len
+  flops = params_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens / step_s
+  row = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'model_flops_per_s': flops}
+  if peak_flops:
+    row.update(peak_flops=peak_flops, mfu=flops / peak_flops)
+  return row
+
+
+def train_speeds(configs, steps, rounds=2, warmup=2, peak_flops=None):
+  """[{step_s, tokens_per_s, model_flops_per_s, mfu}] per config, on one device.
+
+  The configs take turns for `rounds` rounds and each keeps its fastest round: on a machine shared with other work,
+  a slow patch then hits every config alike instead of whichever happened to run during it.
+  """
+  trainers = [trainer_for(config) for config in configs]
+  batches = [t.put(synthetic_batch(t.config)) for t in trainers]
+  for trainer, batch in zip(trainers, batches):
+    trainer.run(lambda b=batch: b, warmup)  # the first step compiles
+  best = [float('inf')] * len(configs)
+  for _ in range(rounds):
+    for i, (trainer, batch) in enumerate(zip(trainers, batches)):
+      best[i] = min(best[i], trainer.run(lambda b=batch: b, steps))
+  return [speed_row(config, step_s, peak_flops) for config, step_s in zip(configs, best)]
+
+
+def compile_time(config):
+  """Seconds to lower and compile the train step (one device, abstract inputs: nothing allocated)."""
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  return dryrun.compile_train_step(config, mesh)[3]
+
+
+def pipeline_stall(config, steps, warmup=2):
+  """Step time fed from the real grain pipeline vs from one pre-made batch; stall = pipeline / pre-made - 1."""
+  tokenizer = tokenizers.make_tokenizer(config.data)
+  iterator = pipeline.make_train_iterator(config.data, tokenizer, batch_size=config.train.batch_size,
+                                          seq_len=config.train.seq_len, seed=config.train.seed)
+  try:
+    trainer = trainer_for(config)
+    fed = lambda: trainer.put(next(iterator))
+    trainer.run(fed, warmup)
+    premade_batch = trainer.put(next(iterator))
+    premade = trainer.run(lambda: premade_batch, steps)
+    piped = trainer.run(fed, steps)
+  finally:
+    if hasattr(iterator, 'close'):
+      iterator.close()
+  return {'premade_step_s': premade, 'pipeline_step_s': piped, 'stall': piped / premade - 1}
+
+
+def checkpoint_stall(config, steps, every, warmup=2):
+  """Step time with an asynchronous Orbax checkpoint every `every` steps vs none; stall = with / without - 1.
+
+  The final wait for the last write is outside the timed window: this is the steady-state cost a run pays.
+  `save_call_s` is how long each `save` call held the host (copying the state off the device); the stall at another
+  interval is about save_call_s / (every x step_s).
+  """
+  trainer = trainer_for(config)
+  batch = trainer.put(synthetic_batch(config))
+  trainer.run(lambda: batch, warmup)
+  without = trainer.run(lambda: batch, steps)
+  blocking = []
+
+  def save(t, step):
+    start = time.perf_counter()
+    checkpoint_lib.save(manager, step, t.state)
+    blocking.append(time.perf_counter() - start)
+
+  with tempfile.TemporaryDirectory() as workdir:
+    checkpoint_config = config.checkpoint.copy_and_resolve_references()
+    checkpoint_config.async_save = True
+    manager = checkpoint_lib.make_manager(workdir, checkpoint_config)
+    with_saves = trainer.run(lambda: batch, steps, every=every, on_every=save)
+    manager.wait_until_finished()
+    manager.close()
+  return {'no_checkpoint_step_s': without, 'checkpoint_step_s': with_saves, 'every': every,
+          'save_call_s': sum(blocking) / len(blocking), 'stall': with_saves / without - 1}

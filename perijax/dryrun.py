@@ -1,0 +1,329 @@
+"""Will a config fit on a pod, and how fast will it run? Answered on a CPU laptop, nothing allocated.
+
+    python -m perijax.dryrun --config=configs/paper_3_2b.py --devices=256 --config.mesh.fsdp=-1 [--accelerator=h100]
+
+Simulates `--devices` CPU devices, lowers and compiles the real train step (the one `perijax.train` jits, same
+shardings, same donation) on abstract inputs (`jax.ShapeDtypeStruct`), and prints per-device memory (parameters and
+optimizer state from their shardings; temporaries from XLA's `memory_analysis()`), FLOPs per step (analytic and XLA's
+`cost_analysis()`), how each parameter is sharded, and the step time and tokens/s on `--accelerator` at `--mfu`.
+A config that does not fit names its largest per-device tensors and the meshes of the same devices that would fit.
+
+Caveats: temporaries come from the CPU compiler (its buffer assignment, and it may keep float16 work in float32), so
+they approximate, not reproduce, a TPU/GPU compile; XLA's cost analysis counts a scanned layer stack's body once.
+"""
+
+import os
+import re
+import sys
+
+
+def _flag_value(argv, name):
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def simulate_devices(count):
+  """Asks XLA for `count` host (CPU) devices. Only takes effect if it runs before jax is first imported."""
+  other_flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', '')).strip()
+  os.environ['XLA_FLAGS'] = f'{other_flags} --xla_force_host_platform_device_count={int(count)}'.strip()
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+if __name__ == '__main__' and 'jax' not in sys.modules:
+  _DEVICES_ARG = _flag_value(sys.argv, 'devices')
+  if _DEVICES_ARG and _DEVICES_ARG.isdigit() and int(_DEVICES_ARG) > 0:
+    simulate_devices(_DEVICES_ARG)
+
+# pylint: disable=wrong-import-position
+import functools  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from perijax import config as config_lib  # noqa: E402
+from perijax import hardware  # noqa: E402
+from perijax import optimizer as optimizer_lib  # noqa: E402
+from perijax import params as params_lib  # noqa: E402
+from perijax import sharding as sharding_lib  # noqa: E402
+from perijax import train_step as train_step_lib  # noqa: E402
+
+# XLA and the runtime need some device memory of their own (and fragmentation wastes some): plan with 90% of it.
+USABLE_MEMORY_FRACTION = 0.9
+GIB = 2 ** 30
+
+
+def leaf_name(path):
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def per_device_bytes(leaf, sharding):
+  return math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+
+
+def tensor_rows(abstract_tree, shardings):
+  """[{name, shape, spec, shard_shape, bytes}] per leaf of a state tree, `bytes` being what one device holds."""
+  rows = []
+  sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree), sharding_leaves):
+    rows.append({'name': leaf_name(path), 'shape': list(leaf.shape), 'dtype': str(np.dtype(leaf.dtype)),
+                 'spec': str(tuple(sharding.spec)), 'shard_shape': list(sharding.shard_shape(leaf.shape)),
+                 'bytes': per_device_bytes(leaf, sharding), 'global_bytes': leaf.size * np.dtype(leaf.dtype).itemsize})
+  return rows
+
+
+def state_memory(abstract_state, shardings):
+  """Per-device bytes of parameters, optimizer state and the rest of the train state, and the parameter table."""
+  params = tensor_rows(abstract_state.params, shardings.params)
+  opt = tensor_rows(abstract_state.opt_state, shardings.opt_state)
+  rest = tensor_rows(abstract_state.replace(params=None, opt_state=None),
+                     shardings.replace(params=None, opt_state=None))
+  total = lambda rows, key='bytes': sum(r[key] for r in rows)
+  return {'params_bytes': total(params), 'opt_state_bytes': total(opt), 'other_state_bytes': total(rest),
+          'params_global_bytes': total(params, 'global_bytes'), 'opt_state_global_bytes': total(opt, 'global_bytes'),
+          'params': params, 'largest': sorted(params + [dict(r, name='opt_state/' + r['name']) for r in opt],
+                                              key=lambda r: -r['bytes'])[:6]}
+
+
+def abstract_batch(config, mesh, rules):
+  """The micro-batch the jitted step sees, as shapes with the trainer's batch sharding."""
+  micro_batch = sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
+  sharding = sharding_lib.batch_sharding(mesh, rules)
+  shape = (micro_batch, config.train.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+  batch['weights'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+  return batch
+
+
+def compile_train_step(config, mesh):
+  """(compiled step, abstract state, state shardings, seconds to lower + compile) for `config` on `mesh`."""
+  rules = sharding_lib.logical_rules(config.mesh)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  abstract_state, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
+  batch = abstract_batch(config, mesh, rules)
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer, train_config=config.train)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = jax.jit(step, in_shardings=(shardings, batch['inputs'].sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+    compiled = jitted.lower(state_in, batch).compile()
+  return compiled, abstract_state, shardings, time.perf_counter() - start
+
+
+def mesh_candidates(device_count):
+  """Every (data, fsdp, tensor) whose product is the device count."""
+  for data, fsdp in itertools.product(range(1, device_count + 1), repeat=2):
+    if device_count % (data * fsdp) == 0:
+      yield data, fsdp, device_count // (data * fsdp)
+
+
+def suggest_meshes(config, devices, budget_bytes, temp_bytes=None, measured_mesh=None, limit=5):
+  """Meshes of these devices whose state fits the budget, with an estimated total per device, smallest tensor axis
+  first (tensor parallelism costs communication in every layer), then least memory.
+
+  State bytes are exact (from the shardings of that mesh); temporaries, when given from a compile on
+  `measured_mesh`, are scaled by how much less of the batch and of the heads/MLP each device sees there: an estimate.
+  """
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  init = functools.partial(train_step_lib.init_train_state, config=config, model=model, optimizer=optimizer)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  abstract = train_step_lib.unboxed(boxed)
+  rules = sharding_lib.logical_rules(config.mesh)
+  fits = []
+  for data, fsdp, tensor in mesh_candidates(len(devices)):
+    mesh = jax.make_mesh((data, fsdp, tensor), sharding_lib.MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    try:
+      shardings = sharding_lib.shardings_of(boxed, mesh, rules)
+      sharding_lib.check_divisible(abstract, shardings, mesh)
+      sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
+    except sharding_lib.ShardingError:
+      continue
+    state = sum(per_device_bytes(leaf, s) for leaf, s in zip(
+        jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))))
+    temp = 0
+    if temp_bytes is not None and measured_mesh is not None:
+      old = measured_mesh['data'] * measured_mesh['fsdp'] * measured_mesh['tensor']
+      temp = temp_bytes * old / (data * fsdp * tensor)
+    if state + temp <= budget_bytes:
+      fits.append({'data': data, 'fsdp': fsdp, 'tensor': tensor, 'state_bytes': state, 'temp_bytes_estimate': temp,
+                   'total_bytes_estimate': state + temp})
+  fits.sort(key=lambda m: (m['tensor'], m['total_bytes_estimate']))
+  return fits[:limit]
+
+
+def accelerator_spec(name):
+  if name not in hardware.ACCELERATORS:
+    raise ValueError(f'--accelerator={name!r} is not known; choose one of {", ".join(hardware.ACCELERATORS)} '
+                     '(perijax/hardware.py)')
+  peak, memory, bandwidth = hardware.ACCELERATORS[name]
+  return {'name': name, 'peak_flops': peak, 'memory_bytes': memory, 'hbm_bytes_per_s': bandwidth}
+
+
+def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
+  """Compiles `config`'s train step for this process's devices and returns the report as a dict (see module doc).
+
+  Raises ConfigError / ShardingError (one line) for a bad config or a mesh the model cannot be laid out on.
+  """
+  config_lib.validate(config)
+  spec = accelerator_spec(accelerator)
+  if not 0 < mfu <= 1:
+    raise ValueError(f'--mfu={mfu}: expected a fraction in (0, 1], e.g. 0.4')
+  devices = jax.devices()
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
+  compiled, abstract_state, shardings, compile_s = compile_train_step(config, mesh)
+  memory = compiled.memory_analysis()
+  state = state_memory(abstract_state, shardings)
+  state_bytes = state['params_bytes'] + state['opt_state_bytes'] + state['other_state_bytes']
+  # The donated state's outputs alias its inputs, so a device holds arguments (state + batch) plus temporaries.
+  total_bytes = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+  budget = spec['memory_bytes'] * USABLE_MEMORY_FRACTION
+
+  accum = config.optimizer.grad_accum_steps
+  tokens_per_step = config.train.batch_size * config.train.seq_len
+  flops_per_step = params_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
+  flops_per_device = flops_per_step / len(devices)
+  step_time = flops_per_device / (spec['peak_flops'] * mfu)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  report = {
+      'config': {'d_model': config.model.d_model, 'num_layers': config.model.num_layers,
+                 'compute_dtype': config.model.compute_dtype, 'param_dtype': config.model.param_dtype,
+                 'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
+                 'batch_size': config.train.batch_size, 'seq_len': config.train.seq_len, 'grad_accum_steps': accum},
+      'parameters': params_lib.count_params(config.model),
+      'devices': len(devices), 'mesh': dict(mesh.shape), 'compile_s': compile_s,
+      'memory_per_device': {
+          'params_bytes': state['params_bytes'], 'opt_state_bytes': state['opt_state_bytes'],
+          'other_state_bytes': state['other_state_bytes'], 'state_bytes': state_bytes,
+          'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
+          'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
+          'total_bytes': total_bytes},
+      'params_global_bytes': state['params_global_bytes'], 'opt_state_global_bytes': state['opt_state_global_bytes'],
+      'flops_per_step': flops_per_step, 'flops_per_device_per_step': flops_per_device,
+      'xla_flops_per_device_per_micro_step': float(cost.get('flops', float('nan'))) if cost else float('nan'),
+      'accelerator': spec, 'mfu': mfu, 'step_time_s': step_time,
+      'tokens_per_s': tokens_per_step / step_time,
+      'fits': total_bytes <= budget, 'usable_memory_bytes': budget,
+      'param_sharding': state['params'], 'largest_per_device': state['largest'], 'suggested_meshes': [],
+  }
+  if not report['fits'] and suggest:
+    report['suggested_meshes'] = suggest_meshes(config, devices, budget, memory.temp_size_in_bytes, dict(mesh.shape))
+  return report
+
+
+def _gib(n):
+  return f'{n / GIB:8.3f} GiB' if n >= GIB / 10 else f'{n / 2 ** 20:8.2f} MiB'
+
+
+def format_report(report):
+  """The report as the few tables a person reads."""
+  c, m, acc = report['config'], report['memory_per_device'], report['accelerator']
+  mesh = report['mesh']
+  lines = [
+      f"dry run: {report['parameters']['total'] / 1e9:.3f}B parameters ({report['parameters']['non_embedding'] / 1e9:.3f}B "
+      f"non-embedding), d_model {c['d_model']}, {c['num_layers']} layers, {c['compute_dtype']} compute, "
+      f"remat {c['remat']}, scan {c['scan_layers']}",
+      f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} over {report['devices']} simulated "
+      f"devices; batch {c['batch_size']} x {c['seq_len']} (grad accumulation {c['grad_accum_steps']}); "
+      f"lowered + compiled in {report['compile_s']:.1f} s",
+      '', 'memory per device:',
+      f"  parameters        {_gib(m['params_bytes'])}   (all devices: {_gib(report['params_global_bytes'])})",
+      f"  optimizer state   {_gib(m['opt_state_bytes'])}   (all devices: {_gib(report['opt_state_global_bytes'])})",
+      f"  other state       {_gib(m['other_state_bytes'])}",
+      f"  arguments (XLA)   {_gib(m['argument_bytes'])}   (state + batch; outputs alias the donated state)",
+      f"  temporaries (XLA) {_gib(m['temp_bytes'])}   (activations, gradients, gathered weights; CPU compile)",
+      f"  total             {_gib(m['total_bytes'])}   vs {acc['name']} {acc['memory_bytes'] / GIB:.1f} GiB "
+      f"({USABLE_MEMORY_FRACTION:.0%} usable): {'FITS' if report['fits'] else 'DOES NOT FIT'}",
+      '', 'compute:',
+      f"  FLOPs per step     {report['flops_per_step']:.4g} (6N + attention), {report['flops_per_device_per_step']:.4g} "
+      f"per device; XLA cost_analysis: {report['xla_flops_per_device_per_micro_step']:.4g} per device per micro-step"
+      + (' (scan bodies counted once)' if c['scan_layers'] else ''),
+      f"  on {acc['name']} ({acc['peak_flops'] / 1e12:.0f} TFLOP/s peak) at {report['mfu']:.0%} MFU: "
+      f"{report['step_time_s'] * 1e3:.4g} ms per step, {report['tokens_per_s']:,.0f} tokens/s "
+      f"({report['tokens_per_s'] / report['devices']:,.0f} per device)",
+      '', 'parameter sharding (per-device shape and bytes):',
+  ]
+  for row in report['param_sharding']:
+    lines.append(f"  {row['name']:<44} {str(tuple(row['shape'])):<22} {row['spec']:<34} "
+                 f"{str(tuple(row['shard_shape'])):<22} {row['bytes'] / 2 ** 20:10.2f} MiB")
+  if not report['fits']:
+    lines += ['', f"does not fit: {_gib(m['total_bytes'])} per device > {_gib(report['usable_memory_bytes'])} usable "
+              f"on {acc['name']}; largest tensors per device:"]
+    lines += [f"  {r['name']:<54} {str(tuple(r['shard_shape'])):<22} {r['bytes'] / GIB:8.3f} GiB"
+              for r in report['largest_per_device']]
+    lines.append(f"  temporaries                                            {m['temp_bytes'] / GIB:8.3f} GiB")
+    if report['suggested_meshes']:
+      lines.append('meshes of these devices that would fit (temporaries scaled from this compile: an estimate; '
+                   're-run the dry run with one to check):')
+      lines += [f"  --config.mesh.data={s['data']} --config.mesh.fsdp={s['fsdp']} --config.mesh.tensor={s['tensor']}"
+                f"   ~{s['total_bytes_estimate'] / GIB:.2f} GiB per device" for s in report['suggested_meshes']]
+    else:
+      lines.append('no mesh of these devices fits: use more devices, model.remat=full, a smaller batch per device '
+                   '(optimizer.grad_accum_steps) or an accelerator with more memory')
+  return '\n'.join(lines)
+
+
+def mesh_hint(config, accelerator):
+  """' (meshes of these devices that would work: ...)' for a mesh the model cannot be laid out on."""
+  try:
+    budget = accelerator_spec(accelerator)['memory_bytes'] * USABLE_MEMORY_FRACTION
+    meshes = suggest_meshes(config, jax.devices(), budget, limit=3)
+  except ValueError:
+    return ''
+  if not meshes:
+    return f' (no data x fsdp x tensor mesh of {jax.device_count()} devices divides this model and batch)'
+  return ' (meshes of these devices that divide it and whose state fits: ' + ', '.join(
+      f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}" for m in meshes) + ')'
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+_DEVICES = flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size); set before jax starts.')
+_ACCELERATOR = flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in '
+                                   'perijax/hardware.py; default config.train.accelerator, or h100 if that is cpu.')
+_MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/paper_3_2b.py')
+  if _DEVICES.value is not None and jax.device_count() != _DEVICES.value:
+    sys.exit(f'perijax.dryrun: --devices={_DEVICES.value} but jax already started with {jax.device_count()} '
+             f'devices: run it as `python -m perijax.dryrun` (XLA_FLAGS is set before jax is imported) and do not '
+             f'set --xla_force_host_platform_device_count elsewhere')
+  config = _CONFIG.value
+  accelerator = _ACCELERATOR.value or ('h100' if config.train.accelerator == 'cpu' else config.train.accelerator)
+  try:
+    report = dry_run(config, accelerator, _MFU.value)
+  except sharding_lib.ShardingError as e:
+    sys.exit(f'perijax.dryrun: {e}{mesh_hint(config, accelerator)}')
+  except ValueError as e:  # ConfigError: a bad field, named
+    sys.exit(f'perijax.dryrun: {e}')
+  print(format_report(report), flush=True)
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
