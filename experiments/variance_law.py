@@ -1,0 +1,185 @@
+r"""PAPER.md claim 1, the variance law: Peri-LN's residual variance grows linearly with depth and ignores the scale of
+F's weights; Pre-LN's follows F's weights and can grow by orders of magnitude during training.
+
+    python -m experiments.variance_law                               # small scale (configs/tiny.py + SMALL), ~5 min
+    python -m experiments.variance_law --config=configs/paper_400m.py --print   # paper scale, for a scheduler
+
+Three measurements:
+  1. At initialization, the direct test: every sub-layer's output projection (attention `out`, MLP `down`) multiplied
+     by s in --scales; the mean residual-variance increment per sub-layer relative to s = 1. Expected: s² for Pre-LN,
+     1 for Peri-LN; the check is on the fitted exponent p of increment ∝ s^p (|p - 2| < 0.2 for Pre-LN, |p| < 0.05
+     for Peri-LN: Pre-LN's increment also holds the cross term 2·Cov(x, F), so it is not exactly s²).
+  2. At initialization, the residual variance after each layer and its growth-law fit (perijax/growth.py).
+  3. During training (float32, --placements × --seeds runs), the per-layer residual variance at every statistics step:
+     the growth-law fit at init and at each step, and how many times each layer's variance grew since init.
+Writes results/variance_law.json and results/variance_law.png.
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import common
+from perijax import growth
+
+NAME = 'variance_law'
+SMALL = {'model.num_layers': 8, 'train.steps': 150, 'train.batch_size': 8, 'train.seq_len': 128,
+         'train.stats_every': 25, 'checkpoint.every': 0}
+FLAGS = flags.FLAGS
+
+
+def scale_test(setup, placements, scales, batch_size, seed=0):
+  """Mean variance increment per sub-layer at each output scale, and its ratio to the s = 1 increment."""
+  rows = []
+  for placement in placements:
+    config = setup.resolved({'model.norm.placement': placement})
+    summaries = common.init_layer_stats(config, seed, batch_size, scales)
+    # Var after sub-layer k+1 minus Var after k, averaged over the sub-layers.
+    increments = [float(np.mean(np.diff(summary['sublayer_var']))) for summary in summaries]
+    base = increments[list(scales).index(1.0)] if 1.0 in scales else increments[0]
+    ratios = [i / base for i in increments]
+    # The exponent p in increment ∝ s^p: 2 for Pre-LN, 0 for Peri-LN.
+    exponent = float(np.polyfit(np.log(scales), np.log(ratios), 1)[0]) if len(scales) > 1 else float('nan')
+    rows.append({'placement': placement, 'scales': list(scales), 'mean_increment': increments,
+                 'ratio_to_s1': ratios, 'expected_pre_ln': [s ** 2 for s in scales], 'exponent': exponent})
+  return rows
+
+
+def init_profiles(setup, placements, batch_size, seed=0):
+  profiles = []
+  for placement in placements:
+    summary, = common.init_layer_stats(setup.resolved({'model.norm.placement': placement}), seed, batch_size)
+    profiles.append({'placement': placement, 'residual_var': summary['residual_var'],
+                     'fit': growth.fit_growth(summary['residual_var']).to_dict()})
+  return profiles
+
+
+def training_profiles(setup, runs, records, batch_size):
+  """Per run: the per-layer variance at init (its own seed's parameters) and at every statistics step."""
+  rows = []
+  for run, record in zip(runs, records):
+    lines = [line for line in record.metrics if line.get('residual_var')]
+    if not lines:
+      continue
+    at_init, = common.init_layer_stats(setup.resolved(run.overrides), run.overrides['train.seed'], batch_size)
+    first, last = np.asarray(at_init['residual_var']), np.asarray(lines[-1]['residual_var'])
+    with np.errstate(all='ignore'):
+      growth_over_training = last / first
+    lines = [{'step': 0, 'residual_var': at_init['residual_var'], 'max_abs': at_init['max_abs']}] + lines
+    rows.append({
+        'run': run.name, 'placement': run.overrides['model.norm.placement'], 'seed': run.overrides['train.seed'],
+        'steps': [line['step'] for line in lines],
+        'residual_var': [line['residual_var'] for line in lines],
+        'max_abs': [line['max_abs'] for line in lines],
+        'fit_first': growth.fit_growth(first).to_dict(), 'fit_last': growth.fit_growth(last).to_dict(),
+        'fits': [{'step': line['step'], **growth.fit_growth(line['residual_var']).to_dict()} for line in lines],
+        'growth_over_training_by_layer': growth_over_training.tolist(),
+        'max_growth_over_training': common.finite_or_none(np.nanmax(growth_over_training)),
+        'final_loss': record.metrics[-1].get('loss') if record.metrics else None,
+    })
+  return rows
+
+
+def verdict(scale_rows, training_rows):
+  by_placement = {row['placement']: row for row in scale_rows}
+  checks = {}
+  if 'pre' in by_placement and 'peri' in by_placement:
+    pre, peri = by_placement['pre'], by_placement['peri']
+    checks['pre_increment_scales_as_s2'] = abs(pre['exponent'] - 2) < 0.2
+    checks['peri_increment_ignores_s'] = abs(peri['exponent']) < 0.05
+  trained = {}
+  for row in training_rows:
+    trained.setdefault(row['placement'], []).append(row)
+  if 'peri' in trained:
+    checks['peri_linear_at_every_stats_step'] = all(fit['better'] == 'linear' for row in trained['peri']
+                                                    for fit in row['fits'])
+  if 'pre' in trained and 'peri' in trained:
+    growth_of = {p: float(np.median([r['max_growth_over_training'] or np.inf for r in rows]))
+                 for p, rows in trained.items()}
+    checks['pre_variance_grows_more_than_peri_in_training'] = growth_of['pre'] > growth_of['peri']
+    checks['pre_growth_over_100x'] = growth_of['pre'] > 100   # "orders of magnitude" (the paper: >10,000x at scale)
+    checks['median_max_growth_over_training'] = growth_of
+  return checks
+
+
+def plot(scale_rows, init_rows, training_rows, path):
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
+  for row in scale_rows:
+    axes[0].loglog(row['scales'], row['ratio_to_s1'], 'o-', label=row['placement'])
+  if scale_rows:
+    axes[0].loglog(scale_rows[0]['scales'], scale_rows[0]['expected_pre_ln'], 'k:', label='s²')
+  axes[0].set(xlabel='output projection scale s', ylabel='variance increment / increment at s=1',
+              title='at init: increment per sub-layer vs s')
+  for row in init_rows:
+    axes[1].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'])
+  axes[1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init: variance by depth')
+  for row in training_rows:
+    if row['seed'] == 0:
+      for index in (0, len(row['steps']) - 1):
+        variance = np.asarray(row['residual_var'][index], dtype=np.float64)
+        axes[2].plot(range(1, variance.size + 1), variance, 'o-' if index else 'x--',
+                     label=f'{row["placement"]} step {row["steps"][index]}')
+  axes[2].set(xlabel='layer', ylabel='residual variance', yscale='log', title='training (seed 0): init and last stats step')
+  for ax in axes:
+    ax.legend(fontsize=7)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
+
+
+def define_flags():
+  common.define_flags(NAME, seeds=1)
+  flags.DEFINE_list('placements', ['pre', 'peri'], 'Placements to train and measure.')
+  flags.DEFINE_list('scales', ['1', '2', '4', '8'], 'Output-projection scales for the at-init test.')
+  flags.DEFINE_integer('init_batch', 4, 'Sequences in the at-init forward pass.')
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  setup = common.setup_from_flags(SMALL)
+  grid = [('model.norm.placement', FLAGS.placements)]
+  runs = common.plan(setup, grid, FLAGS.seeds, FLAGS.root)
+  scales = [float(s) for s in FLAGS.scales]
+  if not common.execute(setup, runs, FLAGS.root):
+    return
+  print(f'trained in {time.time() - start:.0f}s; measuring at init')
+  scale_rows = scale_test(setup, FLAGS.placements, scales, FLAGS.init_batch)
+  init_rows = init_profiles(setup, FLAGS.placements, FLAGS.init_batch)
+  training_rows = training_profiles(setup, runs, common.load_records(runs), FLAGS.init_batch)
+  data = {'settings': common.settings(setup, grid, FLAGS.seeds, FLAGS.root), 'scale_test': scale_rows,
+          'init': init_rows, 'training': training_rows, 'checks': verdict(scale_rows, training_rows)}
+  plot(scale_rows, init_rows, training_rows, os.path.join(FLAGS.results, f'{NAME}.png'))
+  print(report(data))
+  data['settings']['wall_seconds'] = round(time.time() - start)
+  print('wrote', common.write_json(FLAGS.results, NAME, data))
+
+
+def report(data):
+  lines = ['at init: mean variance increment per sub-layer relative to s=1 (Pre-LN expected s², Peri-LN 1)']
+  for row in data['scale_test']:
+    lines.append(f'  {row["placement"]:>8}: ' + '  '.join(f's={s:g}: {r:.3g}' for s, r in
+                                                          zip(row['scales'], row['ratio_to_s1']))
+                 + f'  (exponent {row["exponent"]:.3f})')
+  lines.append('at init: growth law of residual variance with depth')
+  for row in data['init']:
+    fit = row['fit']
+    lines.append(f'  {row["placement"]:>8}: {fit["better"]} (lin R² {fit["linear_r2"]:.3f}, exp R² {fit["exp_r2"]:.3f})'
+                 f', Var L / Var 1 = {fit["growth_ratio"]:.3g}')
+  lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
+  for row in data['training']:
+    lines.append(f'  {row["run"]}: first {row["fit_first"]["better"]}, last {row["fit_last"]["better"]} '
+                 f'(lin R² {row["fit_last"]["linear_r2"]:.3f}, exp R² {row["fit_last"]["exp_r2"]:.3f}), '
+                 f'max growth {row["max_growth_over_training"]:.3g}x, final loss {row["final_loss"]:.4g}')
+  lines.append(f'checks: {data["checks"]}')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
