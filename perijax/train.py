@@ -183,7 +183,8 @@ def train(config, workdir, devices=None):
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
         checkpoint_lib.save(manager, step, state, data_iterator)
       if preemption.reached(manager, step):
-        checkpoint_lib.save(manager, step, state, data_iterator)
+        if manager.latest_step() != step:
+          checkpoint_lib.save(manager, step, state, data_iterator)
         manager.wait_until_finished()
         if jax.process_index() == 0:
           print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)
