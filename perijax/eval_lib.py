@@ -1,0 +1,353 @@
+"""Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
+
+The command line is `perijax/evaluate.py`; this module does the work. An `Evaluator` is built once per workdir (config,
+tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of steps:
+
+    evaluator = Evaluator(workdir, load_run_config(workdir))
+    evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
+    result = evaluator.evaluate(step)       # {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', ...}
+    write_result(workdir, result)           # WORKDIR/eval/step_N.json and TensorBoard under WORKDIR/eval/tensorboard
+
+Evaluation reads parameters only (a partial Orbax restore: no optimizer state), laid out on a mesh of THIS process's
+devices: the stored `config.mesh` when it fits them, else pure data parallelism (data = every device, fsdp = tensor = 1,
+parameters replicated), so a checkpoint written on a pod slice evaluates on one host.
+"""
+
+import ast
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+
+from perijax import checkpoint as checkpoint_lib
+from perijax import config as config_lib
+from perijax import optimizer as optimizer_lib
+from perijax import sharding as sharding_lib
+from perijax import stats as stats_lib
+from perijax import tasks as tasks_lib
+from perijax import train_step as train_step_lib
+from perijax.data import pipeline, tokenizers
+from perijax.precision import Precision
+
+RESULT_KEYS = ('step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', 'tasks')
+EVAL_DIR = 'eval'
+CONFIG_FILE = 'config.json'
+# Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
+OVERRIDABLE = ('eval', 'data', 'mesh')
+
+
+# ---- the run's config -------------------------------------------------------------------------------------------
+
+def _lists_to_tuples(value):
+  """JSON turned the config's tuples (mesh.logical_axis_rules, eval.tasks) into lists; every config list was a tuple."""
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value
+
+
+def load_run_config(workdir):
+  """WORKDIR/config.json, as written by perijax.train, back into a ConfigDict."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
+                            'writes config.json there when it starts)')
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as error:
+    raise ValueError(f'{path} cannot be read as JSON: {error}') from error
+  if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
+    raise ValueError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
+  return ml_collections.ConfigDict(_lists_to_tuples(stored))
+
+
+def _parse_value(text, old, name):
+  """`text` as the type of the field's current value `old` (a tuple also takes "a,b,c")."""
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'--config.{name}={text}: expected true or false')
+    return text.lower() in ('true', '1')
+  if isinstance(old, (int, float)):
+    try:
+      return type(old)(ast.literal_eval(text)) if not isinstance(old, int) else int(text)
+    except (ValueError, SyntaxError) as error:
+      raise ValueError(f'--config.{name}={text}: expected {type(old).__name__}') from error
+  if isinstance(old, tuple):
+    if text.strip()[:1] in ('(', '['):
+      try:
+        return _lists_to_tuples(list(ast.literal_eval(text)))
+      except (ValueError, SyntaxError) as error:
+        raise ValueError(f'--config.{name}={text}: not a Python tuple literal') from error
+    return tuple(part.strip() for part in text.split(',') if part.strip())
+  return text
+
+
+def apply_overrides(config, overrides):
+  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections."""
+  for override in overrides:
+    assignment = override[len('--config.'):] if override.startswith('--config.') else override
+    if '=' not in assignment:
+      raise ValueError(f'{override!r}: expected --config.<section>.<field>=<value>')
+    name, text = assignment.split('=', 1)
+    parts = name.split('.')
+    if parts[0] not in OVERRIDABLE or len(parts) < 2:
+      raise ValueError(f'--config.{name}: evaluation may only override config.{{{",".join(OVERRIDABLE)}}}.* '
+                       '(the model and training fields come from the checkpoint\'s own config.json)')
+    section = config
+    for part in parts[:-1]:
+      section = section[part]
+    if parts[-1] not in section:
+      raise ValueError(f'--config.{name}: no such field; config.{".".join(parts[:-1])} has '
+                       f'{", ".join(sorted(section.keys()))}')
+    section[parts[-1]] = _parse_value(text, section[parts[-1]], name)
+  return config
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------------------------
+
+def _flat(tree):
+  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def stored_param_metadata(workdir, step):
+  """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
+  state_dir = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step), 'state')
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    params = metadata['params']
+    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(params).items()}
+  except Exception as error:  # pylint: disable=broad-except  Orbax/tensorstore raise many kinds for a damaged file
+    raise checkpoint_lib.CheckpointError(
+        f'checkpoint {step} in {checkpoint_lib.checkpoint_dir(workdir)} cannot be read (truncated or corrupted?): '
+        f'{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ""}') from error
+
+
+def check_params_match(stored, abstract_params, step):
+  """The stored parameters must be exactly the ones the config builds: same names, shapes and dtypes."""
+  expected = {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(abstract_params).items()}
+  problems = [f'{path} missing from the checkpoint' for path in expected if path not in stored]
+  problems += [f'{path} in the checkpoint but not built by the config' for path in stored if path not in expected]
+  problems += [f'{path}: checkpoint {stored[path][0]} {stored[path][1]}, config {shape} {dtype}'
+               for path, (shape, dtype) in expected.items() if path in stored and stored[path] != (shape, dtype)]
+  if problems:
+    raise checkpoint_lib.CheckpointError(
+        f'the config does not match the parameters stored in checkpoint {step}: {"; ".join(problems[:3])}'
+        + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '') + '; was config.json edited?')
+
+
+def restore_params(manager, step, abstract_params, shardings):
+  """The parameters of checkpoint `step` only (no optimizer state), each array laid out by `shardings`."""
+  target = {'params': checkpoint_lib.abstract_with_shardings(abstract_params, shardings)}
+  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+  except Exception as error:  # pylint: disable=broad-except  a damaged file surfaces as any of several kinds
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+    raise checkpoint_lib.CheckpointError(f'checkpoint {step} in {manager.directory} cannot be restored (truncated '
+                                         f'or corrupted?): {type(error).__name__}: {first}') from error
+
+
+# ---- the mesh ---------------------------------------------------------------------------------------------------
+
+def make_eval_mesh(config, model, devices=None):
+  """(mesh, abstract params, their shardings, a description): the stored mesh if it fits these devices, else data-only.
+
+  The fallback replicates the parameters on every device (fsdp = tensor = 1); a model too large for one device needs
+  an evaluation job with enough devices for the stored split.
+  """
+  devices = jax.devices() if devices is None else devices
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  fallback = ml_collections.ConfigDict(config.mesh.to_dict())
+  fallback.update(data=-1, fsdp=1, tensor=1)
+  batch_problem = None
+  for mesh_config, kind in ((config.mesh, 'the stored config.mesh'), (fallback, 'data-parallel (stored mesh does not '
+                                                                               'fit these devices)')):
+    try:
+      mesh = sharding_lib.make_mesh(mesh_config, devices)
+      abstract, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
+    except sharding_lib.ShardingError:
+      continue
+    ways = mesh.shape['data'] * mesh.shape['fsdp']
+    if config.eval.batch_size % ways or config.eval.batch_size % jax.process_count():
+      batch_problem = (f'config.eval.batch_size = {config.eval.batch_size} must be a multiple of data x fsdp = '
+                       f'{ways} devices and of the {jax.process_count()} processes; pass '
+                       f'--config.eval.batch_size=<a multiple of {math.lcm(ways, jax.process_count())}>')
+      continue
+    description = f'{kind}: ' + ' x '.join(f'{axis} {mesh.shape[axis]}' for axis in sharding_lib.MESH_AXES)
+    return mesh, abstract.params, shardings.params, description
+  raise sharding_lib.ShardingError(batch_problem or f'no evaluation mesh fits the {len(devices)} devices')
+
+
+# ---- the numbers ------------------------------------------------------------------------------------------------
+
+def aggregate_stats(per_batch):
+  """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
+  mean square, max |x| the maximum, float16 overflows summed."""
+  combined = {}
+  for name in per_batch[0]:
+    values = np.stack([np.asarray(stats[name], np.float64) for stats in per_batch])
+    if name.endswith('_max_abs'):
+      combined[name] = values.max(axis=0)
+    elif name.endswith('_fp16_overflow'):
+      combined[name] = values.sum(axis=0)
+    elif name.endswith('_rms'):
+      combined[name] = np.sqrt(np.mean(np.square(values), axis=0))
+    else:
+      combined[name] = values.mean(axis=0)
+  return combined
+
+
+def _finite_or_inf(function, value):
+  try:
+    return function(value)
+  except OverflowError:
+    return math.inf
+
+
+class Evaluator:
+  """Everything one workdir's evaluations share: built (and every input checked) before a checkpoint is read."""
+
+  def __init__(self, workdir, config, devices=None):
+    self.workdir = workdir
+    self.config = config_lib.validate(config)
+    self.tokenizer = tokenizers.load_tokenizer(workdir)
+    if self.tokenizer.vocab_size > config.model.vocab_size:
+      raise config_lib.ConfigError(f'config.model.vocab_size = {config.model.vocab_size} is smaller than the '
+                                   f'tokenizer vocabulary ({self.tokenizer.vocab_size}) recorded in {workdir}')
+    self.task_names = tasks_lib.validate_task_names(config.eval.tasks)
+    self.model = train_step_lib.make_model(config)
+    self.mesh, self.abstract_params, self.param_shardings, self.mesh_description = make_eval_mesh(
+        config, self.model, devices)
+    self.rules = sharding_lib.logical_rules(config.mesh)
+    self.manager = checkpoint_lib.make_manager(workdir, read_only=True)
+    # The data and every task's items are loaded now, so a missing dataset fails before any model runs.
+    self.task_items = {name: tasks_lib.load_task_items(name, config.eval, config.data) for name in self.task_names}
+    self.eval_batches = pipeline.make_eval_iterator(
+        config.data, self.tokenizer, split=config.data.eval_split,
+        batch_size=config.eval.batch_size // jax.process_count(), seq_len=config.train.seq_len,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        max_batches=config.data.eval_max_batches)
+    if jax.process_count() > 1 and not config.data.eval_max_batches:  # every process runs the same number of steps
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      counts = multihost_utils.process_allgather(np.int32(self.eval_batches.count_batches()))
+      self.eval_batches.pad_to_batches = int(np.max(counts))
+    self.bytes_per_token = pipeline.bytes_per_token(config.data, self.tokenizer, config.data.eval_split)
+    self._build_functions()
+
+  def _build_functions(self):
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    model, loss_dtype = self.model, Precision.from_config(self.model.config).loss
+
+    def loss_and_stats(params, batch):
+      logits, stats = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                                  collect_stats=True)
+      weight_sum = jnp.sum(batch['weights'])
+      mean_nll = train_step_lib.cross_entropy(logits, batch['targets'], batch['weights'], loss_dtype)
+      return mean_nll * weight_sum, weight_sum, stats  # the training loss's own definition, as a sum
+
+    def logprobs(params, inputs, positions, segment_ids):
+      logits, _ = model.apply({'params': params}, inputs, positions, segment_ids)
+      return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+    self._loss_and_stats = jax.jit(loss_and_stats, in_shardings=(self.param_shardings, self.batch_sharding),
+                                   out_shardings=replicated)
+    # Several processes each hold only part of a batch-sharded result; the scorer reads the whole one.
+    logprobs_out = self.batch_sharding if jax.process_count() == 1 else replicated
+    self._logprobs = jax.jit(logprobs, in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
+                             out_shardings=logprobs_out)
+
+  def steps(self, reload=False):
+    if reload:
+      self.manager.reload()
+    return list(self.manager.all_steps())
+
+  def check_checkpoint(self, step):
+    """Raises CheckpointError if `step` is unreadable or its parameters are not the ones the config builds."""
+    check_params_match(stored_param_metadata(self.workdir, step), self.abstract_params, step)
+
+  def restore(self, step):
+    self.check_checkpoint(step)
+    with jax.set_mesh(self.mesh):
+      return restore_params(self.manager, step, self.abstract_params, self.param_shardings)
+
+  def evaluate(self, step):
+    """The result of checkpoint `step` (see RESULT_KEYS); writes nothing."""
+    return {'step': int(step), **self.evaluate_params(self.restore(step))}
+
+  def evaluate_params(self, params):
+    """Held-out loss, per-layer statistics and tasks for `params` (laid out by self.param_shardings)."""
+    started = time.time()
+    nll_sum, tokens, batch_stats = 0.0, 0.0, []
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      for batch in self.eval_batches:
+        batch = sharding_lib.global_batch_from_local(batch, self.batch_sharding)
+        batch_nll, batch_tokens, stats = jax.device_get(self._loss_and_stats(params, batch))
+        nll_sum += float(batch_nll)
+        tokens += float(batch_tokens)
+        if batch_tokens > 0:  # all-padding batches (processes kept in step) would dilute the statistics
+          batch_stats.append(stats)
+      if not tokens:
+        raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
+      tasks = {name: tasks_lib.score_multiple_choice(
+          items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
+          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len)
+               for name, items in self.task_items.items()}
+    loss = nll_sum / tokens
+    return {
+        'loss': loss,
+        'perplexity': _finite_or_inf(math.exp, loss),
+        'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
+        'tokens': int(round(tokens)),
+        'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
+        'tasks': tasks,
+        'split': self.config.data.eval_split,
+        'bytes_per_token': self.bytes_per_token,
+        'stats_batches': len(batch_stats),
+        'mesh': self.mesh_description,
+        'eval_seconds': time.time() - started,
+    }
+
+  def _global(self, array):
+    """A batch every process holds whole (the tasks' requests), as one array sharded like the training batch."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
+
+
+# ---- the output -------------------------------------------------------------------------------------------------
+
+def result_path(workdir, step):
+  return os.path.join(workdir, EVAL_DIR, f'step_{step}.json')
+
+
+def write_result(workdir, result):
+  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only."""
+  if jax.process_index() != 0:
+    return
+  path = result_path(workdir, result['step'])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=2)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+  step = result['step']
+  with SummaryWriter(os.path.join(workdir, EVAL_DIR, 'tensorboard')) as writer:
+    for key in ('loss', 'perplexity', 'bits_per_byte'):
+      writer.add_scalar(f'eval/{key}', result[key], step)
+    for key, values in result['layers'].items():
+      for layer, value in enumerate(values):
+        writer.add_scalar(f'eval/{key}/layer_{layer:03d}', value, step)
+    for name, scores in result['tasks'].items():
+      for metric in ('acc', 'acc_norm'):
+        writer.add_scalar(f'tasks/{name}/{metric}', scores[metric], step)

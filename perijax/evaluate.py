@@ -1,0 +1,184 @@
+"""Evaluates a run's checkpoints, as a process of its own beside (or after) training:
+
+    python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
+
+Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
+step, loss, perplexity, bits_per_byte, tokens, layers, tasks (plus split, bytes_per_token, stats_batches, mesh,
+eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
+  (no flag)  the latest checkpoint;
+  --step=N   checkpoint N (evaluated again if already done);
+  --all      every checkpoint without an eval/step_N.json yet;
+  --watch    like --all, then waits for new checkpoints (every --poll_seconds) and stops once the checkpoint at
+             config.train.steps is evaluated (training finished); an error if none appears for --timeout_seconds.
+
+`--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
+tasks, how many batches, the mesh); the model and training fields are the checkpoint's own. Numbers:
+  loss           mean negative log-likelihood per target token over config.data.eval_split (config.data.
+                 eval_max_batches batches of config.eval.batch_size x config.train.seq_len; 0 = the whole split);
+  perplexity     exp(loss);  bits_per_byte: loss / ln 2 / (UTF-8 bytes per target token of the split);
+  tokens         target tokens evaluated (the sum of the batches' weights);
+  layers         per-layer lists of perijax.stats.layer_summary over ALL evaluated batches (variances averaged over
+                 batches, max |x| the maximum, float16 overflows summed; padding positions of a packed row included,
+                 as in training's statistics);
+  tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
+Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored
+parameters, an unknown task or field) prints one `error:` line on stderr and exits with status 1, writing nothing.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from perijax import checkpoint as checkpoint_lib
+from perijax import eval_lib
+from perijax import tasks as tasks_lib
+
+
+
+def define_flags():
+  """Only when run as a program: perijax.train defines --workdir too, and tests import both."""
+  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate (config.json, checkpoints/).')
+  flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step.')
+  flags.DEFINE_bool('all', False, 'Evaluate every checkpoint not yet evaluated.')
+  flags.DEFINE_bool('watch', False, 'Evaluate checkpoints as they appear until training has finished.')
+  flags.DEFINE_float('poll_seconds', 60.0, '--watch: seconds between looks for new checkpoints.')
+  flags.DEFINE_float('timeout_seconds', 3600.0, '--watch: give up (error) when no new checkpoint has appeared for '
+                     'this long.')
+
+
+class EvaluationError(ValueError):
+  """Bad input to the evaluation (the message says what is wrong and what is allowed)."""
+
+
+def log(message):
+  print(message, flush=True)
+
+
+def _evaluated(workdir, step):
+  return os.path.isfile(eval_lib.result_path(workdir, step))
+
+
+def list_checkpoints(workdir):
+  """The finished checkpoint steps of WORKDIR (Orbax lists only completely written ones)."""
+  directory = checkpoint_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return list(checkpoint_lib.make_manager(workdir, read_only=True).all_steps())
+
+
+def prepare(workdir, overrides=()):
+  """The run's config with the overrides, checked; raises before anything is built."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir} does not exist (pass the --workdir of a perijax.train run)')
+  config = eval_lib.apply_overrides(eval_lib.load_run_config(workdir), overrides)
+  tasks_lib.validate_task_names(config.eval.tasks)
+  return config
+
+
+def choose_steps(workdir, steps, step=None, evaluate_all=False):
+  """The steps to evaluate now: `step`, every one not yet evaluated, or the latest."""
+  if not steps:
+    raise EvaluationError(f'no checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} (training writes one every '
+                          'config.checkpoint.every steps and at the end)')
+  if step is not None:
+    if step not in steps:
+      raise EvaluationError(f'no checkpoint at step {step} in {checkpoint_lib.checkpoint_dir(workdir)}; the '
+                            f'checkpoints there are at steps {", ".join(map(str, steps))}')
+    return [step]
+  if evaluate_all:
+    return [s for s in steps if not _evaluated(workdir, s)]
+  return [max(steps)]
+
+
+def evaluate_and_write(evaluator, step):
+  result = evaluator.evaluate(step)
+  eval_lib.write_result(evaluator.workdir, result)
+  tasks = '  '.join(f'{name} acc {r["acc"]:.3f} acc_norm {r["acc_norm"]:.3f} (n={r["n"]})'
+                    for name, r in result['tasks'].items())
+  log(f'step {step}: loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  bits/byte '
+      f'{result["bits_per_byte"]:.4f}  tokens {result["tokens"]}  {tasks}  -> {eval_lib.result_path(evaluator.workdir, step)}')
+  return result
+
+
+def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), poll_seconds=60.0,
+        timeout_seconds=3600.0, devices=None):
+  """Evaluates as the command line says; returns the results written, in step order. Raises on bad input."""
+  if sum([step is not None, evaluate_all, watch]) > 1:
+    raise EvaluationError('give at most one of --step, --all and --watch')
+  config = prepare(workdir, overrides)
+  steps = list_checkpoints(workdir)
+  if not watch:
+    chosen = choose_steps(workdir, steps, step, evaluate_all)
+    if not chosen:
+      log(f'every checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is already evaluated '
+          f'(steps {", ".join(map(str, steps))}); nothing to do')
+      return []
+  evaluator = eval_lib.Evaluator(workdir, config, devices)
+  log(f'evaluating {workdir} on {evaluator.mesh_description}')
+  if not watch:
+    for chosen_step in chosen:  # every chosen checkpoint is checked before the first result is written
+      evaluator.check_checkpoint(chosen_step)
+    return [evaluate_and_write(evaluator, chosen_step) for chosen_step in chosen]
+  return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
+
+
+def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
+  """Evaluates each new checkpoint until the one at `final_step` is done; raises if none comes for a timeout."""
+  results, last_progress = [], time.time()
+  while not _evaluated(evaluator.workdir, final_step):
+    pending = [s for s in evaluator.steps(reload=True) if not _evaluated(evaluator.workdir, s)]
+    for step in pending:
+      try:
+        evaluator.check_checkpoint(step)
+        results.append(evaluate_and_write(evaluator, step))
+      except checkpoint_lib.CheckpointError:
+        if step in evaluator.steps(reload=True):
+          raise
+        log(f'checkpoint {step} was deleted (config.checkpoint.keep) before it could be evaluated; skipped')
+      last_progress = time.time()
+    if _evaluated(evaluator.workdir, final_step):
+      break
+    if time.time() - last_progress > timeout_seconds:
+      raise EvaluationError(f'--watch: no new checkpoint in {checkpoint_lib.checkpoint_dir(evaluator.workdir)} for '
+                            f'{timeout_seconds:g} s and training has not finished (no checkpoint at step '
+                            f'{final_step} = config.train.steps); raise --timeout_seconds to wait longer')
+    time.sleep(poll_seconds)
+  log(f'training finished: the checkpoint at step {final_step} is evaluated')
+  return results
+
+
+def split_config_overrides(argv):
+  """(`--config.*` arguments, the rest): the config is the workdir's, so absl knows no `--config` flag."""
+  overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
+  return overrides, [argv[0]] + [arg for arg in argv[1:] if not arg.startswith('--config.')]
+
+
+_OVERRIDES = []
+
+
+def parse_flags(argv):
+  overrides, rest = split_config_overrides(argv)
+  _OVERRIDES.extend(overrides)
+  return flags.FLAGS(rest)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.ERROR)  # Orbax and grain are chatty; errors come as one line below
+  values = flags.FLAGS
+  if not values.workdir:
+    raise app.UsageError('--workdir is required')
+  try:
+    run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=_OVERRIDES,
+        poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
+  except (ValueError, FileNotFoundError) as error:  # CheckpointError, ConfigError, ShardingError are ValueErrors
+    print(f'error: {" ".join(str(error).split())}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
