@@ -198,3 +198,39 @@ def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp
   assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
   np.testing.assert_allclose(losses(multi), losses(single), rtol=2e-5)
   assert len(losses(multi)) == 6
+
+
+def test_spike_rule_is_k_times_the_running_median_once_the_window_is_full():
+  history = jnp.array([1.0, 2.0, 3.0, 2.0, 1.0])  # median 2
+  assert bool(train_step_lib.is_spike(jnp.float32(6.5), history, 3.0))
+  assert not bool(train_step_lib.is_spike(jnp.float32(5.5), history, 3.0))
+  assert not bool(train_step_lib.is_spike(jnp.float32(100.0), history.at[0].set(jnp.nan), 3.0))  # window not full
+  assert not bool(train_step_lib.is_spike(jnp.float32(jnp.inf), history, 3.0))  # an overflow is a skip, not a spike
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {'layers_0': {'attention_norm': {'scale': 1.0, 'bias': 0.0}, 'mlp': {'up': {'kernel': 1.0}}},
+            'embed': {'embedding': 1.0}}
+  mask = optimizer_lib.decay_mask(params)
+  assert mask == {'layers_0': {'attention_norm': {'scale': False, 'bias': False}, 'mlp': {'up': {'kernel': True}}},
+                  'embed': {'embedding': True}}
+
+
+def test_schedule_warms_up_then_decays_to_the_end_factor(corpus_data_dir):
+  config = small_config(corpus_data_dir)
+  config.optimizer.update(lr=1.0, warmup_steps=10, end_lr_factor=0.1)
+  for kind in ('cosine', 'linear'):
+    config.optimizer.schedule = kind
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, 110)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_gradient_accumulation_updates_once_per_k_micro_batches(corpus_data_dir):
+  config = small_config(corpus_data_dir, steps=4)
+  config.optimizer.update(grad_accum_steps=2, warmup_steps=0)  # warmup's first lr is 0: no visible update
+  history, final = run_steps(config, corpus_data_dir, 4)
+  params = [h[0].params for h in history] + [final.params]
+  changed = [not np.array_equal(params[i]['embed']['embedding'], params[i + 1]['embed']['embedding'])
+             for i in range(4)]
+  assert changed == [False, True, False, True]  # MultiSteps applies the averaged update on every 2nd micro-batch
