@@ -25,6 +25,7 @@ if REPO not in sys.path:  # `python experiments/x.py` as well as `python -m expe
   sys.path.insert(0, REPO)
 
 from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
@@ -102,6 +103,7 @@ def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: boo
                log: Callable[[str], None] = print) -> None:
   """Trains each run not trained yet, in this process; records them in ROOT/sweep.json for `perijax.inspect`."""
   from perijax import train  # pylint: disable=g-import-not-at-top  (defines absl flags: only imported when needed)
+  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO, as in perijax.train's main
   os.makedirs(root, exist_ok=True)
   header = {'config': setup.config_arg, 'fixed_overrides': setup.fixed}
   for index, run in enumerate(runs, 1):
