@@ -257,3 +257,22 @@ def test_stored_config_reads_back_with_its_tuples(trained):
   assert config.eval.tasks == ('next_line',)
   assert config.mesh.logical_axis_rules == default.get_config().mesh.logical_axis_rules
   assert config.model.d_model == 32
+
+
+@pytest.mark.slow
+def test_checkpoint_from_8_devices_evaluates_on_1_and_on_another_split(workdir):
+  stored = json.loads((workdir / 'config.json').read_text())
+  stored['mesh'].update(data=1, fsdp=4, tensor=2)  # the split it could have been trained on: same parameters
+  (workdir / 'config.json').write_text(json.dumps(stored))
+  config = eval_lib.load_run_config(str(workdir))
+  results = {}
+  for name, devices in (('eight', jax.devices()), ('one', jax.devices()[:1]), ('two', jax.devices()[:2])):
+    evaluator = eval_lib.Evaluator(str(workdir), config, devices)
+    results[name] = (evaluator.mesh_description, evaluator.evaluate(STEPS))
+  assert results['eight'][0] == 'the stored config.mesh: data 1 x fsdp 4 x tensor 2'
+  assert results['one'][0].startswith('data-parallel') and results['one'][0].endswith('data 1 x fsdp 1 x tensor 1')
+  assert results['two'][0].endswith('data 2 x fsdp 1 x tensor 1')
+  for name in ('one', 'two'):
+    assert results[name][1]['loss'] == pytest.approx(results['eight'][1]['loss'], rel=1e-5)
+    assert results[name][1]['tokens'] == results['eight'][1]['tokens']
+    assert results[name][1]['tasks'] == results['eight'][1]['tasks']
