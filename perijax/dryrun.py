@@ -137,7 +137,8 @@ def suggest_meshes(config, devices, budget_bytes, temp_bytes=None, measured_mesh
   first (tensor parallelism costs communication in every layer), then least memory.
 
   State bytes are exact (from the shardings of that mesh); temporaries, when given from a compile on
-  `measured_mesh`, are scaled by how much less of the batch and of the heads/MLP each device sees there: an estimate.
+  `measured_mesh`, are assumed split over all devices alike (activations over data x fsdp, heads and MLP over tensor),
+  so they matter only when the device count differs: an estimate.
   """
   model = train_step_lib.make_model(config)
   optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
@@ -224,9 +225,25 @@ def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
       'fits': total_bytes <= budget, 'usable_memory_bytes': budget,
       'param_sharding': state['params'], 'largest_per_device': state['largest'], 'suggested_meshes': [],
   }
+  report['suggested_grad_accum_steps'] = None
   if not report['fits'] and suggest:
     report['suggested_meshes'] = suggest_meshes(config, devices, budget, memory.temp_size_in_bytes, dict(mesh.shape))
+    report['suggested_grad_accum_steps'] = suggest_grad_accum(config, mesh, memory, budget)
   return report
+
+
+def suggest_grad_accum(config, mesh, memory, budget):
+  """The smallest multiple of the current gradient accumulation whose micro-batch still splits over the mesh and
+  whose temporaries, scaled down with the micro-batch, fit beside the arguments; None if none does."""
+  accum = config.optimizer.grad_accum_steps
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  for factor in range(2, config.train.batch_size // accum + 1):
+    micro = config.train.batch_size / (accum * factor)
+    if micro != int(micro) or int(micro) % ways:
+      continue
+    if memory.argument_size_in_bytes + memory.temp_size_in_bytes / factor <= budget:
+      return accum * factor
+  return None
 
 
 def _gib(n):
@@ -276,8 +293,12 @@ def format_report(report):
       lines += [f"  --config.mesh.data={s['data']} --config.mesh.fsdp={s['fsdp']} --config.mesh.tensor={s['tensor']}"
                 f"   ~{s['total_bytes_estimate'] / GIB:.2f} GiB per device" for s in report['suggested_meshes']]
     else:
-      lines.append('no mesh of these devices fits: use more devices, model.remat=full, a smaller batch per device '
-                   '(optimizer.grad_accum_steps) or an accelerator with more memory')
+      lines.append('no mesh of these devices fits: the temporaries (mostly activations, which every mesh of the same '
+                   'devices splits about as finely) are too large')
+    if report['suggested_grad_accum_steps']:
+      lines.append(f"smaller micro-batches should fit: --config.optimizer.grad_accum_steps="
+                   f"{report['suggested_grad_accum_steps']} (temporaries scale with the micro-batch: an estimate), or "
+                   f"--config.model.remat=full, more devices, or an accelerator with more memory")
   return '\n'.join(lines)
 
 

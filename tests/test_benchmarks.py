@@ -1,0 +1,68 @@
+"""The benchmark entry's smallest setting runs end to end and writes JSON whose figures agree with each other."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory, corpus_data_dir):
+  out = tmp_path_factory.mktemp('bench') / 'results.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one CPU device, as the benchmark is meant to run
+  process = subprocess.run([sys.executable, 'benchmarks/run.py', '--smoke', f'--out={out}',
+                            f'--data_dir={corpus_data_dir}'], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert process.returncode == 0, process.stderr[-3000:]
+  return process, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_smoke_writes_every_section(smoke):
+  _, results = smoke
+  assert results['meta']['mode'] == 'smoke'
+  assert {'matmul_flops', 'train', 'compile_s', 'pipeline', 'pipeline_stall', 'checkpoint_stall',
+          'targets'} <= set(results)
+  assert {(r['placement'], r['dtype']) for r in results['train']} == {('pre', 'float32'), ('peri', 'float32')}
+  assert 'error' not in results['pipeline'] and results['pipeline']['tokens_per_s'] > 0
+  assert set(results['targets']) == {'peri_over_pre_step_time', 'mfu_d512_float32', 'compile_48_over_4_with_scan',
+                                     'pipeline_stall', 'checkpoint_stall'}
+
+
+@pytest.mark.slow
+def test_smoke_figures_are_consistent(smoke):
+  _, results = smoke
+  d_model, seq_len, batch = 32, 32, 4
+  for row in results['train']:
+    assert row['tokens_per_s'] == pytest.approx(batch * seq_len / row['step_s'])
+    assert row['mfu'] == pytest.approx(row['model_flops_per_s'] / results['matmul_flops']['float32'])
+    assert row['d_model'] == d_model
+  train = {r['placement']: r for r in results['train']}
+  ratio = results['targets']['peri_over_pre_step_time']
+  assert ratio['value'] == pytest.approx(train['peri']['step_s'] / train['pre']['step_s'])
+  assert ratio['met'] == (ratio['value'] <= 1.03)
+  assert results['targets']['mfu_d512_float32']['met'] is None  # not measured at d_model 512 in smoke mode
+  stall = results['checkpoint_stall']
+  assert stall['stall'] == pytest.approx(stall['checkpoint_step_s'] / stall['no_checkpoint_step_s'] - 1)
+  assert all(r['seconds'] > 0 for r in results['compile_s'])
+
+
+@pytest.mark.slow
+def test_smoke_prints_the_table(smoke):
+  process, _ = smoke
+  assert '| measurement | value |' in process.stdout
+  assert 'target peri_over_pre_step_time' in process.stdout
+
+
+def test_gpu_mode_refuses_without_a_gpu(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  process = subprocess.run([sys.executable, 'benchmarks/run.py', '--gpu', f'--out={tmp_path / "r.json"}'],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert process.returncode != 0 and 'no GPU here' in process.stderr
+  assert not (tmp_path / 'r.json').exists()
