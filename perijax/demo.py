@@ -1,0 +1,101 @@
+r"""The README's demo: tiny Pre-LN, Peri-LN and Post-LN models, each trained and then evaluated by the separate
+evaluation script, compared side by side.
+
+    bash experiments/demo.sh          # sets up .venv and the embedded corpus, then runs:
+    python -m perijax.demo --root=runs/demo [--config=configs/tiny.py] [--placements=pre,peri,post] [--config.a.b=v]
+
+One `perijax.sweep` grid over `model.norm.placement`: each run is `python -m perijax.train` then
+`python -m perijax.evaluate` in a process of its own, in ROOT/placement=<name>/, and a run already evaluated is
+skipped (run the command again after an interruption and it picks up where it stopped). Then the `perijax.inspect`
+report is printed (per-layer residual variance, max |x| and float16 headroom by layer; the growth-law fit of variance
+against depth; the Table-1 comparison of losses, task accuracies and stability counts), and written with its plots:
+ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections.config_flags import config_flags
+
+from perijax import config as config_lib
+from perijax import inspect as inspect_lib
+from perijax import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
+PLACEMENTS = ('pre', 'peri', 'post')
+
+
+def plan_runs(config: ml_collections.ConfigDict, placements: Sequence[str], root: str,
+              fixed_overrides: Optional[Dict[str, Any]] = None) -> List[sweep.Run]:
+  """One run per placement (seed 0); every resolved config is validated before anything runs."""
+  if not placements:
+    raise ValueError(f'--placements is empty; give some of {", ".join(PLACEMENTS)} (any of perijax/placement.py)')
+  return sweep.expand_grid(config, [f'model.norm.placement={",".join(placements)}'], seeds=1, root=root,
+                           fixed_overrides=fixed_overrides, validate=config_lib.validate)
+
+
+def train_and_evaluate(runs: Sequence[sweep.Run], root: str, config_arg: str, fixed_overrides: Dict[str, Any],
+                       python: str = sys.executable, run_command: sweep.RunCommand = sweep.subprocess_run_command,
+                       log=print) -> List[sweep.Run]:
+  """Trains and evaluates every run not finished yet; raises if none finished (nothing to compare)."""
+  finished = sweep.run_sweep(runs, root, config_arg, fixed_overrides, python=python, run_command=run_command,
+                             sweep_args={'demo': True}, log=log)
+  if not any(run.status in ('finished', 'skipped') for run in finished):
+    raise RuntimeError(f'no run of the demo finished; see the train.log and eval.log files under {root}')
+  return finished
+
+
+def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, Any]:
+  """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
+  from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
+  records = [inspect_lib.load_run(run.workdir, run.name.replace('placement=', '')) for run in runs
+             if os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
+  text, data = inspect_lib.report(records)
+  data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))
+  with open(os.path.join(root, 'report.txt'), 'w') as f:
+    f.write(text + '\n')
+  with open(os.path.join(root, 'report.json'), 'w') as f:
+    json.dump(data, f, indent=1)
+  log(text)
+  log(f'\nwritten: {os.path.join(root, "report.txt")}, {os.path.join(root, "report.json")}, plots: '
+      + ', '.join(data['plots']))
+  return data
+
+
+def run_demo(config_arg: str, config: ml_collections.ConfigDict, fixed_overrides: Dict[str, Any],
+             placements: Sequence[str], root: str, python: str = sys.executable,
+             run_command: sweep.RunCommand = sweep.subprocess_run_command, log=print) -> Dict[str, Any]:
+  runs = plan_runs(config, placements, root, fixed_overrides)
+  train_and_evaluate(runs, root, config_arg, fixed_overrides, python, run_command, log)
+  return write_report(runs, root, log)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Config file of every run (configs/tiny.py).')
+  flags.DEFINE_string('root', os.path.join('runs', 'demo'), 'Directory of the runs, the report and the plots.')
+  flags.DEFINE_list('placements', list(PLACEMENTS), 'Norm placements to train and compare.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config_arg = config_flags.get_config_filename(FLAGS['config'])
+  fixed_overrides = config_flags.get_override_values(FLAGS['config'])
+  try:
+    run_demo(config_arg, FLAGS.config, fixed_overrides, FLAGS.placements, FLAGS.root)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    sys.exit(f'perijax.demo: {e}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
