@@ -10,6 +10,7 @@ eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
   --all      every checkpoint without an eval/step_N.json yet;
   --watch    like --all, then waits for new checkpoints (every --poll_seconds) and stops once the checkpoint at
              config.train.steps is evaluated (training finished); an error if none appears for --timeout_seconds.
+             It may start before training does: it waits (as long) for the workdir's tokenizer.json.
 
 `--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
 tasks, how many batches, the mesh); the model and training fields are the checkpoint's own. Numbers:
@@ -107,6 +108,8 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   """Evaluates as the command line says; returns the results written, in step order. Raises on bad input."""
   if sum([step is not None, evaluate_all, watch]) > 1:
     raise EvaluationError('give at most one of --step, --all and --watch')
+  if watch:
+    wait_for_run(workdir, poll_seconds, timeout_seconds)
   config = prepare(workdir, overrides)
   steps = list_checkpoints(workdir)
   if not watch:
@@ -122,6 +125,19 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
       evaluator.check_checkpoint(chosen_step)
     return [evaluate_and_write(evaluator, chosen_step) for chosen_step in chosen]
   return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
+
+
+def wait_for_run(workdir, poll_seconds, timeout_seconds):
+  """--watch may start before training does: waits for the files perijax.train writes first (tokenizer.json last)."""
+  started, said = time.time(), False
+  while not os.path.isfile(os.path.join(workdir, 'tokenizer.json')):
+    if time.time() - started > timeout_seconds:
+      raise EvaluationError(f'--watch: {workdir} has no config.json and tokenizer.json after {timeout_seconds:g} s; '
+                            'is training running with this --workdir?')
+    if not said:
+      log(f'waiting for training to start in {workdir}')
+      said = True
+    time.sleep(poll_seconds)
 
 
 def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):

@@ -164,6 +164,12 @@ def test_watch_gives_up_when_no_checkpoint_appears(workdir):
     evaluate.run(str(workdir), watch=True, poll_seconds=0.1, timeout_seconds=0.5)
 
 
+def test_watch_waits_for_training_to_start_then_gives_up(tmp_path):
+  with pytest.raises(evaluate.EvaluationError, match='has no config.json and tokenizer.json after 0.3 s'):
+    evaluate.run(str(tmp_path / 'not_yet'), watch=True, poll_seconds=0.1, timeout_seconds=0.3)
+  assert not (tmp_path / 'not_yet').exists()
+
+
 def _break_workdir(workdir, how):
   """Damages a copy of the run the way `how` says; returns (run kwargs, error type, message pattern)."""
   if how == 'missing_workdir':
