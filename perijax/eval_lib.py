@@ -253,9 +253,12 @@ class Evaluator:
     def loss_and_stats(params, batch):
       logits, stats = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
                                   collect_stats=True)
-      weight_sum = jnp.sum(batch['weights'])
-      mean_nll = train_step_lib.cross_entropy(logits, batch['targets'], batch['weights'], loss_dtype)
-      return mean_nll * weight_sum, weight_sum, stats  # the training loss's own definition, as a sum
+      # train_step.cross_entropy's definition, summed per row: the host adds rows in float64, so the mean over
+      # hundreds of thousands of tokens is not limited by a float32 running sum.
+      log_probs = jax.nn.log_softmax(logits.astype(loss_dtype), axis=-1)
+      nll = -jnp.take_along_axis(log_probs, batch['targets'][..., None], axis=-1)[..., 0]
+      weights = batch['weights']
+      return jnp.sum(nll.astype(jnp.float32) * weights, axis=-1), jnp.sum(weights, axis=-1), stats
 
     def logprobs(params, inputs, positions, segment_ids):
       logits, _ = model.apply({'params': params}, inputs, positions, segment_ids)
@@ -294,9 +297,9 @@ class Evaluator:
       for batch in self.eval_batches:
         batch = sharding_lib.global_batch_from_local(batch, self.batch_sharding)
         batch_nll, batch_tokens, stats = jax.device_get(self._loss_and_stats(params, batch))
-        nll_sum += float(batch_nll)
-        tokens += float(batch_tokens)
-        if batch_tokens > 0:  # all-padding batches (processes kept in step) would dilute the statistics
+        nll_sum += float(np.sum(batch_nll, dtype=np.float64))
+        tokens += float(np.sum(batch_tokens, dtype=np.float64))
+        if np.sum(batch_tokens) > 0:  # all-padding batches (processes kept in step) would dilute the statistics
           batch_stats.append(stats)
       if not tokens:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')

@@ -99,7 +99,8 @@ def evaluate_and_write(evaluator, step):
   tasks = '  '.join(f'{name} acc {r["acc"]:.3f} acc_norm {r["acc_norm"]:.3f} (n={r["n"]})'
                     for name, r in result['tasks'].items())
   log(f'step {step}: loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  bits/byte '
-      f'{result["bits_per_byte"]:.4f}  tokens {result["tokens"]}  {tasks}  -> {eval_lib.result_path(evaluator.workdir, step)}')
+      f'{result["bits_per_byte"]:.4f}  tokens {result["tokens"]}  {tasks}  '
+      f'-> {eval_lib.result_path(evaluator.workdir, step)}')
   return result
 
 
