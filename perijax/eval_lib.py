@@ -79,8 +79,8 @@ def _parse_value(text, old, name):
     return text.lower() in ('true', '1')
   if isinstance(old, (int, float)):
     try:
-      return type(old)(ast.literal_eval(text)) if not isinstance(old, int) else int(text)
-    except (ValueError, SyntaxError) as error:
+      return type(old)(text)
+    except ValueError as error:
       raise ValueError(f'--config.{name}={text}: expected {type(old).__name__}') from error
   if isinstance(old, tuple):
     if text.strip()[:1] in ('(', '['):
@@ -171,8 +171,9 @@ def make_eval_mesh(config, model, devices=None):
   fallback = ml_collections.ConfigDict(config.mesh.to_dict())
   fallback.update(data=-1, fsdp=1, tensor=1)
   batch_problem = None
-  for mesh_config, kind in ((config.mesh, 'the stored config.mesh'), (fallback, 'data-parallel (stored mesh does not '
-                                                                               'fit these devices)')):
+  candidates = ((config.mesh, 'the stored config.mesh'),
+                (fallback, 'data-parallel (the stored mesh does not fit these devices)'))
+  for mesh_config, kind in candidates:
     try:
       mesh = sharding_lib.make_mesh(mesh_config, devices)
       abstract, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
