@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def test_command_line_prints_one_error_line_and_exits_1(workdir, how):
   assert process.returncode == 1
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: '), process.stderr
-  assert __import__('re').search(pattern, lines[0])
+  assert re.search(pattern, lines[0])
   assert snapshot(workdir) == before
 
 
