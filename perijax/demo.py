@@ -54,7 +54,8 @@ def train_and_evaluate(runs: Sequence[sweep.Run], root: str, config_arg: str, fi
 def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, Any]:
   """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
-  records = [inspect_lib.load_run(run.workdir, run.name.replace('placement=', '')) for run in runs
+  # Named by placement alone ('pre', 'peri', 'post'): short table columns and plot legends.
+  records = [inspect_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
              if os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
   text, data = inspect_lib.report(records)
   data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))
