@@ -57,7 +57,8 @@ def summarize(runs, records):
                                       if s['max_fp16_headroom'] is not None), default=None)
     row['diverged'] = sum(s['diverged'] for s in summaries)
     row['n_seeds'] = len(summaries)
-    row['final_loss_scale'] = [inspect_lib._last(record, 'loss_scale') for record in members]  # pylint: disable=protected-access
+    row['final_loss_scale'] = [next((line['loss_scale'] for line in reversed(record.metrics) if 'loss_scale' in line),
+                                    None) for record in members]
     rows.append(row)
   return rows
 

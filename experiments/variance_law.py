@@ -126,7 +126,8 @@ def plot(scale_rows, init_rows, training_rows, path):
         variance = np.asarray(row['residual_var'][index], dtype=np.float64)
         axes[2].plot(range(1, variance.size + 1), variance, 'o-' if index else 'x--',
                      label=f'{row["placement"]} step {row["steps"][index]}')
-  axes[2].set(xlabel='layer', ylabel='residual variance', yscale='log', title='training (seed 0): init and last stats step')
+  axes[2].set(xlabel='layer', ylabel='residual variance', yscale='log',
+              title='training (seed 0): init and last stats step')
   for ax in axes:
     ax.legend(fontsize=7)
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,7 +173,8 @@ def report(data):
   lines.append('at init: growth law of residual variance with depth')
   for row in data['init']:
     fit = row['fit']
-    lines.append(f'  {row["placement"]:>8}: {fit["better"]} (lin R² {fit["linear_r2"]:.3f}, exp R² {fit["exp_r2"]:.3f})'
+    lines.append(f'  {row["placement"]:>8}: {fit["better"]} (lin R² {fit["linear_r2"]:.3f}, '
+                 f'exp R² {fit["exp_r2"]:.3f})'
                  f', Var L / Var 1 = {fit["growth_ratio"]:.3g}')
   lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
   for row in data['training']:

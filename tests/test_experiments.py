@@ -114,7 +114,8 @@ def test_fp16_analysis_counts_overflows_spikes_and_divergence(tiny_config, tmp_p
     pre, seed = run.overrides['model.norm.placement'] == 'pre', run.overrides['train.seed']
     final_loss = float('nan') if (pre and seed == 1) else 3.0 + seed
     lines = [{'step': 50, 'loss': 5.0, 'spikes': 0, 'skipped_steps': 0, 'forward_overflows': 0,
-              'max_abs': [1.0, 2.0], 'fp16_headroom': [1e-4, 0.5 if pre else 1e-3], 'fp16_overflow': [0, 3 if pre else 0],
+              'max_abs': [1.0, 2.0], 'fp16_headroom': [1e-4, 0.5 if pre else 1e-3],
+              'fp16_overflow': [0, 3 if pre else 0],
               'residual_var': [1.0, 2.0]},
              {'step': 100, 'loss': final_loss, 'spikes': 2 if pre else 0, 'skipped_steps': 4 if pre else 1,
               'forward_overflows': 0}]
