@@ -153,7 +153,8 @@ def restore_params(manager, step, abstract_params, shardings):
   try:
     return manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
   except Exception as error:  # pylint: disable=broad-except  a damaged file surfaces as any of several kinds
-    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+    lines = str(error).strip().splitlines() or ['']
+    first = lines[0].split(' See full TensorStore details')[0][:300]
     raise checkpoint_lib.CheckpointError(f'checkpoint {step} in {manager.directory} cannot be restored (truncated '
                                          f'or corrupted?): {type(error).__name__}: {first}') from error
 
