@@ -151,3 +151,21 @@ def test_missing_corpus_says_how_to_prepare_it(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match=r"'shakespeare_milton' split 'test'.*python -m perijax.data.corpus"):
     next_line.next_line_items(str(tmp_path), max_examples=0)
   assert benchmarks.as_text(b'\xc3\xa9') == 'é'
+
+
+def test_distractors_match_the_true_line_in_length_so_length_alone_is_chance(monkeypatch):
+  # As in a play: short speaker names recur (one entry each in the distinct pool) between speeches of any length, so
+  # true lines are short far more often than lines drawn from the pool. A model that scores only the token count
+  # (constant logits) must not beat chance.
+  rng = np.random.default_rng(0)
+  names = ['HAMLET.', 'OPHELIA.', 'POLONIUS.', 'KING.', 'QUEEN.', 'HORATIO.']
+  lines = []
+  for i in range(400):
+    lines += [names[i % len(names)], f'speech {i} ' + 'x' * int(rng.integers(5, 80))]
+
+  def shortest_wins(items):
+    return np.mean([int(np.argmin([len(c) for c in item.choice_texts])) == item.gold for item in items])
+
+  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) < 0.3
+  monkeypatch.setattr(next_line, 'DISTRACTOR_POOL', 10**9)  # distractors drawn from the whole work instead
+  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) > 0.6

@@ -11,7 +11,8 @@ How items are built, deterministically from the data alone (no model, seq_len or
   (lines are joined with "\\n"; a window whose true line is over `MAX_LINE_CHARS`, or with no context line that fits,
   is skipped);
 - three distractors are distinct lines of the same work (at most `MAX_LINE_CHARS` characters) other than the true line,
-  drawn with a numpy Generator seeded by SHA-256 of "work:line index"; the same Generator places the true line among
+  drawn among the `DISTRACTOR_POOL` lines closest to it in length (so that length alone does not give the answer
+  away), with a numpy Generator seeded by SHA-256 of "work:line index"; the same Generator places the true line among
   the four;
 - the continuation of each choice is "\\n" + line (the line break the text itself has there; the target delimiter " "
   of lm-eval's benchmarks would be out of place in verse); acc_norm divides by the line's length without the "\\n";
@@ -37,6 +38,7 @@ CONTEXT_LINES = 6        # lines before the true one in each window
 MAX_CONTEXT_CHARS = 400  # the context fits a 512-byte sequence with room for the line
 MAX_LINE_CHARS = 100     # true lines and distractors: verse lines are far shorter; this skips long prose lines
 NUM_CHOICES = 4
+DISTRACTOR_POOL = 12     # distractors are drawn among this many lines of the work closest in length to the true one
 
 
 def work_lines(examples: Iterable[dict]) -> dict[str, list[str]]:
@@ -71,9 +73,11 @@ def work_items(work: str, lines: Sequence[str]) -> list[MultipleChoiceItem]:
     if len(true_line) > MAX_LINE_CHARS or not context_lines:
       continue
     rng = _rng(work, target)
-    # Four distinct pool lines; at most one is the true line (the pool is distinct), so three others always remain.
-    drawn = [pool[index] for index in rng.choice(len(pool), size=NUM_CHOICES, replace=False)]
-    choices = [line for line in drawn if line != true_line][:NUM_CHOICES - 1]
+    # Distractors of about the true line's length: otherwise a model that only counts tokens (constant logits pick
+    # the shortest choice) beats chance. Drawn among the DISTRACTOR_POOL lines closest in length.
+    others = sorted((line for line in pool if line != true_line), key=lambda line: abs(len(line) - len(true_line)))
+    nearest = others[:DISTRACTOR_POOL]
+    choices = [nearest[index] for index in rng.choice(len(nearest), size=NUM_CHOICES - 1, replace=False)]
     gold = int(rng.integers(NUM_CHOICES))
     choices.insert(gold, true_line)
     context = '\n'.join(context_lines)
