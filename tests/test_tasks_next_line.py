@@ -166,6 +166,6 @@ def test_distractors_match_the_true_line_in_length_so_length_alone_is_chance(mon
   def shortest_wins(items):
     return np.mean([int(np.argmin([len(c) for c in item.choice_texts])) == item.gold for item in items])
 
-  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) < 0.3
+  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) < 0.4  # chance 0.25, n = 114
   monkeypatch.setattr(next_line, 'DISTRACTOR_POOL', 10**9)  # distractors drawn from the whole work instead
-  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) > 0.6
+  assert shortest_wins(next_line.work_items('shakespeare/hamlet', lines)) > 0.55
