@@ -93,7 +93,7 @@ def get_config():
   # ---- data --------------------------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
   data.name = 'shakespeare_milton'  # TFDS dataset name, e.g. 'shakespeare_milton' (embedded), 'c4/en', 'lm1b'
-  data.data_dir = ''                # TFDS data dir (local path or gs://); '' = TFDS's default (~/tensorflow_datasets)
+  data.data_dir = ''                # TFDS data dir (a path; on a pod a gcsfuse-mounted bucket); '' = ~/tensorflow_datasets
   data.train_split = 'train'        # split to train on
   data.eval_split = 'validation'    # held-out split for evaluation loss and per-layer statistics
   data.text_field = 'text'          # feature holding the text

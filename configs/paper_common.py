@@ -4,7 +4,7 @@ Known from the paper: float16 training with Pre-/Peri-LN, a peak lr around 2e-3,
 Not published, so chosen here and documented: sequence 2048, global batch 256 x 2048 = 0.5M tokens, 30B tokens
 (57,220 steps), warmup 2,000 steps then cosine to 10%, AdamW(0.9, 0.95), weight decay 0.1, init std 0.02, SwiGLU,
 RMSNorm. Data: a prepared TFDS text dataset (C4 here; DCLM is not in TFDS) with a SentencePiece tokenizer of ~100k
-pieces given by path: --config.data.tokenizer_path=gs://.../spm100k.model.
+pieces given by path: --config.data.tokenizer_path=/gcs/BUCKET/spm100k.model.
 """
 
 from configs import default
