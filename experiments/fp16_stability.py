@@ -28,6 +28,7 @@ import numpy as np
 
 from experiments import common
 from perijax import inspect as inspect_lib
+from perijax import plots
 
 NAME = 'fp16_stability'
 SMALL = {'model.num_layers': 2, 'model.d_model': 64, 'model.compute_dtype': 'float16',
@@ -130,10 +131,7 @@ def plot(runs, records, rows, path):
     loss_ax.plot(steps, losses, style, label=run.name.replace(',seed=0', ''), linewidth=1)
   loss_ax.set(xlabel='step', ylabel='training loss', title='loss (seed 0; dashed = not peri)')
   loss_ax.legend(fontsize=6)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, path)
 
 
 def define_flags():

@@ -20,6 +20,7 @@ from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import plots
 
 NAME = 'grad_norms'
 SMALL = {'model.num_layers': 8, 'train.steps': 100, 'train.batch_size': 8, 'train.seq_len': 64,
@@ -88,10 +89,7 @@ def plot(rows, path):
     ax.set(xlabel='layer', ylabel='gradient norm', yscale='log',
            title=f'per-layer gradient norm, {label.replace("_", " ")} (mean over steps and seeds)')
     ax.legend(fontsize=7)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, path)
 
 
 def define_flags():

@@ -23,6 +23,7 @@ import numpy as np
 from experiments import common
 from perijax import growth
 from perijax import inspect as inspect_lib
+from perijax import plots
 
 NAME = 'pre_post_vs_peri'
 SMALL = {'model.num_layers': 8, 'train.steps': 150, 'train.batch_size': 8, 'train.seq_len': 128,
@@ -90,10 +91,7 @@ def plot(init_rows, rows, path):
   axes[2].set(xlabel='step', ylabel='training loss', title='loss')
   for ax in axes:
     ax.legend(fontsize=7)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, path)
 
 
 def define_flags():

@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
+from perijax import plots
 
 NAME = 'variance_law'
 SMALL = {'model.num_layers': 8, 'train.steps': 150, 'train.batch_size': 8, 'train.seq_len': 128,
@@ -130,10 +131,7 @@ def plot(scale_rows, init_rows, training_rows, path):
               title='training (seed 0): init and last stats step')
   for ax in axes:
     ax.legend(fontsize=7)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return plots.save_figure(fig, path)
 
 
 def define_flags():

@@ -32,7 +32,8 @@ def _colors(n):
   return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+  """Writes a PNG (creating its folder) and frees the figure."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -78,7 +79,7 @@ def plot_residual_variance(runs: Sequence, path: str) -> str:
   for ax in list(axes.flat)[len(runs):]:
     ax.axis('off')
   fig.suptitle('Residual-stream variance per layer over training')
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
@@ -108,7 +109,7 @@ def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
       _legend(ax)
     else:
       _no_data(ax, 'layer_grad_norm')
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_loss(runs: Sequence, path: str) -> str:
@@ -125,7 +126,7 @@ def plot_loss(runs: Sequence, path: str) -> str:
   ax.set_ylabel('loss (nats/token)')
   ax.set_title('Loss')
   _legend(ax)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_loss_scale(runs: Sequence, path: str) -> str:
@@ -148,7 +149,7 @@ def plot_loss_scale(runs: Sequence, path: str) -> str:
   for ax in (scale_ax, skipped_ax):
     ax.set_xlabel('step')
     _legend(ax)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def write_plots(runs: Sequence, out_dir: str) -> List[str]:
