@@ -8,7 +8,7 @@ from perijax.precision import DTYPES
 
 MLP_ACTIVATIONS = ('swiglu', 'gelu')
 REMAT = ('none', 'minimal', 'full')
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'auto', 'einsum')
 SCHEDULES = ('cosine', 'linear', 'constant')
 LOSS_SCALES = ('dynamic', 'none')
 TOKENIZERS = ('byte', 'sentencepiece')

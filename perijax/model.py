@@ -43,6 +43,12 @@ def dense_init(std, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
+def flatten_tokens(x):
+  """[batch, length, ...] -> [batch * length, ...]. Matmuls over one token axis: XLA:CPU differentiates a 2-D matmul
+  several times faster than one contracting batch and length together (the weight gradient); free elsewhere."""
+  return x.reshape(-1, *x.shape[2:])
+
+
 def rope(x, positions, theta):
   """Rotary position embedding on [batch, length, heads, head_dim], rotating the two halves of head_dim."""
   half = x.shape[-1] // 2
@@ -60,10 +66,12 @@ def attention_mask(segment_ids):
   return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
-def low_precision_attention(q, k, v, mask, dtype):
-  """Causal attention with logits and softmax in `dtype` (float16 when softmax_in_float32 is off).
+def einsum_attention(q, k, v, mask, dtype):
+  """Causal attention written out, with logits and softmax in `dtype`.
 
-  jax.nn.dot_product_attention always upcasts the logits to float32, so it cannot show what a float16 softmax does.
+  Used for `model.attention_impl='einsum'` (on CPU its gradient is faster than jax.nn.dot_product_attention's) and
+  whenever softmax_in_float32 is off: jax.nn.dot_product_attention always upcasts the logits to float32, so it cannot
+  show what a float16 softmax does.
   """
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
@@ -89,17 +97,19 @@ class Attention(nn.Module):
     def projection(shape, equation, axes, name):
       return nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
                        kernel_init=dense_init(cfg.init_std, axes), name=name)
-    d = cfg.d_model
-    q = projection((d, heads, dim), 'btd,dnh->btnh', ('embed', 'heads', 'head_dim'), 'query')(x)
-    k = projection((d, kv_heads, dim), 'btd,dnh->btnh', ('embed', 'kv_heads', 'head_dim'), 'key')(x)
-    v = projection((d, kv_heads, dim), 'btd,dnh->btnh', ('embed', 'kv_heads', 'head_dim'), 'value')(x)
+    d, (batch, length) = cfg.d_model, x.shape[:2]
+    tokens = flatten_tokens(x)
+    unflatten = lambda a: a.reshape(batch, length, *a.shape[1:])
+    q = unflatten(projection((d, heads, dim), 'md,dnh->mnh', ('embed', 'heads', 'head_dim'), 'query')(tokens))
+    k = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'key')(tokens))
+    v = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'value')(tokens))
     if cfg.norm.qk_norm:  # RMSNorm per head before RoPE (OLMo 2), whatever the block's norm kind
       qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim')
       q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     mask = attention_mask(segment_ids)
-    if p.softmax == jnp.float32:
+    if p.softmax == jnp.float32 and cfg.attention_impl != 'einsum':
       if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
         # XLA:CPU cannot compile the gradient of a float16 x float16 -> float32 dot; the logits are float32 anyway,
         # and the output is cast back to float16 below, so overflow behaves as on a GPU.
@@ -108,9 +118,10 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
       out = out.astype(p.compute)
     else:
-      out = low_precision_attention(q, k, v, mask, p.softmax)
+      out = einsum_attention(q, k, v, mask, p.softmax)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
-    return projection((heads, dim, d), 'btnh,nhd->btd', ('heads', 'head_dim', 'embed'), 'out')(out)
+    return unflatten(projection((heads, dim, d), 'mnh,nhd->md', ('heads', 'head_dim', 'embed'), 'out')(
+        flatten_tokens(out)))
 
 
 class Mlp(nn.Module):
@@ -122,14 +133,16 @@ class Mlp(nn.Module):
     cfg, p = self.config, self.precision
     dense = functools.partial(nn.Dense, use_bias=False, dtype=p.compute, param_dtype=p.param)
     width = mlp_dim(cfg)
+    batch_shape, x = x.shape[:-1], flatten_tokens(x)
     if cfg.mlp_activation == 'swiglu':
       gate = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='gate')(x)
       up = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x)
       h = nn.silu(gate) * up
     else:
       h = nn.gelu(dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x))
-    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return dense(cfg.d_model, kernel_init=dense_init(cfg.init_std, ('mlp', 'embed')), name='down')(h)
+    h = nn.with_logical_constraint(h, ('batch', 'mlp'))
+    out = dense(cfg.d_model, kernel_init=dense_init(cfg.init_std, ('mlp', 'embed')), name='down')(h)
+    return out.reshape(*batch_shape, cfg.d_model)
 
 
 class Layer(nn.Module):

@@ -190,3 +190,16 @@ def test_layer_summary_matches_numpy():
   np.testing.assert_allclose(summary['max_abs'],
                              np.max(np.concatenate([stats['residual_max_abs'], stats['output_max_abs']], 1), 1))
   np.testing.assert_allclose(summary['mlp_out_var'], stats['output_var'][:, 1])
+
+
+@pytest.mark.parametrize('placement', ['pre', 'peri'])
+def test_einsum_attention_matches_dot_product_attention(placement):
+  config = small_config(placement)
+  model, params = init_params(config.model, length=10)
+  tokens = jax.random.randint(jax.random.key(7), (2, 10), 0, 64)
+  segment_ids = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
+  config.model.attention_impl = 'einsum'
+  einsum_model = model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
+  expected, _ = model.apply({'params': params}, tokens, None, segment_ids)
+  got, _ = einsum_model.apply({'params': params}, tokens, None, segment_ids)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
