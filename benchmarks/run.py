@@ -32,10 +32,10 @@ from perijax import hardware  # noqa: E402  pylint: disable=wrong-import-positio
 
 PLACEMENTS = ('pre', 'peri', 'post')
 # The sizes of each run mode: the fixed CPU config of the training issue, and a toy version of every section.
-VARIANTS = (('remat=minimal', {'remat': 'minimal'}), ('remat=full', {'remat': 'full'}),
+VARIANTS = (('remat=none', {'remat': 'none'}), ('remat=full', {'remat': 'full'}),
             ('scan_layers=False', {'scan_layers': False}))
 SIZES = {
-    'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=4, rounds=4, placements=PLACEMENTS,
+    'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=5, rounds=6, placements=PLACEMENTS,
                  dtypes=('float32', 'bfloat16'), variants=VARIANTS, compile_d_model=128, compile_depths=(4, 48),
                  compile_scan=(True, False), matmul=1024, pipeline_s=5.0, stall_steps=60, checkpoint_every=30),
     'smoke': dict(d_model=32, layers=1, seq_len=32, batch=4, steps=2, rounds=1, placements=('pre', 'peri'),

@@ -1,12 +1,13 @@
 """Orbax checkpoints of a run: the train state and the data iterator, saved together, restorable onto any mesh.
 
-WORKDIR/checkpoints/<step>/ holds two items: `state` (params, optimizer state, loss-scale state, step and the run's
-counters) and `data` (the grain iterator's position, one file per process). Orbax writes each checkpoint into a
+WORKDIR/checkpoints/<step>/ holds three items: `state` (params, optimizer state, loss-scale state, step and the run's
+counters), `data` (the grain iterator's position, one file per process) and `config` (the run's resolved config, JSON). Orbax writes each checkpoint into a
 temporary directory and renames it only once complete, so a crash mid-save never leaves something that looks finished.
-The config is WORKDIR/config.json; there is no RNG state to keep: nothing in a step is random (no dropout), the
-initialisation comes from config.train.seed and the data order from the iterator state.
+There is no RNG state to keep: nothing in a step is random (no dropout), the initialisation comes from
+config.train.seed and the data order from the iterator state.
 """
 
+import json
 import os
 
 import grain
@@ -27,14 +28,16 @@ def make_manager(workdir, checkpoint_config=None, read_only=False):
       max_to_keep=checkpoint_config.keep if checkpoint_config else None,
       enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
       create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'data'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'data', 'config'))
 
 
-def save(manager, step, state, data_iterator=None):
+def save(manager, step, state, data_iterator=None, config=None):
   """Starts writing (asynchronously when configured); `manager.wait_until_finished()` blocks until it is complete."""
   items = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  if config is not None:
+    items['config'] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 

@@ -181,17 +181,17 @@ def train(config, workdir, devices=None):
         last_overflows = record['forward_overflows']
         window_start, window_step = time.time(), step
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
-        checkpoint_lib.save(manager, step, state, data_iterator)
+        checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preemption.reached(manager, step):
         if manager.latest_step() != step:
-          checkpoint_lib.save(manager, step, state, data_iterator)
+          checkpoint_lib.save(manager, step, state, data_iterator, config)
         manager.wait_until_finished()
         if jax.process_index() == 0:
           print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)
         writer.close()
         return state
   if manager.latest_step() != step:
-    checkpoint_lib.save(manager, step, state, data_iterator)
+    checkpoint_lib.save(manager, step, state, data_iterator, config)
   manager.wait_until_finished()
   writer.close()
   return state

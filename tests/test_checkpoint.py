@@ -10,6 +10,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
@@ -141,6 +142,10 @@ def test_restore_onto_one_device_and_another_mesh_split(corpus_data_dir, tmp_pat
 def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(corpus_data_dir, tmp_path):
   config = small_config(corpus_data_dir, steps=3)
   train_lib.train(config, str(tmp_path))
+  # Each checkpoint carries the resolved config it was trained with.
+  manager = checkpoint_lib.make_manager(str(tmp_path), read_only=True)
+  stored = manager.restore(3, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  assert stored == json.loads(config.to_json_best_effort())
   config.model.d_model = 64
   with pytest.raises(checkpoint_lib.CheckpointError, match='does not match this config'):
     restore_state(config, str(tmp_path), 3)
