@@ -315,36 +315,40 @@ def mesh_hint(config, accelerator):
       f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}" for m in meshes) + ')'
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-_DEVICES = flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size); set before jax starts.')
-_ACCELERATOR = flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in '
-                                   'perijax/hardware.py; default config.train.accelerator, or h100 if that is cpu.')
-_MFU = flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
+def define_flags():
+  """Only when run as a program: perijax.train defines --config too, and the tests import both."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
+  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size); set before jax starts.')
+  flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
+                      'default config.train.accelerator, or h100 if that is cpu.')
+  flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
+  flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
 
 
 def main(argv):
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/paper_3_2b.py')
-  if _DEVICES.value is not None and jax.device_count() != _DEVICES.value:
-    sys.exit(f'perijax.dryrun: --devices={_DEVICES.value} but jax already started with {jax.device_count()} '
+  if FLAGS.devices is not None and jax.device_count() != FLAGS.devices:
+    sys.exit(f'perijax.dryrun: --devices={FLAGS.devices} but jax already started with {jax.device_count()} '
              f'devices: run it as `python -m perijax.dryrun` (XLA_FLAGS is set before jax is imported) and do not '
              f'set --xla_force_host_platform_device_count elsewhere')
-  config = _CONFIG.value
-  accelerator = _ACCELERATOR.value or ('h100' if config.train.accelerator == 'cpu' else config.train.accelerator)
+  config = FLAGS.config
+  accelerator = FLAGS.accelerator or ('h100' if config.train.accelerator == 'cpu' else config.train.accelerator)
   try:
-    report = dry_run(config, accelerator, _MFU.value)
+    report = dry_run(config, accelerator, FLAGS.mfu)
   except sharding_lib.ShardingError as e:
     sys.exit(f'perijax.dryrun: {e}{mesh_hint(config, accelerator)}')
   except ValueError as e:  # ConfigError: a bad field, named
     sys.exit(f'perijax.dryrun: {e}')
   print(format_report(report), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
       json.dump(report, f, indent=2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
