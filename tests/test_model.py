@@ -203,3 +203,15 @@ def test_einsum_attention_matches_dot_product_attention(placement):
   expected, _ = model.apply({'params': params}, tokens, None, segment_ids)
   got, _ = einsum_model.apply({'params': params}, tokens, None, segment_ids)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_written_out_gradient_matches_autodiff():
+  from perijax import norms
+  x = jax.random.normal(jax.random.key(8), (2, 5, 3, 16)) * 3.0  # also the per-head (qk_norm) shape
+  scale = jax.random.normal(jax.random.key(9), (16,))
+  cotangent = jax.random.normal(jax.random.key(10), x.shape)
+  plain = lambda x, s: x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6) * s
+  expected = jax.grad(lambda x, s: jnp.sum(plain(x, s) * cotangent), argnums=(0, 1))(x, scale)
+  got = jax.grad(lambda x, s: jnp.sum(norms.rms_normalize(x, s, 1e-6) * cotangent), argnums=(0, 1))(x, scale)
+  for e, g in zip(expected, got):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
