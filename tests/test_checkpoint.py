@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,3 +150,17 @@ def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(corpus_data_
   config.model.d_model = 64
   with pytest.raises(checkpoint_lib.CheckpointError, match='does not match this config'):
     restore_state(config, str(tmp_path), 3)
+
+
+def test_an_unfinished_save_never_looks_like_a_checkpoint(corpus_data_dir, tmp_path):
+  config = small_config(corpus_data_dir, steps=3)
+  train_lib.train(config, str(tmp_path))
+  # What a crash in the middle of writing step 6 leaves: Orbax writes into <step>.orbax-checkpoint-tmp-<time> and
+  # renames it to <step> only once every item is complete.
+  checkpoints = tmp_path / 'checkpoints'
+  shutil.copytree(checkpoints / '3', checkpoints / '6.orbax-checkpoint-tmp-1732500000')
+  manager = checkpoint_lib.make_manager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [3] and manager.latest_step() == 3
+  config.train.steps = 4
+  train_lib.train(config, str(tmp_path))  # resumes from 3, not from the half-written 6
+  assert sorted(losses(str(tmp_path))) == [1, 2, 3, 4]
