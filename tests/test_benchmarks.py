@@ -1,5 +1,6 @@
 """The benchmark entry's smallest setting runs end to end and writes JSON whose figures agree with each other."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -66,3 +67,27 @@ def test_gpu_mode_refuses_without_a_gpu(tmp_path):
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert process.returncode != 0 and 'no GPU here' in process.stderr
   assert not (tmp_path / 'r.json').exists()
+
+
+def test_gpu_section_runs_its_two_dtypes_on_a_toy_config():
+  """GPU mode's code path on the CPU, with a toy config in place of paper_400m (the real figures need a GPU)."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import run  # pylint: disable=import-outside-toplevel
+  args = argparse.Namespace(accelerator='h100', gpu_steps=1, gpu_rounds=1, gpu_batch=2,
+                           remat='minimal', attention_impl='xla')
+
+  def toy_config(dtype, args):
+    config = run.gpu_config(dtype, args)
+    config.model.update(d_model=32, num_layers=1, num_heads=2, vocab_size=64, mlp_dim=64)
+    config.train.update(seq_len=16)
+    return config
+
+  results = run.gpu_sections(args, log=lambda message: None, make_config=toy_config)
+  rows = {r['dtype']: r for r in results['train']}
+  assert set(rows) == {'bfloat16', 'float16'}
+  assert rows['float16']['loss_scaling'] and not rows['bfloat16']['loss_scaling']
+  assert results['peak_flops'] == 989e12 and results['accelerator'] == 'h100'
+  for row in rows.values():
+    assert row['tokens_per_s'] == pytest.approx(2 * 16 / row['step_s'])
+    assert row['mfu'] == pytest.approx(row['model_flops_per_s'] / 989e12)
+  assert set(results['targets']) == {'mfu_400m_bfloat16', 'mfu_400m_float16'}

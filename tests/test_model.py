@@ -215,3 +215,27 @@ def test_rms_norm_written_out_gradient_matches_autodiff():
   got = jax.grad(lambda x, s: jnp.sum(norms.rms_normalize(x, s, 1e-6) * cotangent), argnums=(0, 1))(x, scale)
   for e, g in zip(expected, got):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_grad_norms_match_numpy_per_layer_and_globally(scan_layers):
+  config = small_config('mix', num_layers=4)
+  config.model.scan_layers = scan_layers  # scanned: two stacks, layers_0 (post) and layers_1 (pre)
+  config.model.norm.mix_post_layers = 1
+  _, params = init_params(config.model)
+  grads = randomize(params, seed=11)  # any tree of the parameters' layout will do
+  global_norm, layer_norms = model_lib.grad_norms(grads)
+
+  as_float64 = lambda tree: [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
+  if scan_layers:
+    per_layer = [[leaf[i] for leaf in as_float64(grads['layers_0'])] for i in range(1)]
+    per_layer += [[leaf[i] for leaf in as_float64(grads['layers_1'])] for i in range(3)]
+  else:
+    per_layer = [as_float64(grads[f'layer_{i}']) for i in range(4)]
+  expected_layers = [np.sqrt(sum(np.sum(leaf ** 2) for leaf in leaves)) for leaves in per_layer]
+  expected_global = np.sqrt(sum(np.sum(leaf ** 2) for leaf in as_float64(grads)))
+  assert layer_norms.shape == (4,)
+  np.testing.assert_allclose(layer_norms, expected_layers, rtol=1e-5)
+  np.testing.assert_allclose(global_norm, expected_global, rtol=1e-5)
+  # The embedding and final norm count in the global norm only: it must exceed the layers' own total.
+  assert global_norm > np.sqrt(np.sum(np.square(expected_layers))) * (1 + 1e-4)

@@ -146,11 +146,13 @@ def test_forward_overflow_is_reported_as_such(corpus_data_dir):
   assert history[0][1]['forward_overflow'] and final.forward_overflows == 2 and final.skipped_steps == 2
 
 
-def test_pure_float16_keeps_parameters_in_float16(corpus_data_dir):
+def test_pure_float16_keeps_parameters_and_moments_in_float16(corpus_data_dir):
   config = small_config(corpus_data_dir, steps=3)
   config.model.update(compute_dtype='float16', param_dtype='float16')
   history, final = run_steps(config, corpus_data_dir, 3)
   assert all(leaf.dtype == np.float16 for leaf in jax.tree.leaves(final.params))
+  adam = final.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+  assert all(leaf.dtype == np.float16 for leaf in jax.tree.leaves((adam.mu, adam.nu)))
   assert np.isfinite(history[-1][1]['loss'])
 
 
