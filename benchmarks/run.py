@@ -8,12 +8,15 @@ CPU sections: the dense matmul rate of this machine (MFU's denominator); train t
 dtype at d_model 512; the performance variants (remat policy, scan over layers) on the same config; compile time at
 4 vs 48 layers with and without scan; the input pipeline's rate; the stall from feeding steps through the pipeline
 and from asynchronous checkpointing. Each target of the issues is checked in `targets`.
+On Linux the CPU run re-executes itself once with perijax/hardware.py's CPU_GLIBC_TUNABLES (`--no_malloc_tuning`
+measures without them; they are recorded in the JSON's meta).
 GPU section: MFU of paper_400m (seq 2048) in bfloat16 and in float16 with dynamic loss scaling, against the accelerator
 table of perijax/hardware.py (the device's peak, not a measured rate).
 """
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -36,7 +39,7 @@ PLACEMENTS = ('pre', 'peri', 'post')
 VARIANTS = (('remat=none', {'remat': 'none'}), ('remat=full', {'remat': 'full'}),
             ('scan_layers=False', {'scan_layers': False}))
 SIZES = {
-    'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=5, rounds=6, placements=PLACEMENTS,
+    'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=3, rounds=12, placements=PLACEMENTS,
                  dtypes=('float32', 'bfloat16'), variants=VARIANTS, compile_d_model=128, compile_depths=(4, 48),
                  compile_scan=(True, False), matmul=1024, pipeline_s=5.0, stall_steps=60, checkpoint_every=30),
     'smoke': dict(d_model=32, layers=1, seq_len=32, batch=4, steps=2, rounds=1, placements=('pre', 'peri'),
@@ -180,6 +183,10 @@ def table(results):
   for r in results.get('train', []):
     label = f"train {r.get('placement', '400M')} {r['dtype']}"
     add(label, f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_s'] * 1e3:.1f} ms/step, MFU {r['mfu']:.1%}")
+  train = {(r.get('placement'), r['dtype']): r for r in results.get('train', [])}
+  if ('pre', 'float32') in train and ('peri', 'float32') in train:
+    median = lambda p: train[p, 'float32']['step_s_median']
+    add('Peri / Pre step time, median rounds (the target uses the fastest)', f"{median('peri') / median('pre'):.3f}")
   for r in results.get('variants', []):
     add(f"train pre float32, {r['variant']}", f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")
   for r in results.get('compile_s', []):
@@ -193,6 +200,13 @@ def table(results):
   return '\n'.join(lines)
 
 
+def restart_with_cpu_malloc_tuning(argv):
+  """Re-executes this script once with hardware.CPU_GLIBC_TUNABLES set (glibc reads them only at process start)."""
+  if platform.system() == 'Linux' and 'GLIBC_TUNABLES' not in os.environ:
+    env = dict(os.environ, GLIBC_TUNABLES=hardware.CPU_GLIBC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, str(pathlib.Path(__file__).resolve()), *argv], env)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--smoke', action='store_true', help='toy sizes: every section in seconds')
@@ -204,8 +218,12 @@ def main(argv=None):
   parser.add_argument('--remat', default='minimal', choices=('none', 'minimal', 'full'), help='GPU mode: remat')
   parser.add_argument('--attention_impl', default='auto', choices=('xla', 'cudnn', 'auto'), help='GPU mode')
   parser.add_argument('--data_dir', default='', help="TFDS data dir of the embedded corpus ('' = TFDS default)")
+  parser.add_argument('--no_malloc_tuning', action='store_true',
+                      help="CPU: run without perijax/hardware.py's CPU_GLIBC_TUNABLES (to measure what they bring)")
   parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results.json'), help='JSON output path')
   args = parser.parse_args(argv)
+  if not args.gpu and not args.no_malloc_tuning:
+    restart_with_cpu_malloc_tuning(sys.argv[1:] if argv is None else argv)
   if args.gpu and jax.default_backend() != 'gpu':
     raise SystemExit(f'benchmarks/run.py --gpu: no GPU here (backend {jax.default_backend()!r})')
   if args.data_dir and not pathlib.Path(args.data_dir).is_dir():
@@ -215,8 +233,9 @@ def main(argv=None):
   mode = 'gpu' if args.gpu else 'smoke' if args.smoke else 'full'
   results = gpu_sections(args, log) if args.gpu else cpu_sections(SIZES[mode], args.data_dir, log)
   results['meta'] = {'mode': mode, 'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-                     'devices_used': 1, 'cpu_count_visible': __import__('os').cpu_count(), 'jax': jax.__version__,
-                     'machine': platform.machine(), 'seconds': time.perf_counter() - start}
+                     'devices_used': 1, 'cpu_count_visible': os.cpu_count(), 'jax': jax.__version__,
+                     'machine': platform.machine(), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES'),
+                     'seconds': time.perf_counter() - start}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(results, indent=2) + '\n')

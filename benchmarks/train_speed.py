@@ -89,30 +89,33 @@ def trainer_for(config):
   return _TRAINERS[key]
 
 
-def speed_row(config, step_s, peak_flops=None):
+def speed_row(config, step_s, peak_flops=None, step_s_median=None):
   tokens = config.train.batch_size * config.train.seq_len
   flops = params_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens / step_s
   row = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'model_flops_per_s': flops}
+  if step_s_median is not None:
+    row['step_s_median'] = step_s_median
   if peak_flops:
     row.update(peak_flops=peak_flops, mfu=flops / peak_flops)
   return row
 
 
 def train_speeds(configs, steps, rounds=2, warmup=2, peak_flops=None):
-  """[{step_s, tokens_per_s, model_flops_per_s, mfu}] per config, on one device.
+  """[{step_s, step_s_median, tokens_per_s, model_flops_per_s, mfu}] per config, on one device.
 
-  The configs take turns for `rounds` rounds and each keeps its fastest round: on a machine shared with other work,
-  a slow patch then hits every config alike instead of whichever happened to run during it.
+  The configs take turns for `rounds` rounds of `steps` steps; step_s is each config's fastest round (figures derive
+  from it) and step_s_median its median round. Taking turns, a slow patch of a shared machine hits every config alike
+  instead of whichever happened to run during it.
   """
   trainers = [trainer_for(config) for config in configs]
   batches = [t.put(synthetic_batch(t.config)) for t in trainers]
   for trainer, batch in zip(trainers, batches):
     trainer.run(lambda b=batch: b, warmup)  # the first step compiles
-  best = [float('inf')] * len(configs)
+  times = [[] for _ in configs]
   for _ in range(rounds):
     for i, (trainer, batch) in enumerate(zip(trainers, batches)):
-      best[i] = min(best[i], trainer.run(lambda b=batch: b, steps))
-  return [speed_row(config, step_s, peak_flops) for config, step_s in zip(configs, best)]
+      times[i].append(trainer.run(lambda b=batch: b, steps))
+  return [speed_row(config, min(t), peak_flops, float(np.median(t))) for config, t in zip(configs, times)]
 
 
 def compile_time(config):

@@ -8,4 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup-venv
 .venv/bin/python -m perijax.data.corpus   # a no-op once prepared
+# glibc malloc tunables that stop XLA:CPU page-faulting its buffers in every step (perijax/hardware.py says why).
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-$(.venv/bin/python -c 'from perijax import hardware; print(hardware.CPU_GLIBC_TUNABLES)')}"
 exec .venv/bin/python -m perijax.demo --root=runs/demo "$@"

@@ -4,10 +4,13 @@ import argparse
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
 import pytest
+
+from perijax import hardware
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -28,6 +31,8 @@ def smoke(tmp_path_factory, corpus_data_dir):
 def test_smoke_writes_every_section(smoke):
   _, results = smoke
   assert results['meta']['mode'] == 'smoke'
+  if platform.system() == 'Linux':  # the CPU run restarts itself with the malloc tunables unless some are already set
+    assert results['meta']['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', hardware.CPU_GLIBC_TUNABLES)
   assert {'matmul_flops', 'train', 'compile_s', 'pipeline', 'pipeline_stall', 'checkpoint_stall',
           'targets'} <= set(results)
   assert {(r['placement'], r['dtype']) for r in results['train']} == {('pre', 'float32'), ('peri', 'float32')}
@@ -58,7 +63,7 @@ def test_smoke_figures_are_consistent(smoke):
 def test_smoke_prints_the_table(smoke):
   process, _ = smoke
   assert '| measurement | value |' in process.stdout
-  assert 'target peri_over_pre_step_time' in process.stdout
+  assert 'target peri_over_pre_step_time' in process.stdout and 'Peri / Pre step time, median rounds' in process.stdout
 
 
 def test_gpu_mode_refuses_without_a_gpu(tmp_path):
