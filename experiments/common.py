@@ -80,7 +80,7 @@ def make_setup(config_arg: str, config: ml_collections.ConfigDict, user_override
   fixed = {k: v for k, v in small_overrides.items() if small and k not in user_overrides}
   fixed.update(user_overrides)
   for field in fixed:
-    sweep.check_field(config, field)   # a typo in an experiment's SMALL is a clear error too
+    config_lib.check_field(config, field)   # a typo in an experiment's SMALL is a clear error too
   return Setup(config_arg, config, fixed, small)
 
 

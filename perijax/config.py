@@ -1,6 +1,12 @@
 """Checks a config before anything is built or compiled. The defaults and their meaning live in configs/default.py."""
 
+import difflib
+from typing import Any, List
+
+from absl import flags
 import ml_collections
+from ml_collections.config_flags import config_path
+from ml_collections.config_flags import tuple_parser
 
 from perijax.norms import NORM_KINDS
 from perijax.placement import PLACEMENTS
@@ -12,6 +18,14 @@ ATTENTION_IMPLS = ('xla', 'cudnn', 'auto', 'einsum')
 SCHEDULES = ('cosine', 'linear', 'constant')
 LOSS_SCALES = ('dynamic', 'none')
 TOKENIZERS = ('byte', 'sentencepiece')
+# How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
+_VALUE_PARSERS = {
+    bool: flags.BooleanParser(),
+    int: flags.IntegerParser(),
+    float: flags.FloatParser(),
+    str: flags.ArgumentParser(),
+    tuple: tuple_parser.TupleParser(),
+}
 
 
 class ConfigError(ValueError):
@@ -90,3 +104,45 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
   return config
+
+
+# ---- `--config.a.b=text` overrides: the one parser perijax.sweep and perijax.evaluate share -----------------------
+
+def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
+  """Every overridable field path of `config`, e.g. ['model.vocab_size', ..., 'model.norm.placement', ...]."""
+  paths = []
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      paths.extend(leaf_fields(value, path + '.'))
+    else:
+      paths.append(path)
+  return paths
+
+
+def check_field(config: ml_collections.ConfigDict, field: str) -> type:
+  """Returns the type of `field`, or raises ValueError naming the field and the closest existing ones."""
+  fields = leaf_fields(config)
+  if field not in fields:
+    scored = sorted(((difflib.SequenceMatcher(None, field, f).ratio(), f) for f in fields), reverse=True)
+    close = [f for ratio, f in scored[:3] if ratio >= 0.6 and ratio >= scored[0][0] - 0.1]
+    # A right leaf name under the wrong parent (e.g. 'norm.placement') is worth suggesting too.
+    close += [f for f in fields if f.endswith('.' + field.split('.')[-1]) and f not in close]
+    hint = f'; did you mean {" or ".join(close[:3])}?' if close else '; see configs/default.py for every field'
+    raise ValueError(f'config has no field {field!r}{hint}')
+  field_type = config_path.get_type(field, config)
+  return type(None) if field_type is None else field_type
+
+
+def parse_value(config: ml_collections.ConfigDict, field: str, text: str) -> Any:
+  """Parses `text` as the type of `field` in `config` (an int field takes '3', a float field '1e-3', a tuple field
+  '(1, 2)' or, for strings, 'a,b')."""
+  field_type = check_field(config, field)
+  if field_type is tuple and text.strip()[:1] not in ('(', '['):
+    return tuple(part.strip() for part in text.split(',') if part.strip())
+  parser = _VALUE_PARSERS.get(field_type, _VALUE_PARSERS[str])  # a None-valued field takes the string itself
+  try:
+    return parser.parse(text)
+  except (ValueError, TypeError, SyntaxError) as e:
+    raise ValueError(f'{field}={text!r}: not a valid {field_type.__name__} '
+                     f'(the config has {config_path.get_value(field, config)!r}): {e}') from None

@@ -13,7 +13,6 @@ devices: the stored `config.mesh` when it fits them, else pure data parallelism 
 parameters replicated), so a checkpoint written on a pod slice evaluates on one host.
 """
 
-import ast
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_flags import config_path
 import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
@@ -71,27 +71,6 @@ def load_run_config(workdir):
   return ml_collections.ConfigDict(_lists_to_tuples(stored))
 
 
-def _parse_value(text, old, name):
-  """`text` as the type of the field's current value `old` (a tuple also takes "a,b,c")."""
-  if isinstance(old, bool):
-    if text.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'--config.{name}={text}: expected true or false')
-    return text.lower() in ('true', '1')
-  if isinstance(old, (int, float)):
-    try:
-      return type(old)(text)
-    except ValueError as error:
-      raise ValueError(f'--config.{name}={text}: expected {type(old).__name__}') from error
-  if isinstance(old, tuple):
-    if text.strip()[:1] in ('(', '['):
-      try:
-        return _lists_to_tuples(list(ast.literal_eval(text)))
-      except (ValueError, SyntaxError) as error:
-        raise ValueError(f'--config.{name}={text}: not a Python tuple literal') from error
-    return tuple(part.strip() for part in text.split(',') if part.strip())
-  return text
-
-
 def apply_overrides(config, overrides):
   """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections."""
   for override in overrides:
@@ -103,13 +82,8 @@ def apply_overrides(config, overrides):
     if parts[0] not in OVERRIDABLE or len(parts) < 2:
       raise ValueError(f'--config.{name}: evaluation may only override config.{{{",".join(OVERRIDABLE)}}}.* '
                        '(the model and training fields come from the checkpoint\'s own config.json)')
-    section = config
-    for part in parts[:-1]:
-      section = section[part]
-    if parts[-1] not in section:
-      raise ValueError(f'--config.{name}: no such field; config.{".".join(parts[:-1])} has '
-                       f'{", ".join(sorted(section.keys()))}')
-    section[parts[-1]] = _parse_value(text, section[parts[-1]], name)
+    value = config_lib.parse_value(config, name, text)  # an unknown field or a bad value: one clear error
+    config_path.set_value(name, config, value)
   return config
 
 

@@ -13,7 +13,6 @@ Every swept field and value is checked against the loaded config before anything
 """
 
 import dataclasses
-import difflib
 import itertools
 import json
 import os
@@ -29,17 +28,11 @@ from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_flags
 from ml_collections.config_flags import config_path
-from ml_collections.config_flags import tuple_parser
+
+from perijax import config as config_lib
 
 SEED_FIELD = 'train.seed'
 STEPS_FIELD = 'train.steps'
-_VALUE_PARSERS = {
-    bool: flags.BooleanParser(),
-    int: flags.IntegerParser(),
-    float: flags.FloatParser(),
-    str: flags.ArgumentParser(),
-    tuple: tuple_parser.TupleParser(),
-}
 _UNSAFE_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
 
 # `run_command(argv, log_path) -> exit status`: the one place a sweep touches processes, so tests can replace it.
@@ -69,45 +62,6 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
   return config_flags.ConfigFileFlagParser(name='config', lock_config=False).parse(config_arg)
 
 
-def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
-  """Every overridable field path of `config`, e.g. ['model.vocab_size', ..., 'model.norm.placement', ...]."""
-  paths = []
-  for key, value in config.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, ml_collections.ConfigDict):
-      paths.extend(leaf_fields(value, path + '.'))
-    else:
-      paths.append(path)
-  return paths
-
-
-def check_field(config: ml_collections.ConfigDict, field: str) -> type:
-  """Returns the type of `field`, or raises ValueError naming the field and the closest existing ones."""
-  fields = leaf_fields(config)
-  if field not in fields:
-    scored = sorted(((difflib.SequenceMatcher(None, field, f).ratio(), f) for f in fields), reverse=True)
-    close = [f for ratio, f in scored[:3] if ratio >= 0.6 and ratio >= scored[0][0] - 0.1]
-    # A right leaf name under the wrong parent (e.g. 'norm.placement') is worth suggesting too.
-    close += [f for f in fields if f.endswith('.' + field.split('.')[-1]) and f not in close]
-    hint = f'; did you mean {" or ".join(close[:3])}?' if close else '; see configs/default.py for every field'
-    raise ValueError(f'config has no field {field!r}{hint}')
-  field_type = config_path.get_type(field, config)
-  return type(None) if field_type is None else field_type
-
-
-def parse_value(config: ml_collections.ConfigDict, field: str, text: str) -> Any:
-  """Parses `text` as the type of `field` in `config` (an int field takes '3', a float field takes '1e-3', ...)."""
-  field_type = check_field(config, field)
-  parser = _VALUE_PARSERS.get(field_type)
-  if parser is None:   # a None-valued or unusual field: take Python literals, else the string itself
-    parser = _VALUE_PARSERS[str]
-  try:
-    return parser.parse(text)
-  except (ValueError, TypeError, SyntaxError) as e:
-    raise ValueError(f'{field}={text!r}: not a valid {field_type.__name__} '
-                     f'(the config has {config_path.get_value(field, config)!r}): {e}') from None
-
-
 def split_values(text: str) -> List[str]:
   """Splits 'a,b,(c,d)' at commas outside brackets, so a tuple field can be swept too."""
   values, depth, current = [], 0, ''
@@ -134,14 +88,14 @@ def parse_sweep(config: ml_collections.ConfigDict, spec: str) -> Tuple[str, List
   raw_values = split_values(text)
   if not text.strip() or any(not v for v in raw_values):
     raise ValueError(f'--sweep={spec!r}: empty value in the list')
-  values = [parse_value(config, field, v) for v in raw_values]
+  values = [config_lib.parse_value(config, field, v) for v in raw_values]
   if len(set(map(repr, values))) != len(values):
     raise ValueError(f'--sweep={spec!r}: a value is repeated ({values})')
   return field, values
 
 
 def format_value(value: Any) -> str:
-  """A value as `--config.x=` and `parse_value` read it back: floats keep full precision, bools are true/false."""
+  """A value as `--config.x=` and `config.parse_value` read it back: floats keep full precision, bools are true/false."""
   if isinstance(value, bool):
     return 'true' if value else 'false'
   if isinstance(value, float):

@@ -64,3 +64,17 @@ def test_parameter_count_matches_the_formula():
   counts = params_lib.count_params(m)
   assert counts['embedding'] == v * d
   assert counts['non_embedding'] == layers * per_layer + d  # + the final norm
+
+
+def test_parse_value_reads_each_field_type_and_names_bad_input():
+  config = default.get_config()
+  assert config_lib.parse_value(config, 'optimizer.lr', '3e-3') == 3e-3
+  assert config_lib.parse_value(config, 'model.num_layers', '12') == 12
+  assert config_lib.parse_value(config, 'model.scan_layers', 'false') is False
+  assert config_lib.parse_value(config, 'model.norm.placement', 'peri') == 'peri'
+  assert config_lib.parse_value(config, 'eval.tasks', 'next_line, piqa') == ('next_line', 'piqa')
+  assert config_lib.parse_value(config, 'eval.tasks', "('piqa',)") == ('piqa',)
+  with pytest.raises(ValueError, match=r"model.num_layers='many': not a valid int"):
+    config_lib.parse_value(config, 'model.num_layers', 'many')
+  with pytest.raises(ValueError, match="config has no field 'model.placement'; did you mean .*model.norm.placement"):
+    config_lib.parse_value(config, 'model.placement', 'peri')

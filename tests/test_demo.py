@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from perijax import config as config_lib
 from perijax import demo
 from perijax import sweep
 
@@ -30,7 +31,7 @@ def in_process_command(calls):
       from perijax import train  # pylint: disable=g-import-not-at-top
       config = sweep.load_config(args.pop('config'))
       workdir = args.pop('workdir')
-      overrides = {k[len('config.'):]: sweep.parse_value(config, k[len('config.'):], v) for k, v in args.items()}
+      overrides = {k[len('config.'):]: config_lib.parse_value(config, k[len('config.'):], v) for k, v in args.items()}
       train.train(sweep.resolve(config, overrides), workdir)
     elif module == 'perijax.evaluate':
       from perijax import evaluate  # pylint: disable=g-import-not-at-top

@@ -254,9 +254,9 @@ def test_overrides_parse_as_the_field_types():
   assert config.eval.tasks == ('next_line', 'piqa')
   assert config.data.eval_max_batches == 3 and config.data.data_dir == '/somewhere'
   assert config.mesh.logical_axis_rules == (('batch', ('data', 'fsdp')),)
-  with pytest.raises(ValueError, match='no such field; config.eval has batch_size'):
+  with pytest.raises(ValueError, match="config has no field 'eval.taks'; did you mean eval.tasks"):
     eval_lib.apply_overrides(config, ['--config.eval.taks=piqa'])
-  with pytest.raises(ValueError, match='expected int'):
+  with pytest.raises(ValueError, match="eval.batch_size='many': not a valid int"):
     eval_lib.apply_overrides(config, ['--config.eval.batch_size=many'])
 
 
