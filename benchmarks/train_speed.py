@@ -124,8 +124,12 @@ def compile_time(config):
   return dryrun.compile_train_step(config, mesh)[3]
 
 
-def pipeline_stall(config, steps, warmup=2):
-  """Step time fed from the real grain pipeline vs from one pre-made batch; stall = pipeline / pre-made - 1."""
+def pipeline_stall(config, steps, warmup=2, rounds=4):
+  """Step time fed from the real grain pipeline vs from one pre-made batch; stall = pipeline / pre-made - 1.
+
+  The two take turns for `rounds` rounds of `steps` // `rounds` steps and each keeps its fastest round (as
+  `train_speeds` does), so a slow patch of a shared machine does not land on one side only.
+  """
   tokenizer = tokenizers.make_tokenizer(config.data)
   iterator = pipeline.make_train_iterator(config.data, tokenizer, batch_size=config.train.batch_size,
                                           seq_len=config.train.seq_len, seed=config.train.seed)
@@ -134,8 +138,10 @@ def pipeline_stall(config, steps, warmup=2):
     fed = lambda: trainer.put(next(iterator))
     trainer.run(fed, warmup)
     premade_batch = trainer.put(next(iterator))
-    premade = trainer.run(lambda: premade_batch, steps)
-    piped = trainer.run(fed, steps)
+    premade = piped = float('inf')
+    for _ in range(rounds):
+      premade = min(premade, trainer.run(lambda: premade_batch, max(steps // rounds, 1)))
+      piped = min(piped, trainer.run(fed, max(steps // rounds, 1)))
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
@@ -146,8 +152,8 @@ def checkpoint_stall(config, steps, every, warmup=2):
   """Step time with an asynchronous Orbax checkpoint every `every` steps vs none; stall = with / without - 1.
 
   The final wait for the last write is outside the timed window: this is the steady-state cost a run pays.
-  `save_call_s` is how long each `save` call held the host (copying the state off the device); the stall at another
-  interval is about save_call_s / (every x step_s).
+  `save_call_s` is how long each `save` call held the host once the steps queued before it had finished (copying the
+  state off the device); the stall at another interval is about save_call_s / (every x step_s).
   """
   trainer = trainer_for(config)
   batch = trainer.put(synthetic_batch(config))
@@ -156,6 +162,7 @@ def checkpoint_stall(config, steps, every, warmup=2):
   blocking = []
 
   def save(t, step):
+    jax.block_until_ready(t.state)  # the host runs ahead of the device: do not count the queued steps as the save
     start = time.perf_counter()
     checkpoint_lib.save(manager, step, t.state)
     blocking.append(time.perf_counter() - start)
