@@ -41,10 +41,12 @@ VARIANTS = (('remat=none', {'remat': 'none'}), ('remat=full', {'remat': 'full'})
 SIZES = {
     'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=3, rounds=12, placements=PLACEMENTS,
                  dtypes=('float32', 'bfloat16'), variants=VARIANTS, compile_d_model=128, compile_depths=(4, 48),
-                 compile_scan=(True, False), matmul=1024, pipeline_s=5.0, stall_steps=60, checkpoint_every=30),
+                 compile_scan=(True, False), matmul=1024, pipeline_s=5.0, stall_steps=60, checkpoint_every=30,
+                 checkpoint_rounds=4),
     'smoke': dict(d_model=32, layers=1, seq_len=32, batch=4, steps=2, rounds=1, placements=('pre', 'peri'),
                   dtypes=('float32',), variants=(), compile_d_model=32, compile_depths=(1, 2), compile_scan=(True,),
-                  matmul=128, pipeline_s=0.5, stall_steps=4, checkpoint_every=2),
+                  matmul=128, pipeline_s=0.5, stall_steps=4, checkpoint_every=2,
+                  checkpoint_rounds=2),
 }
 TARGETS = {  # name: (value key, comparison, threshold, source)
     'peri_over_pre_step_time': ('<=', 1.03, 'training issue / issue 7'),
@@ -111,7 +113,8 @@ def cpu_sections(sizes, data_dir, log):
   except (FileNotFoundError, ValueError, OSError) as e:  # the embedded corpus is not prepared on this machine
     results['pipeline'] = results['pipeline_stall'] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
     log(f'pipeline: skipped ({results["pipeline"]["error"]})')
-  results['checkpoint_stall'] = train_speed.checkpoint_stall(stall_config, s['stall_steps'], s['checkpoint_every'])
+  results['checkpoint_stall'] = train_speed.checkpoint_stall(stall_config, s['checkpoint_every'],
+                                                                s['checkpoint_rounds'])
   log(f"checkpoint every {s['checkpoint_every']} steps: stall {results['checkpoint_stall']['stall']:+.1%}")
   results['targets'] = check_targets(results, sizes)
   return results

@@ -148,31 +148,37 @@ def pipeline_stall(config, steps, warmup=2, rounds=4):
   return {'premade_step_s': premade, 'pipeline_step_s': piped, 'stall': piped / premade - 1}
 
 
-def checkpoint_stall(config, steps, every, warmup=2):
+def checkpoint_stall(config, every, rounds=4, warmup=2):
   """Step time with an asynchronous Orbax checkpoint every `every` steps vs none; stall = with / without - 1.
 
-  The final wait for the last write is outside the timed window: this is the steady-state cost a run pays.
-  `save_call_s` is how long each `save` call held the host once the steps queued before it had finished (copying the
-  state off the device); the stall at another interval is about save_call_s / (every x step_s).
+  Rounds of `every` steps take turns: one without a save, then one that starts with a save whose write runs beside
+  that round's steps (the steady state of saving every `every` steps); each side keeps its fastest round, and the
+  write is waited for outside the timed windows. `save_call_s` is how long each `save` call held the host once the
+  steps queued before it had finished (copying the state off the device).
   """
   trainer = trainer_for(config)
   batch = trainer.put(synthetic_batch(config))
   trainer.run(lambda: batch, warmup)
-  without = trainer.run(lambda: batch, steps)
+  without = with_saves = float('inf')
   blocking = []
 
-  def save(t, step):
+  def save_after_first_step(t, step, checkpoint_step):
+    if step != 1:
+      return
     jax.block_until_ready(t.state)  # the host runs ahead of the device: do not count the queued steps as the save
     start = time.perf_counter()
-    checkpoint_lib.save(manager, step, t.state)
+    checkpoint_lib.save(manager, checkpoint_step, t.state)
     blocking.append(time.perf_counter() - start)
 
   with tempfile.TemporaryDirectory() as workdir:
     checkpoint_config = config.checkpoint.copy_and_resolve_references()
     checkpoint_config.async_save = True
     manager = checkpoint_lib.make_manager(workdir, checkpoint_config)
-    with_saves = trainer.run(lambda: batch, steps, every=every, on_every=save)
-    manager.wait_until_finished()
+    for i in range(rounds):
+      without = min(without, trainer.run(lambda: batch, every))
+      save = functools.partial(save_after_first_step, checkpoint_step=i + 1)
+      with_saves = min(with_saves, trainer.run(lambda: batch, every, every=1, on_every=save))
+      manager.wait_until_finished()
     manager.close()
-  return {'no_checkpoint_step_s': without, 'checkpoint_step_s': with_saves, 'every': every,
+  return {'no_checkpoint_step_s': without, 'checkpoint_step_s': with_saves, 'every': every, 'rounds': rounds,
           'save_call_s': sum(blocking) / len(blocking), 'stall': with_saves / without - 1}
