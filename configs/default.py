@@ -25,6 +25,7 @@ def get_config():
   model.rope_theta = 10000.0        # RoPE base frequency
   model.init_std = 0.02             # std of the normal init of every weight matrix (not published for the paper)
   model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
+  model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
   model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash) | 'auto', or 'einsum'
                                     # (written out; the fastest gradient on CPU)

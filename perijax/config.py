@@ -64,7 +64,8 @@ def _get(config, field):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError naming the first bad field, its value and what is allowed. Returns the config unchanged."""
   m = config.model
-  for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.rope_theta',
+  for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
+                'model.rope_theta',
                 'model.init_std', 'model.norm.eps', 'train.steps', 'train.batch_size', 'train.seq_len',
                 'train.log_every', 'train.stats_every', 'train.spike_factor', 'train.spike_window',
                 'train.initial_loss_scale', 'train.loss_scale_growth_interval', 'optimizer.lr',

@@ -204,7 +204,7 @@ class Transformer(nn.Module):
       if cfg.scan_layers:  # one compiled layer body, looped `count` times: compile time does not grow with depth
         stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=count,
-                        metadata_params={nn.PARTITION_NAME: 'layers'})
+                        unroll=min(cfg.scan_unroll, count), metadata_params={nn.PARTITION_NAME: 'layers'})
         x, stats = stack(cfg, p, placement, collect_stats, name=f'layers_{group}')(x, positions, segment_ids)
         layer_stats.append(stats)
       else:

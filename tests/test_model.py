@@ -116,12 +116,12 @@ def test_peri_residual_variance_grows_linearly_with_depth_at_init():
   assert slope > 0 and r_squared > 0.99
 
 
-@pytest.mark.parametrize('placement', ['peri', 'mix'])
-def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement):
+@pytest.mark.parametrize('placement, unroll', [('peri', 1), ('mix', 1), ('peri', 3)])
+def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement, unroll):
   config = small_config(placement, num_layers=4)
   config.model.norm.mix_post_layers = 2
   loop_model, loop_params = init_params(config.model)
-  config.model.scan_layers = True
+  config.model.update(scan_layers=True, scan_unroll=unroll)  # 3 does not divide 4: a remainder iteration too
   scan_model, _ = init_params(config.model)
   # The scanned layout stacks each run of same-placement layers: layers_0 = layers 0..k-1, layers_1 = the rest.
   runs = model_lib.runs_of_equal(layer_placements(config.model.norm, 4))
