@@ -8,7 +8,7 @@ def get_config():
   # CPU choices (benchmarks/RESULTS.md): the written-out attention differentiates fastest, and recomputing the
   # elementwise work in the backward pass (remat 'minimal') beats storing and reloading it on two memory-bound cores.
   # Unrolling the 4-layer scan lets XLA:CPU read the saved activations in place instead of copying each layer's out
-  # of the stacked buffers (Peri/Pre step time 1.03-1.05 -> 1.00-1.02).
+  # of the stacked buffers, which Peri-LN's extra saved inputs paid for (benchmarks/RESULTS.md: `model.scan_unroll`).
   config.model.update(vocab_size=320, d_model=128, num_layers=4, num_heads=4, attention_impl='einsum',
                       remat='minimal', scan_unroll=4)
   config.train.update(steps=200, batch_size=16, seq_len=128, log_every=10, stats_every=50)
