@@ -91,9 +91,8 @@ def cpu_sections(sizes, data_dir, log):
   for dtype in s['dtypes']:
     results['matmul_flops'][dtype] = max(results['matmul_flops'][dtype], rate(dtype))
     log(f"matmul {dtype}: {results['matmul_flops'][dtype] / 1e9:.1f} GFLOP/s")
-  for row in results['train'] + results['variants']:
-    row.update(peak_flops=results['matmul_flops'][row['dtype']],
-               mfu=row['model_flops_per_s'] / results['matmul_flops'][row['dtype']])
+  for rows in (results['train'], results['variants']):
+    rows[:] = [train_speed.with_mfu(row, results['matmul_flops'][row['dtype']]) for row in rows]
   for r in results['train']:
     log(f"train {r['placement']} {r['dtype']}: {r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")
   for r in results['variants']:
@@ -117,7 +116,8 @@ def cpu_sections(sizes, data_dir, log):
   try:
     results['pipeline'] = data_pipeline.measure(stall_config, seconds=s['pipeline_s'])
     results['pipeline_stall'] = train_speed.pipeline_stall(stall_config, s['stall_steps'])
-    log(f"pipeline: {results['pipeline']['tokens_per_s']:,.0f} tokens/s; stall {results['pipeline_stall']['stall']:+.1%}")
+    log(f"pipeline: {results['pipeline']['tokens_per_s']:,.0f} tokens/s; "
+        f"stall {results['pipeline_stall']['stall']:+.1%}")
   except (FileNotFoundError, ValueError, OSError) as e:  # the embedded corpus is not prepared on this machine
     results['pipeline'] = results['pipeline_stall'] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
     log(f'pipeline: skipped ({results["pipeline"]["error"]})')

@@ -89,15 +89,18 @@ def trainer_for(config):
   return _TRAINERS[key]
 
 
+def with_mfu(row, peak_flops):
+  """The row with MFU against `peak_flops` added (the one place MFU is computed from a row)."""
+  return dict(row, peak_flops=peak_flops, mfu=row['model_flops_per_s'] / peak_flops)
+
+
 def speed_row(config, step_s, peak_flops=None, step_s_median=None):
   tokens = config.train.batch_size * config.train.seq_len
   flops = params_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens / step_s
   row = {'step_s': step_s, 'tokens_per_s': tokens / step_s, 'model_flops_per_s': flops}
   if step_s_median is not None:
     row['step_s_median'] = step_s_median
-  if peak_flops:
-    row.update(peak_flops=peak_flops, mfu=flops / peak_flops)
-  return row
+  return with_mfu(row, peak_flops) if peak_flops else row
 
 
 def train_speeds(configs, steps, rounds=2, warmup=2, peak_flops=None):

@@ -9,5 +9,6 @@ cd "$(dirname "$0")/.."
 bash .ci/setup-venv
 .venv/bin/python -m perijax.data.corpus   # a no-op once prepared
 # glibc malloc tunables that stop XLA:CPU page-faulting its buffers in every step (perijax/hardware.py says why).
-export GLIBC_TUNABLES="${GLIBC_TUNABLES:-$(.venv/bin/python -c 'from perijax import hardware; print(hardware.CPU_GLIBC_TUNABLES)')}"
+tunables=$(.venv/bin/python -c 'from perijax import hardware; print(hardware.CPU_GLIBC_TUNABLES)')
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-$tunables}"
 exec .venv/bin/python -m perijax.demo --root=runs/demo "$@"

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 # faults and ~12% of the CPU time per step at d_model 512, measured): these tunables keep them, in huge pages. glibc
 # reads them only at process start: benchmarks/run.py re-executes itself with them, experiments/demo.sh exports them,
 # and for your own CPU runs: export GLIBC_TUNABLES=<this>.
-CPU_GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296'
+CPU_GLIBC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:'
+                      'glibc.malloc.trim_threshold=4294967296')
 
 # name: (peak FLOP/s in bfloat16/float16, memory per device in bytes, HBM bandwidth bytes/s)
 ACCELERATORS = {

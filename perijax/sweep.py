@@ -95,7 +95,7 @@ def parse_sweep(config: ml_collections.ConfigDict, spec: str) -> Tuple[str, List
 
 
 def format_value(value: Any) -> str:
-  """A value as `--config.x=` and `config.parse_value` read it back: floats keep full precision, bools are true/false."""
+  """A value as `--config.x=` and `config.parse_value` read it back: floats keep full precision, bools true/false."""
   if isinstance(value, bool):
     return 'true' if value else 'false'
   if isinstance(value, float):

@@ -227,9 +227,9 @@ def test_grad_norms_match_numpy_per_layer_and_globally(scan_layers):
   global_norm, layer_norms = model_lib.grad_norms(grads)
 
   as_float64 = lambda tree: [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(tree)]
-  if scan_layers:
-    per_layer = [[leaf[i] for leaf in as_float64(grads['layers_0'])] for i in range(1)]
-    per_layer += [[leaf[i] for leaf in as_float64(grads['layers_1'])] for i in range(3)]
+  if scan_layers:  # each stack's leaves carry its layers on the leading axis
+    stacks = [as_float64(grads['layers_0']), as_float64(grads['layers_1'])]
+    per_layer = [[leaf[i] for leaf in stack] for stack in stacks for i in range(len(stack[0]))]
   else:
     per_layer = [as_float64(grads[f'layer_{i}']) for i in range(4)]
   expected_layers = [np.sqrt(sum(np.sum(leaf ** 2) for leaf in leaves)) for leaves in per_layer]
