@@ -8,12 +8,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-# glibc hands XLA:CPU's large per-step buffers back to the OS, and every step then page-faults them in again (80k
-# faults and ~12% of the CPU time per step at d_model 512, measured): these tunables keep them, in huge pages. glibc
-# reads them only at process start: benchmarks/run.py re-executes itself with them, experiments/demo.sh exports them,
-# and for your own CPU runs: export GLIBC_TUNABLES=<this>.
-CPU_GLIBC_TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:'
-                      'glibc.malloc.trim_threshold=4294967296')
+# XLA:CPU allocates each step's temporaries as one block (380 MB for Peri-LN at d_model 512), from whichever thread
+# runs the step. glibc serves a block that large from a thread with a fresh mmap, unmaps it when the step ends, and the
+# kernel zeroes every page again next step: 40-120 ms of system time per step, more for a larger block (Peri-LN's) and
+# whenever memory is fragmented, so Peri/Pre step time varied from 1.00 to 1.06 (benchmarks/RESULTS.md). These
+# tunables keep the block: one arena (the main heap, which can grow to any size), no mmapped chunks, and no trimming of
+# freed memory, so the next step reuses the same pages. glibc reads them only at process start: benchmarks/run.py
+# re-executes itself with them, experiments/demo.sh exports them, and for your own CPU runs:
+# export GLIBC_TUNABLES=<this>.
+CPU_GLIBC_TUNABLES = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296'
 
 # name: (peak FLOP/s in bfloat16/float16, memory per device in bytes, HBM bandwidth bytes/s)
 ACCELERATORS = {
