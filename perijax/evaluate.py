@@ -11,6 +11,9 @@ eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
   --watch    like --all, then waits for new checkpoints (every --poll_seconds) and stops once the checkpoint at
              config.train.steps is evaluated (training finished); an error if none appears for --timeout_seconds.
              It may start before training does: it waits (as long) for the workdir's tokenizer.json.
+Several processes (a model larger than one host's devices): the same command on every host, plus
+--coordinator_address/--num_processes/--process_id as for perijax.train (found automatically on TPU pods and SLURM);
+process 0 writes the results. --watch runs as one process.
 
 `--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
 tasks, how many batches, the mesh); the model and training fields are the checkpoint's own. Numbers:
@@ -31,9 +34,12 @@ import sys
 import time
 
 from absl import app, flags, logging
+import jax
+import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import eval_lib
+from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
 
 
@@ -47,6 +53,11 @@ def define_flags():
   flags.DEFINE_float('poll_seconds', 60.0, '--watch: seconds between looks for new checkpoints.')
   flags.DEFINE_float('timeout_seconds', 3600.0, '--watch: give up (error) when no new checkpoint has appeared for '
                      'this long.')
+  # A model too large for one host's devices: the same command on every host, as for perijax.train.
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on TPU pods and '
+                      'SLURM, where jax.distributed finds it).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
 
 
 class EvaluationError(ValueError):
@@ -109,12 +120,16 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   """Evaluates as the command line says; returns the results written, in step order. Raises on bad input."""
   if sum([step is not None, evaluate_all, watch]) > 1:
     raise EvaluationError('give at most one of --step, --all and --watch')
+  if watch and jax.process_count() > 1:
+    raise EvaluationError(f'--watch runs as one process (here {jax.process_count()}): it follows a training run as it '
+                          'writes; evaluate with several processes by --step or --all')
   if watch:
     wait_for_run(workdir, poll_seconds, timeout_seconds)
   config = prepare(workdir, overrides)
   steps = list_checkpoints(workdir)
   if not watch:
-    chosen = choose_steps(workdir, steps, step, evaluate_all)
+    # Every process checks the request; all then evaluate process 0's choice, whatever each saw on disk.
+    chosen = from_process_0(choose_steps(workdir, steps, step, evaluate_all))
     if not chosen:
       log(f'every checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is already evaluated '
           f'(steps {", ".join(map(str, steps))}); nothing to do')
@@ -126,6 +141,17 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
       evaluator.check_checkpoint(chosen_step)
     return [evaluate_and_write(evaluator, chosen_step) for chosen_step in chosen]
   return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
+
+
+def from_process_0(steps):
+  """Process 0's list of steps, on every process (the list itself where there is one process)."""
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  padded = np.zeros(count, np.int64)
+  padded[:len(steps[:count])] = steps[:count]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
 
 
 def wait_for_run(workdir, poll_seconds, timeout_seconds):
@@ -198,6 +224,7 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   sys.unraisablehook = _drop_abandoned_reads
   try:
+    sharding_lib.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
     run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=_OVERRIDES,
         poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
   except (ValueError, FileNotFoundError) as error:  # CheckpointError, ConfigError, ShardingError are ValueErrors

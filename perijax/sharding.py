@@ -6,6 +6,7 @@ compiled, that every sharded dimension divides evenly.
 """
 
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,15 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 
 class ShardingError(ValueError):
   """The mesh, batch or a parameter shape cannot be laid out as the config asks."""
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed for several processes: explicit flags, or automatic on TPU pods and SLURM jobs."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs: collectives across processes
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
 
 
 def mesh_shape(mesh_config, device_count):

@@ -35,15 +35,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """jax.distributed for several processes: explicit flags, or automatic on TPU pods and SLURM jobs."""
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs: collectives across processes
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):
-    jax.distributed.initialize()
-
-
 def make_data_iterator(config, tokenizer, micro_batch):
   """This process's share of each global batch, as a checkpointable grain iterator."""
   kwargs = dict(seq_len=config.train.seq_len, seed=config.train.seed)
@@ -200,7 +191,7 @@ def train(config, workdir, devices=None):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
-  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   train(_CONFIG.value, _WORKDIR.value)

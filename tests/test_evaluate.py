@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -284,3 +285,28 @@ def test_checkpoint_from_8_devices_evaluates_on_1_and_on_another_split(workdir):
     assert results[name][1]['loss'] == pytest.approx(results['eight'][1]['loss'], rel=1e-5)
     assert results[name][1]['tokens'] == results['eight'][1]['tokens']
     assert results[name][1]['tasks'] == results['eight'][1]['tasks']
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(workdir, tmp_path):
+  """The same checkpoint over the whole eval split: one process with 8 devices, then two with 4 each (127.0.0.1)."""
+  single = tmp_path / 'single'
+  shutil.copytree(workdir, single)
+  argv = [f'--step={STEPS}', '--config.data.eval_max_batches=0']
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  subprocess.run([sys.executable, '-m', 'perijax.evaluate', f'--workdir={single}', *argv], cwd=REPO, check=True,
+                 capture_output=True, timeout=300, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen([sys.executable, '-m', 'perijax.evaluate', f'--workdir={workdir}', *argv,
+                                 f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0].decode() for p in processes]
+  assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+  one, two = (json.loads((w / 'eval' / f'step_{STEPS}.json').read_text()) for w in (single, workdir))
+  assert two['loss'] == pytest.approx(one['loss'], rel=1e-5)
+  assert two['tokens'] == one['tokens'] and two['tasks'] == one['tasks']
+  assert one['mesh'].endswith('data 8 x fsdp 1 x tensor 1') and two['mesh'] == one['mesh']
