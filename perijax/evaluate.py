@@ -53,11 +53,7 @@ def define_flags():
   flags.DEFINE_float('poll_seconds', 60.0, '--watch: seconds between looks for new checkpoints.')
   flags.DEFINE_float('timeout_seconds', 3600.0, '--watch: give up (error) when no new checkpoint has appeared for '
                      'this long.')
-  # A model too large for one host's devices: the same command on every host, as for perijax.train.
-  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on TPU pods and '
-                      'SLURM, where jax.distributed finds it).')
-  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-  flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+  sharding_lib.define_distributed_flags()  # a model too large for one host's devices: as for perijax.train
 
 
 class EvaluationError(ValueError):
@@ -149,9 +145,8 @@ def from_process_0(steps):
     return steps
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
-  padded = np.zeros(count, np.int64)
-  padded[:len(steps[:count])] = steps[:count]
-  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+  chosen = np.array(steps, np.int64) if jax.process_index() == 0 else np.zeros(count, np.int64)  # same shape on all
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(chosen)]
 
 
 def wait_for_run(workdir, poll_seconds, timeout_seconds):

