@@ -23,7 +23,7 @@ def get_config():
   model.mlp_activation = 'swiglu'   # 'swiglu' (gated SiLU, Llama) or 'gelu' (GPT-2)
   model.tie_embeddings = True       # LM head shares the token embedding matrix
   model.rope_theta = 10000.0        # RoPE base frequency
-  model.init_std = 0.02             # std of the normal init of every weight matrix (not published for the paper)
+  model.init_std = 0.02             # std of the normal init of every weight matrix (the paper's is not known)
   model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
@@ -36,10 +36,10 @@ def get_config():
   model.loss_in_float32 = True      # compute logits' log-softmax and the loss in float32
 
   norm = model.norm = ml_collections.ConfigDict()
-  norm.placement = 'pre'            # 'post' | 'pre' | 'peri' | 'pre_post' | 'output' | 'mix' | 'none' (PAPER.md table)
+  norm.placement = 'pre'            # 'post' | 'pre' | 'peri' | 'pre_post' | 'output' | 'mix' | 'none' (docs/paper.md)
   norm.kind = 'rmsnorm'             # 'layernorm' | 'rmsnorm'
   norm.eps = 1e-6                   # added to the variance inside the norm
-  norm.qk_norm = False              # RMS-normalize queries and keys per head before RoPE (OLMo 2)
+  norm.qk_norm = False              # RMSNorm each head's q and k before RoPE, one [head_dim] scale (Qwen3/Gemma 3 form)
   norm.embed_norm = False           # normalize the embedding output before the first layer (Peri-LN's optional norm)
   norm.mix_post_layers = 1          # placement 'mix': the first this-many layers are Post-LN, the rest Pre-LN
 

@@ -1,9 +1,11 @@
-"""What the three paper-scale configs share (PAPER.md "Training setup"); each size file sets only the shape.
+"""What the three paper-scale configs share; each size file sets only the shape. Sources: docs/paper.md, section 4.
 
-Known from the paper: float16 training with Pre-/Peri-LN, a peak lr around 2e-3, tiktoken cl100k_base (~100k tokens).
-Not published, so chosen here and documented: sequence 2048, global batch 256 x 2048 = 0.5M tokens, 30B tokens
-(57,220 steps), warmup 2,000 steps then cosine to 10%, AdamW(0.9, 0.95), weight decay 0.1, init std 0.02, SwiGLU,
-RMSNorm. Data: a prepared TFDS text dataset (C4 here; DCLM is not in TFDS) with a SentencePiece tokenizer of ~100k
+From the paper: 30B tokens per run, the tiktoken cl100k_base tokenizer (~100k tokens), Pre- against Peri-LN, float16
+results. Secondary source: a peak lr around 2e-3. Chosen here (not known from the paper): float16 compute with float32
+master weights and dynamic loss scaling, sequence 2048, global batch 256 x 2048 = 0.5M tokens (57,220 steps = 30B
+tokens), warmup 2,000 steps then cosine to 10%, AdamW(0.9, 0.95), weight decay 0.1, init std 0.02 for every matrix
+(Megatron's default would also scale the output projections by 1/sqrt(2 * num_layers)), SwiGLU, RMSNorm. Data: a
+prepared TFDS text dataset (C4 here; the paper's DCLM-baseline is not in TFDS) with a SentencePiece tokenizer of ~100k
 pieces given by path: --config.data.tokenizer_path=/gcs/BUCKET/spm100k.model.
 """
 

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `python experiments/x.py` as well as `python -m experiments.x`
+if REPO not in sys.path:  # `python experiments/<name>.py` as well as `python -m experiments.x`
   sys.path.insert(0, REPO)
 
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -151,7 +151,7 @@ def by_group(runs: Sequence[sweep.Run], records: Sequence[inspect_lib.RunRecord]
 # ---- the model at initialization -------------------------------------------------------------------------------
 
 def scale_output_projections(params, scale):
-  """Multiplies every sub-layer's output projection (attention `out`, MLP `down`) by `scale` (PAPER.md claim 1's
+  """Multiplies every sub-layer's output projection (attention `out`, MLP `down`) by `scale` (docs/paper.md claim 1's
   direct test: Pre-LN's variance increment should scale by scale², Peri-LN's should not move)."""
   def scaled(path, leaf):
     keys = [getattr(p, 'key', None) for p in path]

@@ -1,4 +1,4 @@
-r"""PAPER.md claims 2 and 3: in float16, Pre-LN's hidden states approach and pass 65504 and its training spikes and
+r"""docs/paper.md claims 2 and 3: in float16, Pre-LN's hidden states approach and pass 65504 and its training spikes and
 diverges more often as the learning rate and depth rise; Peri-LN stays far inside float16 and trains smoothly.
 
     python -m experiments.fp16_stability                         # small scale: 2 lrs × 2 depths × pre/peri × 3 seeds

@@ -1,4 +1,4 @@
-r"""PAPER.md claim 4: per-layer gradient norms are ordered Post-LN > Pre-LN > Peri-LN, and flatter across depth for
+r"""docs/paper.md claim 4: per-layer gradient norms are ordered Post-LN > Pre-LN > Peri-LN, and flatter across depth for
 Peri-LN.
 
     python -m experiments.grad_norms                               # small scale: post/pre/peri × 2 seeds, ~5 min
@@ -7,8 +7,9 @@ Peri-LN.
 Each run logs the L2 norm of each layer's raw gradient (before clipping; `layer_grad_norm` in metrics.jsonl) every
 train.log_every steps. Per placement: the per-layer profile averaged over logged steps and then over seeds; its level
 (mean over layers), its spread across depth (max/min over layers, and the coefficient of variation std/mean), both for
-the whole run and for the first third of it (where the paper's curves differ most). The claim holds at this scale
-when the levels are ordered post > pre > peri and peri's coefficient of variation is the smallest.
+the whole run and for the first third of it (early training, where perijax expects the placements to differ most).
+The claim holds at this scale when the levels are ordered post > pre > peri and peri's coefficient of variation is
+the smallest.
 Writes results/grad_norms.json and results/grad_norms.png.
 """
 

@@ -1,5 +1,5 @@
 r"""`pre_post` (a widely read summary's drawing, x <- N_out(x + F(N_in(x)))) against `peri` (the paper's Eq. 3,
-x <- x + N_out(F(N_in(x)))): PAPER.md says they are different architectures. This shows how they differ.
+x <- x + N_out(F(N_in(x)))): docs/paper.md says why they are different architectures. This shows how they differ.
 
     python -m experiments.pre_post_vs_peri                         # small scale: peri/pre_post × 2 seeds, ~5 min
     python -m experiments.pre_post_vs_peri --config=configs/paper_400m.py --print     # paper scale, for a scheduler

@@ -1,5 +1,5 @@
-r"""PAPER.md claim 1, the variance law: Peri-LN's residual variance grows linearly with depth and ignores the scale of
-F's weights; Pre-LN's follows F's weights and can grow by orders of magnitude during training.
+r"""Claim 1 of docs/paper.md, the variance law: Peri-LN's residual variance grows linearly with depth and ignores the
+scale of F's weights; Pre-LN's follows F's weights and can grow by orders of magnitude during training.
 
     python -m experiments.variance_law                               # small scale (configs/tiny.py + SMALL), ~5 min
     python -m experiments.variance_law --config=configs/paper_400m.py --print   # paper scale, for a scheduler

@@ -103,7 +103,7 @@ class Attention(nn.Module):
     q = unflatten(projection((d, heads, dim), 'md,dnh->mnh', ('embed', 'heads', 'head_dim'), 'query')(tokens))
     k = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'key')(tokens))
     v = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'value')(tokens))
-    if cfg.norm.qk_norm:  # RMSNorm per head before RoPE (OLMo 2), whatever the block's norm kind
+    if cfg.norm.qk_norm:  # per head before RoPE, one [head_dim] scale for all heads (Qwen3/Gemma 3; OLMo 2: whole q/k)
       qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim')
       q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)

@@ -26,7 +26,10 @@ def abstract_params(model_config):
 
 
 def count_params(model_config):
-  """{'total', 'embedding', 'non_embedding'}; the untied LM head counts as embedding (as in the paper's sizes)."""
+  """{'total', 'embedding', 'non_embedding'}.
+
+  The untied LM head counts as embedding: perijax's reading of the paper's "non-embedding" sizes.
+  """
   params = nn.unbox(abstract_params(model_config))
   sizes = {'/'.join(str(k.key) for k in path): math.prod(leaf.shape)
            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}

@@ -1,4 +1,4 @@
-"""Where the normalization layers go: PAPER.md's placement table, and nothing else.
+"""Where the normalization layers go: the placement table of docs/paper.md, and nothing else.
 
 `x` is the residual stream entering a sub-layer, `F` the sub-layer (attention or MLP), `N(name)` makes a fresh
 learnable norm. Every other file is placement-agnostic: it asks this module what to do.

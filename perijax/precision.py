@@ -1,7 +1,7 @@
 """The dtype policy: where each kind of number lives. One place, read from `config.model`.
 
-Parameters are stored in `param_dtype` (float32 master weights by default; float16 for the "pure float16" V100 setting of
-the paper), matmuls and activations run in `compute_dtype`, and the three numerically delicate reductions — norm
+Parameters are stored in `param_dtype` (float32 master weights by default; float16 for a "pure float16" run, optimizer
+state included), matmuls and activations run in `compute_dtype`, and the three numerically delicate reductions — norm
 statistics, the attention softmax and the loss — run in float32 unless the config says otherwise, so an experiment can
 show what pure float16 does.
 """

@@ -54,7 +54,11 @@ def mesh_shape(mesh_config, device_count):
 
 
 def make_mesh(mesh_config, devices=None):
-  """A mesh over all devices of all processes. Auto axes: Flax's logical partitioning is GSPMD-style (STACK.md)."""
+  """A mesh over all devices of all processes.
+
+  Auto axes, not jax.make_mesh's default Explicit ones: Flax's logical partitioning is GSPMD-style, and with Explicit
+  axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded").
+  """
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),

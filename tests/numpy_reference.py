@@ -1,4 +1,4 @@
-"""An independent float64 NumPy implementation of the perijax Transformer, written from PAPER.md's formulas.
+"""An independent float64 NumPy implementation of the perijax Transformer, written from docs/paper.md's formulas.
 
 It shares no code with perijax: it reads the parameter tree (non-scanned layout) and recomputes the forward pass.
 """
@@ -39,7 +39,7 @@ def mlp(x, p):
   return (gate / (1 + np.exp(-gate)) * (x @ p['up']['kernel'])) @ p['down']['kernel']
 
 
-# PAPER.md's table, written out again: (x, F, N_in, N_out) -> new x.
+# docs/paper.md's placement table, written out again: (x, F, N_in, N_out) -> new x.
 FORMULAS = {
     'post': lambda x, F, n: n('norm')(x + F(x)),
     'pre': lambda x, F, n: x + F(n('norm')(x)),

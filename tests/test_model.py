@@ -1,4 +1,4 @@
-"""The model against PAPER.md: every placement's formula, causality, the variance law, scan == loop, statistics."""
+"""The model against docs/paper.md: every placement's formula, causality, the variance law, scan == loop, statistics."""
 
 import flax.linen as nn
 import jax

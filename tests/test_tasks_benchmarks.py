@@ -31,7 +31,7 @@ def configs(tmp_path, **eval_fields):
   return eval_config, data_config
 
 
-# ---- prompt formats: one hand-written document each, strings from EVAL.md / the lm-eval YAMLs ----------------------
+# ---- prompt formats: one hand-written document each, strings from the lm-eval YAMLs (docs/evaluation.md) -----------
 
 def test_arc_prompt_and_gold_from_answer_key():
   doc = {'id': b'Mercury_1', 'question': b'Which of these is a gas at room temperature?',
