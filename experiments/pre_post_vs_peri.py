@@ -116,7 +116,7 @@ def main(argv):
   print(f'toy example: {data["toy_example"]}')
   for row in init_rows:
     print(f'at init {row["placement"]:>8}: residual var {np.round(row["residual_var"], 3).tolist()} '
-          f'({row["fit"]["better"]})')
+          f'({row["fit"]["verdict"]})')
   for row in rows:
     print(f'trained {row["placement"]:>8}: final loss {inspect_lib.format_mean_std(row["final_loss"])}, eval loss '
           f'{inspect_lib.format_mean_std(row["eval_loss"])}, diverged {row["diverged"]}/{row["n_seeds"]}, final '

@@ -98,7 +98,7 @@ def verdict(scale_rows, training_rows):
   for row in training_rows:
     trained.setdefault(row['placement'], []).append(row)
   if 'peri' in trained:
-    checks['peri_linear_at_every_stats_step'] = all(fit['better'] == 'linear' for row in trained['peri']
+    checks['peri_linear_at_every_stats_step'] = all(fit['verdict'] == 'linear' for row in trained['peri']
                                                     for fit in row['fits'])
   if 'pre' in trained and 'peri' in trained:
     growth_of = {p: float(np.median([r['max_growth_over_training'] or np.inf for r in rows]))
@@ -162,6 +162,13 @@ def main(argv):
   print('wrote', common.write_json(FLAGS.results, NAME, data))
 
 
+def fit_text(fit):
+  """The verdict and each law's ΔAIC to the best (perijax/growth.py)."""
+  if not fit['laws']:
+    return f'{fit["verdict"]} ({fit["note"]})'
+  return f'{fit["verdict"]} (ΔAIC ' + ', '.join(f'{law} {f["delta_aic"]:.1f}' for law, f in fit['laws'].items()) + ')'
+
+
 def report(data):
   lines = ['at init: mean variance increment per sub-layer relative to s=1 (Pre-LN expected s², Peri-LN 1)']
   for row in data['scale_test']:
@@ -171,13 +178,10 @@ def report(data):
   lines.append('at init: growth law of residual variance with depth')
   for row in data['init']:
     fit = row['fit']
-    lines.append(f'  {row["placement"]:>8}: {fit["better"]} (lin R² {fit["linear_r2"]:.3f}, '
-                 f'exp R² {fit["exp_r2"]:.3f})'
-                 f', Var L / Var 1 = {fit["growth_ratio"]:.3g}')
+    lines.append(f'  {row["placement"]:>8}: {fit_text(fit)}, Var L / Var 1 = {fit["growth_ratio"]:.3g}')
   lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
   for row in data['training']:
-    lines.append(f'  {row["run"]}: first {row["fit_first"]["better"]}, last {row["fit_last"]["better"]} '
-                 f'(lin R² {row["fit_last"]["linear_r2"]:.3f}, exp R² {row["fit_last"]["exp_r2"]:.3f}), '
+    lines.append(f'  {row["run"]}: first {row["fit_first"]["verdict"]}, last {fit_text(row["fit_last"])}, '
                  f'max growth {row["max_growth_over_training"]:.3g}x, final loss {row["final_loss"]:.4g}')
   lines.append(f'checks: {data["checks"]}')
   return '\n'.join(lines)

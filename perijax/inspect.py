@@ -7,7 +7,8 @@ grid order, then any other workdir under it, e.g. an earlier grid's). Printed, i
   1. per quantity (residual variance, max |x|, float16 headroom = max |x| / 65504), a table layer by run at the chosen
      steps: by default each run's first and last step with per-layer stats; with --steps, for each requested step the
      last stats step at or before it (a run that ended early shows its last);
-  2. per run and chosen step, the fit of residual variance against depth (perijax/growth.py: linear vs exponential);
+  2. per run and chosen step, the growth law of residual variance with depth (perijax/growth.py: linear, power or
+     exponential, compared by AIC, else inconclusive), then per configuration the same across its seeds;
   3. Table 1: runs that differ only in `train.seed` are grouped; each column is mean ± sample std (ddof=1) over the
      seeds whose value is finite (`*` marks a column where some seed's value was not finite), with n_seeds and
      `diverged k/n`.
@@ -223,7 +224,7 @@ def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
 
 
 def growth_fits(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
-  """The growth-law fit of residual variance against layer index at each chosen step (PAPER.md claim 1)."""
+  """The growth-law fits of residual variance against layer index at each chosen step (docs/paper.md, claim 1)."""
   fits = []
   for line in chosen_stats(run, steps):
     if line is not None:
@@ -232,15 +233,38 @@ def growth_fits(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[D
   return fits
 
 
+def group_growth_fits(members: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+  """The same fits across the seeds of one configuration ([seeds, layers]: the law of the per-layer geometric mean,
+  intervals over seeds), at each chosen step where every seed has stats with the same number of layers."""
+  fits = []
+  for lines in zip(*[chosen_stats(run, steps) for run in members]):
+    if all(line is not None for line in lines) and len({len(line['residual_var']) for line in lines}) == 1:
+      variance = [[math.nan if v is None else v for v in line['residual_var']] for line in lines]
+      fits.append({'steps': [line['step'] for line in lines], **growth.fit_growth(variance).to_dict()})
+  return fits
+
+
+def _growth_row(name: str, step: str, fit: Dict[str, Any]) -> List[str]:
+  laws = fit['laws']
+  if not laws:
+    return [name, step, str(fit['num_layers']), f'- ({fit["note"]})'] + ['-'] * 7
+  verdict = fit['verdict'] if fit['verdict'] != 'inconclusive' else f'inconclusive ({", ".join(fit["contenders"])})'
+  lin, power, exp = ({k: format_number(v) for k, v in laws[law]['params'].items()} for law in growth.LAWS)
+  return ([name, step, str(fit['num_layers']), verdict] + [f'{laws[law]["delta_aic"]:.1f}' for law in growth.LAWS]
+          + [f'{lin["a"]} + {lin["b"]}·l', f'{power["a"]}·l^{power["p"]}', f'{exp["a"]}·e^({exp["r"]}·l)',
+             format_number(fit['growth_ratio'])])
+
+
 def growth_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
-  headers = ['run', 'step', 'layers', 'lin slope', 'lin R²', 'exp rate', 'exp R²', 'better', 'Var L/Var 1']
-  rows = []
-  for run in runs:
-    for fit in growth_fits(run, steps):
-      rows.append([run.name, fit['step'], fit['num_layers'], format_number(fit['linear_slope']),
-                   f'{fit["linear_r2"]:.4f}', format_number(fit['exp_rate']), f'{fit["exp_r2"]:.4f}',
-                   fit['better'] or f'- ({fit["note"]})', format_number(fit['growth_ratio'])])
-  return format_table([headers], rows)
+  """One row per run and chosen step, then one per configuration with several seeds (fitted together)."""
+  headers = ['run', 'step', 'layers', 'verdict', 'ΔAIC lin', 'ΔAIC pow', 'ΔAIC exp', 'linear', 'power',
+             'exponential', 'Var L/Var 1']
+  rows = [_growth_row(run.name, str(fit['step']), fit) for run in runs for fit in growth_fits(run, steps)]
+  for label, members in group_runs(runs):
+    if len(members) > 1:
+      rows += [_growth_row(f'{label} ({len(members)} seeds)', '/'.join(map(str, sorted(set(fit['steps'])))), fit)
+               for fit in group_growth_fits(members, steps)]
+  return format_table([headers], rows, keep=2)
 
 
 # ---- per-run summary and Table 1 ---------------------------------------------------------------------------------
@@ -398,7 +422,8 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
   rows = aggregate(group_runs(runs))
   text = '\n'.join([
       'Per-layer statistics of the residual stream', layer_tables(runs, steps),
-      '\nGrowth of residual variance with depth (R² in the variance domain; see perijax/growth.py)',
+      '\nGrowth of residual variance with depth: laws fitted in log space, ΔAIC to the best; a law wins by ΔAIC >= '
+      f'{growth.MARGIN:g} (see perijax/growth.py)',
       growth_table(runs, steps), table1(rows)])
   data = {
       'runs': [{**summarize_run(run),
@@ -406,6 +431,9 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
                 'layer_stats': [line and {k: v for k, v in line.items() if k == 'step' or isinstance(v, list)}
                                 for line in chosen_stats(run, steps)],
                 'growth': growth_fits(run, steps)} for run in runs],
+      'growth_groups': [{'group': label, 'runs': [run.name for run in members],
+                         'fits': group_growth_fits(members, steps)}
+                        for label, members in group_runs(runs) if len(members) > 1],
       'table1': rows,
   }
   return text, data

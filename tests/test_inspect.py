@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -124,13 +125,48 @@ def test_requested_steps_use_the_last_stats_at_or_before_each(runs):
 def test_growth_fit_per_run_matches_the_pure_fit(runs):
   fits = perijax_inspect.growth_fits(runs[0])
   assert [f['step'] for f in fits] == [0, 40]
-  reference = growth.fit_growth(residual_var('pre', 40))
-  assert fits[1]['exp_rate'] == pytest.approx(0.7) == pytest.approx(reference.exp_rate)
-  assert fits[1]['better'] == 'exponential'
+  reference = growth.fit_growth(residual_var('pre', 40)).to_dict()
+  assert fits[1] == {'step': 40, **reference}
+  assert fits[1]['verdict'] == 'exponential'
+  assert fits[1]['laws']['exponential']['params'] == pytest.approx({'a': 0.1, 'r': 0.7})
   peri_fit = perijax_inspect.growth_fits(runs[3])[1]
-  assert peri_fit['better'] == 'linear' and peri_fit['linear_slope'] == pytest.approx(0.5)
-  table = perijax_inspect.growth_table(runs[:1])
-  assert 'exponential' in table and '0.7' in table
+  assert peri_fit['verdict'] == 'linear' and peri_fit['laws']['linear']['params'] == pytest.approx({'a': 1, 'b': 0.5})
+
+
+def test_growth_fit_across_seeds_uses_every_seed_of_a_configuration(runs):
+  fits = perijax_inspect.group_growth_fits(runs[3:])   # peri, seeds 0-2
+  assert [f['steps'] for f in fits] == [[0, 0, 0], [40, 40, 40]]
+  reference = growth.fit_growth([residual_var('peri', 40)] * 3).to_dict()
+  assert fits[1] == {'steps': [40, 40, 40], **reference} and reference['num_seeds'] == 3
+
+
+def table_cells(table):
+  """{(run, step): {header: cell}} of a table cut into blocks that each repeat the run and step columns."""
+  cells = {}
+  for block in table.split('\n\n'):
+    header, _, *rows = block.splitlines()
+    names = re.split(r'\s{2,}', header.strip())
+    for row in rows:
+      values = re.split(r'\s{2,}', row.strip())
+      cells.setdefault(tuple(values[:2]), {}).update(zip(names[2:], values[2:]))
+  return cells
+
+
+def test_growth_table_shows_each_law_its_delta_aic_and_the_verdict(runs):
+  cells = table_cells(perijax_inspect.growth_table(runs[:1] + runs[3:]))
+  pre_last = cells['placement=pre,seed=0', '40']
+  fit = growth.fit_growth(residual_var('pre', 40))
+  assert pre_last['verdict'] == 'exponential' and pre_last['ΔAIC exp'] == '0.0'
+  assert float(pre_last['ΔAIC lin']) == pytest.approx(fit.laws['linear'].delta_aic, abs=0.06)
+  assert float(pre_last['ΔAIC pow']) == pytest.approx(fit.laws['power'].delta_aic, abs=0.06)
+  assert pre_last['exponential'] == '0.1·e^(0.7·l)'
+  assert float(pre_last['Var L/Var 1']) == pytest.approx(math.exp(0.7 * 3), rel=1e-3)
+  peri_seeds = cells['placement=peri (3 seeds)', '40']
+  assert peri_seeds['verdict'] == 'linear' and peri_seeds['linear'] == '1 + 0.5·l' and peri_seeds['layers'] == '4'
+  tied = perijax_inspect._growth_row('flat', '0', growth.fit_growth([2.0] * 4).to_dict())
+  assert tied[3] == 'inconclusive (linear, power, exponential)'
+  unfit = perijax_inspect._growth_row('diverged', '0', growth.fit_growth([1.0, math.inf, 2.0]).to_dict())
+  assert unfit[3] == '- (1 non-finite value(s) (overflow or divergence); no fit)'
 
 
 def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
@@ -216,6 +252,8 @@ def test_cli_prints_tables_and_writes_json(sweep_root, tmp_path):
   assert 'Table 1 (quality)' in result.stdout and 'Growth of residual variance' in result.stdout
   data = json.loads(out.read_text())
   assert [r['name'] for r in data['runs']][:2] == ['placement=pre,seed=0', 'placement=pre,seed=1']
-  assert data['runs'][0]['growth'][1]['exp_rate'] == pytest.approx(0.7)
+  assert data['runs'][0]['growth'][1]['laws']['exponential']['params']['r'] == pytest.approx(0.7)
+  assert [(g['group'], g['fits'][1]['verdict']) for g in data['growth_groups']] == [
+      ('placement=pre', 'exponential'), ('placement=peri', 'linear')]
   assert data['runs'][0]['layer_stats'][1]['step'] == 40
   assert [row['group'] for row in data['table1']] == ['placement=pre', 'placement=peri']
