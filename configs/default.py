@@ -122,4 +122,11 @@ def get_config():
   evaluation.hellaswag_path = ''    # original HellaSwag JSONL (validation), for the 'hellaswag' task
   evaluation.siqa_path = ''         # original Social IQa JSONL + labels, for the 'siqa' task
 
+  # ---- Weights & Biases (beside metrics.jsonl and TensorBoard; needs `pip install wandb`) ---------------------------
+  wandb = config.wandb = ml_collections.ConfigDict()
+  wandb.enabled = False             # also log training metrics to W&B; run name = workdir name, id kept in the workdir
+  wandb.project = 'perijax'         # W&B project
+  wandb.entity = ''                 # W&B user or team; '' = your default entity
+  wandb.mode = 'online'             # 'online' | 'offline' (sync later with `wandb sync`) | 'disabled'; WANDB_MODE wins
+
   return config

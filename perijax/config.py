@@ -1,6 +1,7 @@
 """Checks a config before anything is built or compiled. The defaults and their meaning live in configs/default.py."""
 
 import difflib
+import importlib.util
 from typing import Any, List
 
 from absl import flags
@@ -18,6 +19,7 @@ ATTENTION_IMPLS = ('xla', 'cudnn', 'auto', 'einsum')
 SCHEDULES = ('cosine', 'linear', 'constant')
 LOSS_SCALES = ('dynamic', 'none')
 TOKENIZERS = ('byte', 'sentencepiece')
+WANDB_MODES = ('online', 'offline', 'disabled')
 # How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
 _VALUE_PARSERS = {
     bool: flags.BooleanParser(),
@@ -104,6 +106,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
+    _one_of(config, 'wandb.enabled', (True, False))
+    _one_of(config, 'wandb.mode', WANDB_MODES)
+    if not isinstance(config.wandb.project, str) or not config.wandb.project.strip():
+      _fail('wandb.project', config.wandb.project, 'expected a non-empty W&B project name')
+    if not isinstance(config.wandb.entity, str):
+      _fail('wandb.entity', config.wandb.entity, "expected a W&B entity name, or '' for your default entity")
+    if config.wandb.enabled and importlib.util.find_spec('wandb') is None:
+      _fail('wandb.enabled', True, 'the wandb package is not installed (pip install the wandb of requirements.txt)')
   return config
 
 

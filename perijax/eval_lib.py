@@ -36,6 +36,7 @@ from perijax import tasks as tasks_lib
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.precision import Precision
+from perijax.progress import progress
 
 RESULT_KEYS = ('step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', 'tasks')
 EVAL_DIR = 'eval'
@@ -270,7 +271,8 @@ class Evaluator:
     started = time.time()
     nll_sum, tokens, batch_stats = 0.0, 0.0, []
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      for batch in self.eval_batches:
+      for batch in progress(self.eval_batches, 'held-out loss', total=self.eval_batches.pad_to_batches or None,
+                            unit='batch'):
         batch = sharding_lib.global_batch_from_local(batch, self.batch_sharding)
         batch_nll, batch_tokens, stats = jax.device_get(self._loss_and_stats(params, batch))
         nll_sum += float(np.sum(batch_nll, dtype=np.float64))
@@ -281,7 +283,7 @@ class Evaluator:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
       tasks = {name: tasks_lib.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
-          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len)
+          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name)
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
     return {

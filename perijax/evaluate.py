@@ -39,6 +39,7 @@ import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import eval_lib
+from perijax import progress as progress_lib
 from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
 
@@ -61,7 +62,7 @@ class EvaluationError(ValueError):
 
 
 def log(message):
-  print(message, flush=True)
+  progress_lib.write(message)  # below any progress bar, not through it
 
 
 def _evaluated(workdir, step):
@@ -135,7 +136,8 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   if not watch:
     for chosen_step in chosen:  # every chosen checkpoint is checked before the first result is written
       evaluator.check_checkpoint(chosen_step)
-    return [evaluate_and_write(evaluator, chosen_step) for chosen_step in chosen]
+    return [evaluate_and_write(evaluator, chosen_step)
+            for chosen_step in progress_lib.progress(chosen, 'checkpoints', unit='checkpoint')]
   return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
 
 

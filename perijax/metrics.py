@@ -1,47 +1,69 @@
-"""Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard event files and a console line. Process 0 only.
+"""Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, Weights & Biases if config.wandb.enabled,
+and a console line. Process 0 only.
 
 metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
 spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
-attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json).
+attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
+the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ...
+
+W&B (`pip install wandb`, imported only when enabled): the run is named after the workdir, its id is kept in
+WORKDIR/wandb_run_id so a resumed training continues the same W&B run, and its config is the run's config. WANDB_MODE
+and WANDB_DIR in the environment win over config.wandb.mode and the default directory (the workdir), as for any W&B
+program.
 """
 
 import json
 import math
 import os
+import secrets
 import time
 
 import jax
 from tensorboardX import SummaryWriter
 
 
-class MetricsWriter:
-  """Appends to metrics.jsonl (a resumed run continues the file) and writes the same numbers to TensorBoard."""
+WANDB_ID_FILE = 'wandb_run_id'
 
-  def __init__(self, workdir, total_steps, enabled=None):
+
+def scalars(record):
+  """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
+  flat = {}
+  for key, value in record.items():
+    if isinstance(value, list):
+      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)})
+    elif isinstance(value, (int, float, bool)):
+      flat[key] = float(value)
+  return flat
+
+
+class MetricsWriter:
+  """Appends to metrics.jsonl (a resumed run continues the file) and writes the same numbers to TensorBoard and, if
+  `config.wandb.enabled`, to W&B."""
+
+  def __init__(self, workdir, total_steps, enabled=None, config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
     self.started = time.time()
     self.first_step = None
+    self.wandb_run = None
     if self.enabled:
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if config is not None and 'wandb' in config and config.wandb.enabled:
+        self.wandb_run = start_wandb_run(workdir, config)
 
   def write(self, step, record):
     if not self.enabled:
       return
-    record = {'step': step, **record}
-    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.write(json.dumps({'step': step, **record}) + '\n')
     self.jsonl.flush()
-    for key, value in record.items():
-      if key == 'step':
-        continue
-      if isinstance(value, list):
-        for layer, item in enumerate(value):
-          self.tensorboard.add_scalar(f'{key}/layer_{layer:03d}', item, step)
-      elif isinstance(value, (int, float, bool)):
-        self.tensorboard.add_scalar(key, float(value), step)
+    numbers = scalars(record)
+    for name, value in numbers.items():
+      self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
+    if self.wandb_run is not None:
+      self.wandb_run.log(numbers, step=step)
 
   def console(self, step, record):
     """step, loss, tokens/s and the time left at the recent rate."""
@@ -61,6 +83,25 @@ class MetricsWriter:
     if self.enabled:
       self.jsonl.close()
       self.tensorboard.close()
+      if self.wandb_run is not None:
+        self.wandb_run.finish()
+
+
+def start_wandb_run(workdir, config):
+  """Starts (or, with WORKDIR/wandb_run_id from an earlier start, resumes) the W&B run of this workdir."""
+  import wandb  # pylint: disable=g-import-not-at-top  (only runs that log to W&B pay for importing it)
+  id_path = os.path.join(workdir, WANDB_ID_FILE)
+  if os.path.isfile(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(6)
+    with open(id_path, 'w') as f:  # before the run starts: a run killed while starting still resumes the same id
+      f.write(run_id + '\n')
+  workdir = os.path.abspath(workdir)
+  return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=os.path.basename(workdir),
+                    id=run_id, resume='allow', mode=os.environ.get('WANDB_MODE') or config.wandb.mode,
+                    dir=os.environ.get('WANDB_DIR') or workdir, config=config.to_dict())
 
 
 def _duration(seconds):

@@ -3,6 +3,8 @@ r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per ru
     python -m perijax.sweep --config=configs/tiny.py \
         --sweep=model.norm.placement=pre,peri,post --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep
     python -m perijax.sweep ... --print      # one `perijax.train && perijax.evaluate` line per run, for a scheduler
+    python -m perijax.sweep ... --launcher=slurm [--submit] [--partition=P --time=12:00:00 --gpus=1]
+    python -m perijax.sweep ... --launcher=tpu_vm --tpu=NAME --zone=ZONE   # gcloud commands, one per run
 
 `--config.a.b=value` flags fix a field for every run (as for `perijax.train`). Each run's workdir is
 `ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`), and `ROOT/sweep.json` lists
@@ -10,6 +12,10 @@ the runs, their overrides and how each one went. A run is finished when `eval/st
 runs are skipped, the others are started again (the trainer resumes from their checkpoints). A run that fails is
 recorded and the sweep goes on; the summary says which failed and where their logs are.
 Every swept field and value is checked against the loaded config before anything runs.
+`--launcher=slurm` writes ROOT/sweep.sbatch, an array job with one task per unfinished run (each runs its --print
+line; logs in ROOT/slurm/), and ROOT/sweep.json; `--submit` also submits it with sbatch. `--launcher=tpu_vm` prints a
+`gcloud compute tpus tpu-vm ssh --worker=all` command per unfinished run, each running the run's line on every worker
+of the pod slice (perijax/launchers.py).
 """
 
 import dataclasses
@@ -30,6 +36,8 @@ from ml_collections.config_flags import config_flags
 from ml_collections.config_flags import config_path
 
 from perijax import config as config_lib
+from perijax import launchers
+from perijax import progress
 
 SEED_FIELD = 'train.seed'
 STEPS_FIELD = 'train.steps'
@@ -238,13 +246,14 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
 
 def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Optional[Dict[str, Any]] = None,
               python: str = sys.executable, run_command: RunCommand = subprocess_run_command,
-              sweep_args: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print) -> List[Run]:
+              sweep_args: Optional[Dict[str, Any]] = None,
+              log: Callable[[str], None] = progress.write) -> List[Run]:
   """Runs every unfinished run in order, recording each in ROOT/sweep.json; returns the runs with their status."""
   fixed_overrides = dict(fixed_overrides or {})
   os.makedirs(root, exist_ok=True)
   header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **(sweep_args or {})}
   write_sweep_json(root, runs, header)
-  for index, run in enumerate(runs, 1):
+  for index, run in enumerate(progress.progress(runs, 'sweep', unit='run', leave=True), 1):
     start = time.time()
     log(f'[{index}/{len(runs)}] {run.name}: running')
     execute_run(run, config_arg, fixed_overrides, python, run_command)
@@ -270,6 +279,36 @@ def print_commands(runs: Sequence[Run], config_arg: str, fixed_overrides: Dict[s
           shlex.join(evaluate_command(run.workdir, run.steps, python)) for run in runs]
 
 
+def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
+           launcher: str, header: Dict[str, Any], launch_flags) -> str:
+  """--launcher=slurm|tpu_vm for the unfinished runs; returns what to tell the user. Raises LaunchError."""
+  pending = [run for run in runs if not is_finished(run)]
+  left_out = f' ({len(runs) - len(pending)} finished runs left out)' if len(pending) < len(runs) else ''
+  if not pending:
+    return f'every run under {root} is finished; nothing to launch'
+  lines = print_commands(pending, config_arg, fixed_overrides, python)
+  names = [run.name for run in pending]
+  if launcher == 'tpu_vm':
+    return '\n'.join(launchers.tpu_vm_commands(lines, names, tpu=launch_flags.tpu, zone=launch_flags.zone,
+                                               remote_dir=launch_flags.remote_dir))
+  script = launchers.slurm_script(
+      lines, names, root=root, job_name=f'perijax-{os.path.basename(os.path.normpath(root))}', chdir=os.getcwd(),
+      partition=launch_flags.partition, time=launch_flags.time, gpus=launch_flags.gpus, cpus=launch_flags.cpus,
+      max_parallel=launch_flags.max_parallel, options=launch_flags.slurm_option)
+  path = launchers.write_slurm_script(root, script)
+  job = launchers.submit_slurm(path) if launch_flags.submit else None
+  task = {run.name: index for index, run in enumerate(pending)}
+  for run in runs:
+    if run.name in task:
+      run.status, run.detail = 'pending', f'slurm array task {task[run.name]}' + (f' of job {job}' if job else '')
+    else:
+      run.status, run.detail = 'skipped', 'already finished'
+  write_sweep_json(root, runs, {**header, 'launcher': 'slurm', 'slurm_job': job})
+  if job:
+    return f'submitted slurm job {job}: {len(pending)} array tasks{left_out}; logs in {root}/{launchers.SLURM_LOG_DIR}/'
+  return f'wrote {path}: {len(pending)} array tasks{left_out}; submit it with: sbatch {shlex.quote(path)}'
+
+
 FLAGS = flags.FLAGS
 
 
@@ -281,7 +320,21 @@ def define_flags():
   flags.DEFINE_integer('seeds', 1, 'Seeds per grid point: train.seed = 0 .. seeds-1.')
   flags.DEFINE_string('root', None, 'Directory that holds one workdir per run and sweep.json.')
   flags.DEFINE_bool('print', False, 'Print one command line per run instead of running; writes nothing.')
-  flags.DEFINE_string('python', None, 'Python interpreter in the commands (default: this one; `python` with --print).')
+  flags.DEFINE_string('python', None, 'Python interpreter in the commands (default: this one; `python` with --print '
+                      'and --launcher=tpu_vm, whose commands run on other machines).')
+  flags.DEFINE_enum('launcher', 'local', ['local', 'slurm', 'tpu_vm'], 'local: run here, one run after another; '
+                    'slurm: write ROOT/sweep.sbatch (an array job); tpu_vm: print gcloud commands for a TPU pod.')
+  flags.DEFINE_bool('submit', False, '--launcher=slurm: also submit the script with sbatch.')
+  flags.DEFINE_string('partition', '', 'slurm: --partition of each array task.')
+  flags.DEFINE_string('time', '', 'slurm: --time limit of each array task, e.g. 12:00:00.')
+  flags.DEFINE_integer('gpus', 0, 'slurm: --gpus of each array task; 0 = not set.')
+  flags.DEFINE_integer('cpus', 0, 'slurm: --cpus-per-task; 0 = not set.')
+  flags.DEFINE_integer('max_parallel', 0, 'slurm: array tasks running at once (--array=...%N); 0 = no limit.')
+  flags.DEFINE_multi_string('slurm_option', [], 'slurm: another #SBATCH option, e.g. --account=proj (repeatable).')
+  flags.DEFINE_string('tpu', '', 'tpu_vm: the TPU VM (pod slice) name.')
+  flags.DEFINE_string('zone', '', 'tpu_vm: its zone.')
+  flags.DEFINE_string('remote_dir', 'perijax', 'tpu_vm: the perijax checkout on the workers (relative to home), '
+                      'where the commands run.')
   flags.mark_flags_as_required(['config', 'root'])
 
 
@@ -300,10 +353,22 @@ def main(argv):
                        validate=perijax_config.validate)
   except ValueError as e:
     sys.exit(f'perijax.sweep: {e}')
+  if FLAGS.print and FLAGS.launcher != 'local':
+    sys.exit(f'perijax.sweep: give --print or --launcher={FLAGS.launcher}, not both')
+  if FLAGS.submit and FLAGS.launcher != 'slurm':
+    sys.exit('perijax.sweep: --submit submits a SLURM script; it needs --launcher=slurm')
   if FLAGS.print:
     print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
     return
   sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
+  if FLAGS.launcher != 'local':
+    python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
+    header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args}
+    try:
+      print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, header, FLAGS))
+    except launchers.LaunchError as e:
+      sys.exit(f'perijax.sweep: {e}')
+    return
   finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
                        sweep_args=sweep_args)
   if any(run.status in ('failed', 'eval_failed') for run in finished):

@@ -132,7 +132,7 @@ def train(config, workdir, devices=None):
   if config.train.accelerator != 'cpu':  # table peaks are per device; the CPU rate is measured for the whole host
     peak *= jax.device_count()
   schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.steps)
-  writer = MetricsWriter(workdir, config.train.steps)
+  writer = MetricsWriter(workdir, config.train.steps, config=config)
   preemption = Preemption()
   step = int(state.step) // accum
   window_start, window_step, last_overflows = None, step, int(state.forward_overflows)

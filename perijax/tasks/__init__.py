@@ -74,8 +74,8 @@ def evaluate_tasks(names: Sequence[str], tokenizer, logprobs_fn: LogprobsFn, eva
   """
   names = validate_task_names(names)
   items = {name: load_task_items(name, eval_config, data_config) for name in names}
-  return {name: score_multiple_choice(items[name], tokenizer, logprobs_fn, batch_size=batch_size, seq_len=seq_len)
-          for name in names}
+  return {name: score_multiple_choice(items[name], tokenizer, logprobs_fn, batch_size=batch_size, seq_len=seq_len,
+                                     desc=name) for name in names}
 
 
 __all__ = ['TASK_NAMES', 'MultipleChoiceItem', 'evaluate_tasks', 'load_task_items', 'loglikelihoods',

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perijax.progress import progress
+
 # logprobs_fn(inputs [B, T], positions [B, T], segment_ids [B, T]) -> log-softmax [B, T, V].
 LogprobsFn = Callable[[np.ndarray, np.ndarray, np.ndarray], jax.Array]
 
@@ -82,7 +84,7 @@ def _target_logprobs(logprobs, targets):
 
 
 def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logprobs_fn: LogprobsFn, *,
-                   batch_size: int, seq_len: int, eos_id: int) -> list[tuple[float, bool]]:
+                   batch_size: int, seq_len: int, eos_id: int, desc: str = 'scoring') -> list[tuple[float, bool]]:
   """Sum of each continuation's token log-probs given its context, and whether greedy decoding would produce it.
 
   Args:
@@ -92,6 +94,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logp
     batch_size: rows per call.
     seq_len: columns per call; longer requests are left-truncated to their last seq_len + 1 tokens.
     eos_id: the token that begins every sequence.
+    desc: the label of the progress bar (shown in a terminal only).
 
   Returns:
     `(loglikelihood, is_greedy)` per request, in order (lm-eval's `_loglikelihood_tokens` return value).
@@ -100,7 +103,7 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logp
     raise ValueError(f'batch_size and seq_len must be >= 1, got batch_size={batch_size}, seq_len={seq_len}')
   packed = [_pack_request(context, continuation, seq_len, eos_id) for context, continuation in requests]
   results = []
-  for start in range(0, len(packed), batch_size):
+  for start in progress(range(0, len(packed), batch_size), desc, unit='batch'):
     batch = packed[start:start + batch_size]
     inputs = np.zeros((batch_size, seq_len), np.int32)
     targets = np.zeros((batch_size, seq_len), np.int32)
@@ -135,7 +138,7 @@ def choose(loglikelihood_per_choice: Sequence[float], choice_texts: Sequence[str
 
 
 def score_multiple_choice(items: Sequence[MultipleChoiceItem], tokenizer, logprobs_fn: LogprobsFn, *,
-                          batch_size: int, seq_len: int) -> dict:
+                          batch_size: int, seq_len: int, desc: str = 'scoring') -> dict:
   """`{"acc", "acc_norm", "n"}` over the items: the mean over documents of lm-eval's acc and acc_norm."""
   if not items:
     raise ValueError('no items to score')
@@ -147,7 +150,8 @@ def score_multiple_choice(items: Sequence[MultipleChoiceItem], tokenizer, logpro
     for context, continuation in item.requests:
       requests.append(encode_pair(tokenizer, context, continuation))
       owners.append(index)
-  results = loglikelihoods(requests, logprobs_fn, batch_size=batch_size, seq_len=seq_len, eos_id=tokenizer.eos_id)
+  results = loglikelihoods(requests, logprobs_fn, batch_size=batch_size, seq_len=seq_len, eos_id=tokenizer.eos_id,
+                           desc=desc)
   lls_per_item = [[] for _ in items]
   for owner, (ll, _) in zip(owners, results):
     lls_per_item[owner].append(ll)
