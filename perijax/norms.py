@@ -1,4 +1,4 @@
-"""LayerNorm and RMSNorm with a learnable scale (PAPER.md: freezing the output norm's gamma hurts)."""
+"""LayerNorm and RMSNorm with a learnable scale (docs/paper.md: freezing the output gamma reportedly hurts)."""
 
 import functools
 

@@ -1,7 +1,7 @@
 """Per-layer statistics of the residual stream and of each sub-layer's raw output F(.).
 
 Cheap reductions computed inside the jitted step only when asked for. They are the raw material of the per-layer
-variance summaries (PAPER.md claims 1 and 2).
+variance summaries (docs/paper.md, claims 1 and 2).
 """
 
 import jax.numpy as jnp

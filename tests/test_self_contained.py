@@ -20,12 +20,7 @@ THIS_FILE = 'tests/test_self_contained.py'
 
 # TEMPORARY allow-list: files other branches were rewriting when this test was added; their references to notes outside
 # the repository are fixed when those branches are merged. Empty this set then (the second test below says when).
-TEMPORARY_ALLOWED_DANGLING = frozenset({
-    'perijax/growth.py',
-    'perijax/inspect.py',
-    'perijax/norms.py',
-    'perijax/stats.py',
-})
+TEMPORARY_ALLOWED_DANGLING = frozenset()
 
 _URL = re.compile(r'[a-z][a-z0-9+.-]*://\S+', re.IGNORECASE)
 _NOT_PATH_BEFORE = r'(?<![\w./-])'
