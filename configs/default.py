@@ -23,7 +23,6 @@ def get_config():
   model.mlp_activation = 'swiglu'   # 'swiglu' (gated SiLU, Llama) or 'gelu' (GPT-2)
   model.tie_embeddings = True       # LM head shares the token embedding matrix
   model.rope_theta = 10000.0        # RoPE base frequency
-  model.init_std = 0.02             # std of the normal init of every weight matrix (the paper's is not known)
   model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
@@ -35,6 +34,10 @@ def get_config():
   model.softmax_in_float32 = True   # compute the attention softmax in float32
   model.loss_in_float32 = True      # compute logits' log-softmax and the loss in float32
 
+  init = model.init = ml_collections.ConfigDict()  # weight init (the paper's is not known; docs/paper.md, section 2)
+  init.std = 0.02                   # std of the normal init of every weight matrix (embedding and LM head too)
+  init.depth_scaled_outputs = False  # draw attention out and MLP down with std / sqrt(2 * num_layers) (Megatron-LM)
+
   norm = model.norm = ml_collections.ConfigDict()
   norm.placement = 'pre'            # 'post' | 'pre' | 'peri' | 'pre_post' | 'output' | 'mix' | 'none' (docs/paper.md)
   norm.kind = 'rmsnorm'             # 'layernorm' | 'rmsnorm'
@@ -42,6 +45,9 @@ def get_config():
   norm.qk_norm = False              # RMSNorm each head's q and k before RoPE, one [head_dim] scale (Qwen3/Gemma 3 form)
   norm.embed_norm = False           # normalize the embedding output before the first layer (Peri-LN's optional norm)
   norm.mix_post_layers = 1          # placement 'mix': the first this-many layers are Post-LN, the rest Pre-LN
+  norm.scale_init = 1.0             # initial value of every norm's scale gamma (QK, embedding and final norms too)
+  norm.freeze_out_scale = False     # keep the output norms' gamma at scale_init (Peri-LN's N_out, pre_post's and
+                                    # output's out_norm, Post-LN's norm): the frozen-gamma ablation (docs/paper.md)
 
   # ---- training ----------------------------------------------------------------------------------------------------
   train = config.train = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from ml_collections.config_flags import config_path
 from ml_collections.config_flags import tuple_parser
 
 from perijax.norms import NORM_KINDS
+from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
 
@@ -68,7 +69,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m = config.model
   for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
                 'model.rope_theta',
-                'model.init_std', 'model.norm.eps', 'train.steps', 'train.batch_size', 'train.seq_len',
+                'model.init.std', 'model.norm.eps', 'model.norm.scale_init', 'train.steps', 'train.batch_size', 'train.seq_len',
                 'train.log_every', 'train.stats_every', 'train.spike_factor', 'train.spike_window',
                 'train.initial_loss_scale', 'train.loss_scale_growth_interval', 'optimizer.lr',
                 'optimizer.grad_accum_steps', 'eval.batch_size', 'checkpoint.keep'):
@@ -79,6 +80,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _non_negative(config, field)
   _one_of(config, 'model.norm.placement', PLACEMENTS)
   _one_of(config, 'model.norm.kind', NORM_KINDS)
+  _one_of(config, 'model.norm.freeze_out_scale', (True, False))
+  _one_of(config, 'model.init.depth_scaled_outputs', (True, False))
   _one_of(config, 'model.param_dtype', tuple(DTYPES))
   _one_of(config, 'model.compute_dtype', tuple(DTYPES))
   _one_of(config, 'model.mlp_activation', MLP_ACTIVATIONS)
@@ -98,6 +101,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.norm.placement == 'mix' and m.norm.mix_post_layers > m.num_layers:
     _fail('model.norm.mix_post_layers', m.norm.mix_post_layers,
           f'expected at most model.num_layers = {m.num_layers} Post-LN layers')
+  if m.norm.freeze_out_scale and not any(map(placement_lib.has_output_norm,
+                                             placement_lib.layer_placements(m.norm, m.num_layers))):
+    _fail('model.norm.freeze_out_scale', True, f'placement {m.norm.placement!r} has no output norm to freeze (post, '
+          'peri, pre_post, output and mix with mix_post_layers >= 1 have)')
   if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
     _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
   for axis in ('data', 'fsdp', 'tensor'):
