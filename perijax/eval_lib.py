@@ -35,6 +35,7 @@ from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
+from perijax.metrics import scalars
 from perijax.precision import Precision
 from perijax.progress import progress
 
@@ -69,7 +70,18 @@ def load_run_config(workdir):
     raise ValueError(f'{path} cannot be read as JSON: {error}') from error
   if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
     raise ValueError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
-  return ml_collections.ConfigDict(_lists_to_tuples(stored))
+  return ml_collections.ConfigDict(_upgrade(_lists_to_tuples(stored)))
+
+
+def _upgrade(stored):
+  """A config.json written before model.init and the norm-γ fields existed, in today's layout, meaning what it meant
+  then (a plain init of std model.init_std; γ from 1, learnable)."""
+  model = stored['model']
+  if 'init_std' in model:
+    model['init'] = {'std': model.pop('init_std'), 'depth_scaled_outputs': False}
+  if 'norm' in model:
+    model['norm'] = {'scale_init': 1.0, 'freeze_out_scale': False, **model['norm']}
+  return stored
 
 
 def apply_overrides(config, overrides):
@@ -241,6 +253,7 @@ class Evaluator:
       logits, _ = model.apply({'params': params}, inputs, positions, segment_ids)
       return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
+    self._norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)
     self._loss_and_stats = jax.jit(loss_and_stats, in_shardings=(self.param_shardings, self.batch_sharding),
                                    out_shardings=replicated)
     # Several processes each hold only part of a batch-sharded result; the scorer reads the whole one.
@@ -292,6 +305,7 @@ class Evaluator:
         'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
         'tokens': int(round(tokens)),
         'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
+        'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
         'tasks': tasks,
         'split': self.config.data.eval_split,
         'bytes_per_token': self.bytes_per_token,
@@ -326,9 +340,8 @@ def write_result(workdir, result):
   with SummaryWriter(os.path.join(workdir, EVAL_DIR, 'tensorboard')) as writer:
     for key in ('loss', 'perplexity', 'bits_per_byte'):
       writer.add_scalar(f'eval/{key}', result[key], step)
-    for key, values in result['layers'].items():
-      for layer, value in enumerate(values):
-        writer.add_scalar(f'eval/{key}/layer_{layer:03d}', value, step)
+    for name, value in scalars({**result['layers'], **result.get('norm_scales', {})}).items():
+      writer.add_scalar(f'eval/{name}', value, step)
     for name, scores in result['tasks'].items():
       for metric in ('acc', 'acc_norm'):
         writer.add_scalar(f'tasks/{name}/{metric}', scores[metric], step)

@@ -3,8 +3,8 @@
     python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
 
 Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
-step, loss, perplexity, bits_per_byte, tokens, layers, tasks (plus split, bytes_per_token, stats_batches, mesh,
-eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
+step, loss, perplexity, bits_per_byte, tokens, layers, norm_scales, tasks (plus split, bytes_per_token, stats_batches,
+mesh, eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
   (no flag)  the latest checkpoint;
   --step=N   checkpoint N (evaluated again if already done);
   --all      every checkpoint without an eval/step_N.json yet;
@@ -24,6 +24,7 @@ tasks, how many batches, the mesh); the model and training fields are the checkp
   layers         per-layer lists of perijax.stats.layer_summary over ALL evaluated batches (variances averaged over
                  batches, max |x| the maximum, float16 overflows summed; padding positions of a packed row included,
                  as in training's statistics);
+  norm_scales    the norms' γ: perijax.stats.scale_summary (in_norm_scale_mean, ... by layer; final_norm_scale_*);
   tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
 Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored
 parameters, an unknown task or field) prints one `error:` line on stderr and exits with status 1, writing nothing.

@@ -6,7 +6,8 @@ A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (
 grid order, then any other workdir under it, e.g. an earlier grid's). Printed, in order:
   1. per quantity (residual variance, max |x|, float16 headroom = max |x| / 65504), a table layer by run at the chosen
      steps: by default each run's first and last step with per-layer stats; with --steps, for each requested step the
-     last stats step at or before it (a run that ended early shows its last);
+     last stats step at or before it (a run that ended early shows its last); then per run the norms' scales γ
+     by layer and kind of norm at the last chosen step (mean [min, max]), where the run logged them;
   2. per run and chosen step, the growth law of residual variance with depth (perijax/growth.py: linear, power or
      exponential, compared by AIC, else inconclusive), then per configuration the same across its seeds;
   3. Table 1: runs that differ only in `train.seed` are grouped; each column is mean ± sample std (ddof=1) over the
@@ -223,6 +224,37 @@ def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
   return '\n'.join(text)
 
 
+SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
+               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
+
+
+def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """Per run, the norms' γ (perijax.stats.scale_summary) at the last chosen step: layers (rows) by kind of norm,
+  each cell mean [min, max]; the final and embedding norms in rows of their own."""
+  text = []
+  for run in runs:
+    line = chosen_stats(run, steps)[-1] or {}
+    if not any(key.endswith('_scale_mean') for key in line) and run.evals:  # evaluation alone logged them
+      evaluated = run.evals.get(line.get('step')) or run.evals[max(run.evals)]
+      line = {'step': evaluated['step'], **evaluated.get('norm_scales', {})}
+
+    def cell(kind, layer=None):
+      values = [line[f'{kind}_scale_{name}'] for name in ('mean', 'min', 'max')]
+      values = values if layer is None else [value[layer] for value in values]
+      return '-' if values[0] is None else '{} [{}, {}]'.format(*map(format_number, values))
+
+    per_layer = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), list)]
+    whole = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), float)]
+    if not per_layer and not whole:
+      continue
+    depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
+    rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
+    rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
+    headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
+    text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
+  return '\n'.join(text)
+
+
 def growth_fits(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
   """The growth-law fits of residual variance against layer index at each chosen step (docs/paper.md, claim 1)."""
   fits = []
@@ -422,6 +454,7 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
   rows = aggregate(group_runs(runs))
   text = '\n'.join([
       'Per-layer statistics of the residual stream', layer_tables(runs, steps),
+      "\nNorm scales γ by layer: mean [min, max]", scale_tables(runs, steps) or 'no norm scales logged',
       '\nGrowth of residual variance with depth: laws fitted in log space, ΔAIC to the best; a law wins by ΔAIC >= '
       f'{growth.MARGIN:g} (see perijax/growth.py)',
       growth_table(runs, steps), table1(rows)])

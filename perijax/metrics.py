@@ -4,8 +4,10 @@ and a console line. Process 0 only.
 metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
 spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
-attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
-the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ...
+attn_out_var, mlp_out_var, attn_logit_max) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
+...; None for a layer without that norm). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard
+and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
+left out).
 
 W&B (`pip install wandb`, imported only when enabled): the run is named after the workdir, its id is kept in
 WORKDIR/wandb_run_id so a resumed training continues the same W&B run, and its config is the run's config. WANDB_MODE
@@ -31,7 +33,8 @@ def scalars(record):
   flat = {}
   for key, value in record.items():
     if isinstance(value, list):
-      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)})
+      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)
+                   if item is not None})
     elif isinstance(value, (int, float, bool)):
       flat[key] = float(value)
   return flat

@@ -125,6 +125,7 @@ def train(config, workdir, devices=None):
                        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                        donate_argnums=0)
       for collect in (False, True)}
+  norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)  # the norms' γ, gathered whole
 
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
@@ -161,6 +162,7 @@ def train(config, workdir, devices=None):
         }
         if 'stats' in metrics:
           record.update(stats_lib.layer_summary(metrics['stats']))
+          record.update(stats_lib.scale_summary(jax.device_get(norm_scales(state.params)), config.model))
         writer.write(step, record)
         writer.console(step, record)
         if record['forward_overflows'] > last_overflows and jax.process_index() == 0:

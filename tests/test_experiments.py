@@ -90,7 +90,7 @@ def test_init_layer_stats_peri_adds_about_unit_variance_per_sublayer(tiny_config
   summary, = common.init_layer_stats(sweep.resolve(tiny_config, overrides), seed=0, batch_size=2)
   assert len(summary['residual_var']) == 3 and len(summary['sublayer_var']) == 6
   assert summary['sublayer_var'][1::2] == pytest.approx(summary['residual_var'])
-  # Peri-LN at init: each sub-layer adds a unit-RMS (normalized) term to an embedding of variance model.init.std² = 4e-4,
+  # Peri-LN at init: each sub-layer adds a unit-RMS (normalized) term to an embedding of variance init.std² = 4e-4,
   # so the first sub-layer's variance is about 1 and later ones add about 1 each (up to Cov(x, N(F)) noise).
   increments = np.diff([0.0] + summary['sublayer_var'])
   assert increments[0] == pytest.approx(1.0, abs=0.1)
