@@ -18,6 +18,7 @@ from perijax import metrics
 from perijax import model as model_lib
 from perijax import optimizer as optimizer_lib
 from perijax import stats as stats_lib
+from perijax import train as train_lib
 from perijax import train_step as train_step_lib
 from perijax.placement import layer_placements
 from tests import numpy_reference
@@ -222,7 +223,8 @@ def test_model_reports_each_layers_largest_logit_as_numpy_float64_computes_it(at
   params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, params)  # larger weights: logits well away from 0
   tokens = np.array([[3, 17, 5, 60, 2, 9, 33, 1, 0, 0], [8, 8, 1, 2, 40, 41, 42, 7, 6, 5]], np.int32)
   segment_ids = np.array([[1] * 4 + [2] * 4 + [0] * 2, [1] * 10], np.int32)
-  _, stats = model.apply({'params': params}, jnp.asarray(tokens), None, jnp.asarray(segment_ids), collect_stats=True)
+  apply = jax.jit(lambda p, t, s: model.apply({'params': p}, t, None, s, collect_stats=True))
+  _, stats = apply(params, jnp.asarray(tokens), jnp.asarray(segment_ids))
   summary = stats_lib.layer_summary(jax.device_get(stats))
 
   # NumPy float64: the Peri-LN forward of docs/paper.md with grouped-query, document-masked attention.
@@ -273,6 +275,34 @@ def test_inspect_shows_the_gamma_table_per_run(tmp_path):
   assert ['1', '1.5', '[0.5,', '2]', '-'] in rows
   assert ['2', '0.75', '[0.25,', '1.25]', '3', '[2.5,', '3.5]'] in rows
   assert ['final', 'norm', '1.125', '[0.875,', '1.5]'] in rows
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_write_gamma_and_logit_maxima(corpus_data_dir, tmp_path):
+  config = default.get_config()
+  config.model.update(d_model=32, num_layers=2, num_heads=2)
+  config.model.norm.update(placement='mix', mix_post_layers=1, scale_init=0.5, freeze_out_scale=True)
+  config.train.update(steps=2, batch_size=8, seq_len=32, log_every=1, stats_every=2)
+  config.optimizer.update(warmup_steps=0)
+  config.checkpoint.update(every=0, async_save=False)
+  config.data.update(data_dir=corpus_data_dir, eval_max_batches=1, prefetch=0)
+  config.eval.update(batch_size=8, tasks=())
+  workdir = str(tmp_path / 'run')
+  train_lib.train(config, workdir, devices=jax.devices()[:2])
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert 'in_norm_scale_mean' not in lines[0] and 'attn_logit_max' not in lines[0]  # step 1: not a statistics step
+  logged = lines[-1]
+  assert len(logged['attn_logit_max']) == 2 and all(v > 0 for v in logged['attn_logit_max'])
+  # Layer 0 is Post-LN (its norm an output norm, frozen), layer 1 Pre-LN (an input norm, learning).
+  assert [logged[f'out_norm_scale_{n}'] for n in ('min', 'max')] == [[0.5, None], [0.5, None]]
+  assert logged['in_norm_scale_mean'][0] is None and logged['in_norm_scale_max'][1] != 0.5
+
+  evaluator = eval_lib.Evaluator(workdir, eval_lib.load_run_config(workdir), devices=jax.devices()[:2])
+  result = evaluator.evaluate(2)
+  eval_lib.write_result(workdir, result)  # TensorBoard leaves the None (no such norm) out
+  assert result['norm_scales'] == {k: v for k, v in logged.items() if '_scale_' in k}
+  assert len(result['layers']['attn_logit_max']) == 2
 
 
 def test_a_config_json_from_before_init_and_gamma_fields_reads_back_as_it_meant(tmp_path):
