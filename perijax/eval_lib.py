@@ -182,7 +182,7 @@ def make_eval_mesh(config, model, devices=None):
 
 def aggregate_stats(per_batch):
   """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| the maximum, float16 overflows summed."""
+  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed."""
   combined = {}
   for name in per_batch[0]:
     values = np.stack([np.asarray(stats[name], np.float64) for stats in per_batch])
