@@ -112,9 +112,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _one_of(config, field, (True, False))
   if 'source' in config.data:  # absent from the config.json of runs made before data.source existed
     _one_of(config, 'data.source', DATA_SOURCES)
-    if config.data.source != 'tfds' and not config.data.path:
-      _fail('data.path', config.data.path, f"data.source = {config.data.source!r} reads files: expected a path, e.g. "
-            "'corpus/{split}.jsonl' ('{split}' becomes data.train_split / data.eval_split)")
+    if config.data.source in ('jsonl', 'parquet') and '{split}' not in config.data.path:
+      _fail('data.path', config.data.path, f"data.source = {config.data.source!r} reads files: expected a path with "
+            "'{split}' in it, e.g. 'corpus/{split}.jsonl' or 'corpus/{split}-*.parquet' ('{split}' becomes "
+            'data.train_split / data.eval_split)')
+    if config.data.source == 'hf_disk' and not config.data.path:
+      _fail('data.path', config.data.path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk "
+            "wrote (a DatasetDict), or 'dir/{split}' for one Dataset per split")
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)
