@@ -1,6 +1,6 @@
 """Zero-shot scoring speed, several requests per row (packed, the default) vs one request per row, on ARC-like items.
 
-    python benchmarks/packed_scoring.py [--items=32 --seq_len=1024 --batch_size=8 --out=benchmarks/packed_scoring.json]
+    python benchmarks/packed_scoring.py [--items=16 --seq_len=1024 --batch_size=4 --out=benchmarks/packed_scoring.json]
 
 ARC-like: a "Question: ...\\nAnswer:" context of 80-220 characters and four answers of 4-40 characters (ARC-Easy's
 range), generated from a fixed seed, scored with the byte tokenizer by a randomly initialized model of
@@ -46,7 +46,7 @@ def arc_like_requests(num_items, seed=0):
   return requests
 
 
-def measure(num_items=32, seq_len=1024, batch_size=8):
+def measure(num_items=16, seq_len=1024, batch_size=4):
   config = tiny.get_config()
   config.model.compute_dtype = 'float32'
   model = train_step.make_model(config)
@@ -83,9 +83,9 @@ def measure(num_items=32, seq_len=1024, batch_size=8):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--items', type=int, default=32)
+  parser.add_argument('--items', type=int, default=16)
   parser.add_argument('--seq_len', type=int, default=1024)
-  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--batch_size', type=int, default=4)
   parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'packed_scoring.json'))
   args = parser.parse_args()
   report = measure(args.items, args.seq_len, args.batch_size)

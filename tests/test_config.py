@@ -21,6 +21,8 @@ BAD_FIELDS = [
     ('optimizer.schedule', 'step', "config.optimizer.schedule = 'step'.*'cosine'"),
     ('model.remat', 'some', "config.model.remat = 'some'.*'none', 'minimal', 'full'"),
     ('mesh.tensor', 0, 'config.mesh.tensor = 0.*-1'),
+    ('data.source', 'csv', "config.data.source = 'csv'.*'tfds', 'jsonl', 'parquet', 'hf_disk'"),
+    ('data.path', '', "config.data.path = ''.*data.source = 'hf_disk'"),
 ]
 
 
@@ -29,6 +31,8 @@ def test_bad_field_fails_with_its_message(field, value, message):
   config = tiny.get_config()
   if field == 'model.norm.mix_post_layers':
     config.model.norm.placement = 'mix'
+  if field == 'data.path':
+    config.data.source = 'hf_disk'
   parent, name = field.rsplit('.', 1)
   node = config
   for part in parent.split('.'):
