@@ -45,3 +45,14 @@ def test_packed_loglikelihoods_equal_one_request_per_row(placement, attention_im
   np.testing.assert_allclose([ll for ll, _ in packed], [ll for ll, _ in alone], rtol=0, atol=1e-5)
   assert [greedy for _, greedy in packed] == [greedy for _, greedy in alone]
   assert np.std([ll for ll, _ in alone]) > 1.0  # the scores differ from request to request: the check has teeth
+
+
+@pytest.mark.slow
+def test_benchmark_script_reports_rows_calls_and_equal_scores():
+  from benchmarks import packed_scoring  # pylint: disable=g-import-not-at-top
+  report = packed_scoring.measure(num_items=3, seq_len=512, batch_size=2)
+  requests = packed_scoring.arc_like_requests(3)
+  assert report['requests'] == len(requests) == 12 and report['one_per_row']['rows'] == 12
+  assert report['one_per_row']['model_calls'] == 6 and report['packed']['rows'] < 12
+  assert report['max_abs_diff'] <= 1e-5 and report['greedy_equal']
+  assert all(context.startswith('Question: ') and context.endswith('\nAnswer:') for context, _ in requests)
