@@ -100,6 +100,8 @@ def get_config():
 
   # ---- data --------------------------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
+  data.source = 'tfds'              # 'tfds' | 'jsonl' | 'parquet' | 'hf_disk' (datasets.save_to_disk); see data.path
+  data.path = ''                    # jsonl/parquet/hf_disk: files or directory, '{split}' replaced by the split name
   data.name = 'shakespeare_milton'  # TFDS dataset name, e.g. 'shakespeare_milton' (embedded), 'c4/en', 'lm1b'
   data.data_dir = ''                # TFDS data dir (a path; on a pod a gcsfuse-mounted bucket); '' = ~/tensorflow_datasets
   data.train_split = 'train'        # split to train on
@@ -127,6 +129,8 @@ def get_config():
   evaluation.tasks_data_dir = ''    # TFDS data dir for the benchmark datasets; '' = data.data_dir
   evaluation.hellaswag_path = ''    # original HellaSwag JSONL (validation), for the 'hellaswag' task
   evaluation.siqa_path = ''         # original Social IQa JSONL + labels, for the 'siqa' task
+  evaluation.packed_scoring = True   # several task requests per row, kept apart by segment ids (same scores, faster)
+  evaluation.lm_eval_results = True  # also write lm-evaluation-harness's results_<time>.json under WORKDIR/eval/lm_eval
 
   # ---- Weights & Biases (beside metrics.jsonl and TensorBoard; needs `pip install wandb`) ---------------------------
   wandb = config.wandb = ml_collections.ConfigDict()

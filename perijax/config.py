@@ -21,6 +21,7 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 LOSS_SCALES = ('dynamic', 'none')
 TOKENIZERS = ('byte', 'sentencepiece')
 WANDB_MODES = ('online', 'offline', 'disabled')
+DATA_SOURCES = ('tfds', 'jsonl', 'parquet', 'hf_disk')
 # How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
 _VALUE_PARSERS = {
     bool: flags.BooleanParser(),
@@ -113,6 +114,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  for field in ('eval.packed_scoring', 'eval.lm_eval_results'):
+    if field.split('.')[1] in config.eval:  # absent from the config.json of older runs
+      _one_of(config, field, (True, False))
+  if 'source' in config.data:  # absent from the config.json of runs made before data.source existed
+    _one_of(config, 'data.source', DATA_SOURCES)
+    if config.data.source in ('jsonl', 'parquet') and '{split}' not in config.data.path:
+      _fail('data.path', config.data.path, f"data.source = {config.data.source!r} reads files: expected a path with "
+            "'{split}' in it, e.g. 'corpus/{split}.jsonl' or 'corpus/{split}-*.parquet' ('{split}' becomes "
+            'data.train_split / data.eval_split)')
+    if config.data.source == 'hf_disk' and not config.data.path:
+      _fail('data.path', config.data.path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk "
+            "wrote (a DatasetDict), or 'dir/{split}' for one Dataset per split")
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)

@@ -33,6 +33,7 @@ from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
+from perijax.tasks import lm_eval_results
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.metrics import scalars
@@ -222,6 +223,8 @@ class Evaluator:
     self.manager = checkpoint_lib.make_manager(workdir, read_only=True)
     # The data and every task's items are loaded now, so a missing dataset fails before any model runs.
     self.task_items = {name: tasks_lib.load_task_items(name, config.eval, config.data) for name in self.task_names}
+    self.task_split_sizes = ({name: tasks_lib.split_size(name, config.eval, config.data) for name in self.task_names}
+                             if config.eval.get('lm_eval_results', True) else {})
     self.eval_batches = pipeline.make_eval_iterator(
         config.data, self.tokenizer, split=config.data.eval_split,
         batch_size=config.eval.batch_size // jax.process_count(), seq_len=config.train.seq_len,
@@ -296,7 +299,8 @@ class Evaluator:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
       tasks = {name: tasks_lib.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
-          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name)
+          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name,
+          packed=self.config.eval.get('packed_scoring', True))
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
     return {
@@ -326,8 +330,12 @@ def result_path(workdir, step):
   return os.path.join(workdir, EVAL_DIR, f'step_{step}.json')
 
 
-def write_result(workdir, result):
-  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only."""
+def write_result(workdir, result, lm_eval=None):
+  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only.
+
+  `lm_eval=(config, task split sizes)` also writes the tasks' scores in lm-evaluation-harness's results format
+  (perijax/tasks/lm_eval_results.py) when config.eval.lm_eval_results is on.
+  """
   if jax.process_index() != 0:
     return
   path = result_path(workdir, result['step'])
@@ -336,6 +344,8 @@ def write_result(workdir, result):
     json.dump(result, f, indent=2)
     f.write('\n')
   os.replace(path + '.tmp', path)
+  if lm_eval and result['tasks'] and lm_eval[0].eval.get('lm_eval_results', True):
+    lm_eval_results.write(workdir, result, *lm_eval)
   step = result['step']
   with SummaryWriter(os.path.join(workdir, EVAL_DIR, 'tensorboard')) as writer:
     for key in ('loss', 'perplexity', 'bits_per_byte'):

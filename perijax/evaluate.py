@@ -4,7 +4,8 @@
 
 Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
 step, loss, perplexity, bits_per_byte, tokens, layers, norm_scales, tasks (plus split, bytes_per_token, stats_batches,
-mesh, eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
+mesh, eval_seconds), TensorBoard scalars under DIR/eval/tensorboard and (config.eval.lm_eval_results) the task scores in
+lm-evaluation-harness's format, DIR/eval/lm_eval/<run>__step_N/results_<date>.json (perijax/tasks/lm_eval_results.py).
   (no flag)  the latest checkpoint;
   --step=N   checkpoint N (evaluated again if already done);
   --all      every checkpoint without an eval/step_N.json yet;
@@ -104,7 +105,7 @@ def choose_steps(workdir, steps, step=None, evaluate_all=False):
 
 def evaluate_and_write(evaluator, step):
   result = evaluator.evaluate(step)
-  eval_lib.write_result(evaluator.workdir, result)
+  eval_lib.write_result(evaluator.workdir, result, lm_eval=(evaluator.config, evaluator.task_split_sizes))
   tasks = '  '.join(f'{name} acc {r["acc"]:.3f} acc_norm {r["acc_norm"]:.3f} (n={r["n"]})'
                     for name, r in result['tasks'].items())
   log(f'step {step}: loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  bits/byte '

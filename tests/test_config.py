@@ -24,6 +24,8 @@ BAD_FIELDS = [
     ('model.init.std', 0.0, 'config.model.init.std = 0.0.*positive'),
     ('model.norm.scale_init', -1.0, 'config.model.norm.scale_init = -1.0.*positive'),
     ('model.norm.freeze_out_scale', True, "config.model.norm.freeze_out_scale = True.*placement 'pre' has no output"),
+    ('data.source', 'csv', "config.data.source = 'csv'.*'tfds', 'jsonl', 'parquet', 'hf_disk'"),
+    ('data.path', '', "config.data.path = ''.*data.source = 'hf_disk'"),
 ]
 
 
@@ -34,6 +36,8 @@ def test_bad_field_fails_with_its_message(field, value, message):
     config.model.norm.placement = 'mix'
   if field == 'model.norm.freeze_out_scale':
     config.model.norm.placement = 'pre'  # tiny's own; said here because the check depends on it
+  if field == 'data.path':
+    config.data.source = 'hf_disk'
   parent, name = field.rsplit('.', 1)
   node = config
   for part in parent.split('.'):

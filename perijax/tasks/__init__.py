@@ -34,27 +34,38 @@ def validate_task_names(names: Sequence[str]) -> tuple[str, ...]:
   return tuple(names)
 
 
+def _task_documents(name: str, eval_config, data_config):
+  """(documents of the task's evaluated split, the function that turns one into an item), for the five benchmarks."""
+  tasks_data_dir = eval_config.tasks_data_dir or data_config.data_dir
+  if name == 'arc_easy':
+    return benchmarks.read_arc_easy(tasks_data_dir), benchmarks.arc_item
+  if name == 'hellaswag':
+    return benchmarks.read_hellaswag(tasks_data_dir, eval_config.hellaswag_path), benchmarks.hellaswag_item
+  if name == 'piqa':
+    return benchmarks.read_piqa(tasks_data_dir), benchmarks.piqa_item
+  if name == 'siqa':
+    return benchmarks.read_siqa(tasks_data_dir, eval_config.siqa_path), benchmarks.siqa_item
+  if name == 'winogrande':
+    return benchmarks.read_winogrande(tasks_data_dir), benchmarks.winogrande_item
+  raise ValueError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
+
+
 def load_task_items(name: str, eval_config, data_config) -> list[MultipleChoiceItem]:
   """One task's items, the first config.eval.max_examples of its evaluated split (0 = all)."""
   max_examples = int(eval_config.max_examples)
   if max_examples < 0:
     raise ValueError(f'config.eval.max_examples must be >= 0 (0 = all), got {max_examples}')
-  tasks_data_dir = eval_config.tasks_data_dir or data_config.data_dir
   if name == 'next_line':
     return next_line.next_line_items(data_config.data_dir, max_examples)
-  if name == 'arc_easy':
-    docs, item_fn = benchmarks.read_arc_easy(tasks_data_dir), benchmarks.arc_item
-  elif name == 'hellaswag':
-    docs, item_fn = benchmarks.read_hellaswag(tasks_data_dir, eval_config.hellaswag_path), benchmarks.hellaswag_item
-  elif name == 'piqa':
-    docs, item_fn = benchmarks.read_piqa(tasks_data_dir), benchmarks.piqa_item
-  elif name == 'siqa':
-    docs, item_fn = benchmarks.read_siqa(tasks_data_dir, eval_config.siqa_path), benchmarks.siqa_item
-  elif name == 'winogrande':
-    docs, item_fn = benchmarks.read_winogrande(tasks_data_dir), benchmarks.winogrande_item
-  else:
-    raise ValueError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
+  docs, item_fn = _task_documents(name, eval_config, data_config)
   return benchmarks.take_items(name, docs, item_fn, max_examples)
+
+
+def split_size(name: str, eval_config, data_config) -> int:
+  """Documents in the task's whole evaluated split (lm-eval's n-samples "original"; max_examples may score fewer)."""
+  if name == 'next_line':
+    return len(next_line.next_line_items(data_config.data_dir, 0))
+  return len(_task_documents(name, eval_config, data_config)[0])
 
 
 def evaluate_tasks(names: Sequence[str], tokenizer, logprobs_fn: LogprobsFn, eval_config, data_config, *,
@@ -67,16 +78,17 @@ def evaluate_tasks(names: Sequence[str], tokenizer, logprobs_fn: LogprobsFn, eva
     names: task names, a subset of TASK_NAMES.
     tokenizer: `encode(text) -> list[int]` without BOS/EOS, and `eos_id` (the beginning-of-sequence token).
     logprobs_fn: `(inputs, positions, segment_ids) [B, T] -> log-softmax [B, T, V]`, called at [batch_size, seq_len].
-    eval_config: config.eval (max_examples, tasks_data_dir, hellaswag_path, siqa_path).
+    eval_config: config.eval (max_examples, tasks_data_dir, hellaswag_path, siqa_path, packed_scoring).
     data_config: config.data (data_dir: where the embedded corpus is, and the benchmarks if tasks_data_dir is '').
     batch_size: rows per model call.
     seq_len: tokens per row; longer requests keep their last seq_len + 1 tokens, as lm-eval does.
   """
   names = validate_task_names(names)
   items = {name: load_task_items(name, eval_config, data_config) for name in names}
+  packed = eval_config.get('packed_scoring', True)
   return {name: score_multiple_choice(items[name], tokenizer, logprobs_fn, batch_size=batch_size, seq_len=seq_len,
-                                     desc=name) for name in names}
+                                     desc=name, packed=packed) for name in names}
 
 
 __all__ = ['TASK_NAMES', 'MultipleChoiceItem', 'evaluate_tasks', 'load_task_items', 'loglikelihoods',
-           'score_multiple_choice', 'validate_task_names']
+           'score_multiple_choice', 'split_size', 'validate_task_names']
