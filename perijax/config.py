@@ -106,6 +106,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  if 'massive_k' in config.train:  # absent from the config.json of runs made before massive-activation statistics
+    if not isinstance(config.train.massive_k, int) or isinstance(config.train.massive_k, bool):
+      _fail('train.massive_k', config.train.massive_k, 'expected a positive integer')
+    for field in ('train.massive_k', 'train.massive_abs_threshold', 'train.massive_ratio_threshold'):
+      _positive(config, field)
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)

@@ -30,7 +30,7 @@ def scalars(record):
   """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
   flat = {}
   for key, value in record.items():
-    if isinstance(value, list):
+    if isinstance(value, list) and all(isinstance(item, (int, float)) for item in value):  # not massive_* entries
       flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)})
     elif isinstance(value, (int, float, bool)):
       flat[key] = float(value)
