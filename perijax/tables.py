@@ -188,7 +188,7 @@ def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
   shown = lambda token: str(token) if texts is None else ('<doc>' if texts(token) == '<doc>' else repr(texts(token)))
   headers = ['layer']
   for name, _, _ in stats_lib.MASSIVE_TENSORS:
-    headers += [f'{name} |x|', 'ratio', 'at pos/ch token']
+    headers += [f'{name} |x|', 'ratio', 'at']
   rows = []
   for layer in range(len(line['massive_residual'])):
     row = [str(layer + 1)]
@@ -202,7 +202,8 @@ def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
       row += [format_number(value) + star, format_number(ratio),
               f'{entry["position"][0]}/{entry["channel"][0]} {shown(entry["token"][0])}']
     rows.append(row)
-  return (f'{run.name}, step {line["step"]} (* = |x| > {abs_threshold:g} and > {ratio_threshold:g} x median |x|)\n'
+  return (f'{run.name}, step {line["step"]} (* = |x| > {abs_threshold:g} and > {ratio_threshold:g} x median |x|; '
+          'at = position in the document/channel token)\n'
           + format_table([headers], rows))
 
 
@@ -218,9 +219,10 @@ def _layer_ranges(layers: Sequence[int]) -> str:
 
 
 def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
-  """One row per run: where its massive activations sit, so placements can be compared at a glance."""
-  headers = ['run', 'placement', 'step', 'residual layers', 'attn_out layers', 'mlp_out layers', 'channels',
-             'at first token', 'at delimiters', 'max ratio']
+  """One row per run: the layers whose stream / sub-layer outputs hold massive activations, their channels, the share
+  at the first token and at delimiters, and the largest ratio to the median |x|, so placements compare at a glance."""
+  headers = ['run', 'placement', 'step', 'residual', 'attn_out', 'mlp_out', 'channels', 'first token', 'delimiters',
+             'max ratio']
   rows = []
   for run in runs:
     summary = massive_summary(run, steps)
@@ -234,4 +236,5 @@ def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]]
                    share(summary['delimiter_share']), format_number(summary['max_ratio'])])
   if not rows:
     return 'no massive-activation statistics in these runs'
-  return format_table([headers], rows, keep=3)
+  return 'Where massive activations sit (layers per tensor; channels, first token, delimiters: residual stream)\n' + (
+      format_table([headers], rows, keep=3))
