@@ -4,7 +4,8 @@ and a console line. Process 0 only.
 metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
 spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
-attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
+attn_out_var, mlp_out_var, attn_/mlp_increment_var, delta_var, cross_cov; massive_* entries, which TensorBoard and
+W&B do not get). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
 the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ...
 
 W&B (`pip install wandb`, imported only when enabled): the run is named after the workdir, its id is kept in

@@ -28,7 +28,7 @@ def reference_sublayers(placement, tokens, num_layers=2):
   config = small_config(placement, num_layers=num_layers)
   model, params = init_params(config.model, length=tokens.size)
   params = randomize(params, seed=3)
-  _, stats = model.apply({'params': params}, jnp.asarray(tokens[None]), collect_stats=True)
+  _, stats = jax.jit(functools.partial(model.apply, collect_stats=True))({'params': params}, jnp.asarray(tokens[None]))
   placements = layer_placements(config.model.norm, num_layers)
   sublayers = []
   numpy_reference.forward(jax.device_get(params), tokens, placements, 'rmsnorm', config.model.norm.eps,
@@ -121,7 +121,7 @@ def test_tensor_stats_ignore_padding():
 
 
 def model_stats(model, params, tokens, segment_ids):
-  _, stats = model.apply({'params': params}, tokens, None, segment_ids, collect_stats=True)
+  _, stats = jax.jit(functools.partial(model.apply, collect_stats=True))({'params': params}, tokens, None, segment_ids)
   return stats_lib.layer_summary(jax.device_get(stats))
 
 
