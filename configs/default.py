@@ -57,6 +57,10 @@ def get_config():
   train.seed = 0                    # seeds parameters init, data order and dropout-free RNG
   train.log_every = 10              # steps between lines in metrics.jsonl / TensorBoard
   train.stats_every = 50            # steps between per-layer statistics (variance, max |x|, float16 overflows)
+  train.massive_k = 8               # statistics steps: the k largest |x| per layer, kept apart for the stream and each
+                                    # sub-layer's output (massive activations, Sun et al. 2024)
+  train.massive_abs_threshold = 100.0   # a layer's |x| is massive if > this (Sun et al.: 100) ...
+  train.massive_ratio_threshold = 1000.0  # ... and > this x the median |x| (Sun et al.: about 1000); read by inspect
   train.spike_factor = 3.0          # gradient spike: global grad norm > spike_factor * running median ...
   train.spike_window = 50           # ... of the last spike_window steps' grad norms
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'

@@ -116,7 +116,8 @@ def plot(runs, records, rows, path):
   for i, placement in enumerate(placements):
     values = [next((r['worst_fp16_headroom'] for r in rows if r['placement'] == placement and
                     (r['lr'], r['num_layers']) == point), None) or np.nan for point in points]
-    headroom_ax.bar(np.arange(len(points)) + i * width, values, width, label=placement)
+    headroom_ax.bar(np.arange(len(points)) + i * width, values, width, label=placement,
+                   color=plots.placement_color(placement))
   headroom_ax.axhline(1.0, color='k', linestyle=':', label='float16 max (65504)')
   headroom_ax.set_xticks(np.arange(len(points)) + width * (len(placements) - 1) / 2,
                          [f'lr {lr:g}\n{depth} layers' for lr, depth in points], fontsize=7)
@@ -128,7 +129,8 @@ def plot(runs, records, rows, path):
     steps = [line['step'] for line in record.metrics if line.get('loss') is not None]
     losses = [line['loss'] for line in record.metrics if line.get('loss') is not None]
     style = '-' if run.overrides['model.norm.placement'] == 'peri' else '--'
-    loss_ax.plot(steps, losses, style, label=run.name.replace(',seed=0', ''), linewidth=1)
+    loss_ax.plot(steps, losses, style, label=run.name.replace(',seed=0', ''), linewidth=1,
+                 color=plots.placement_color(run.overrides['model.norm.placement']))
   loss_ax.set(xlabel='step', ylabel='training loss', title='loss (seed 0; dashed = not peri)')
   loss_ax.legend(fontsize=6)
   return plots.save_figure(fig, path)

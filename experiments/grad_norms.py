@@ -86,7 +86,8 @@ def plot(rows, path):
     for row in rows:
       if label in row:
         values = row[label]['profile']
-        ax.plot(range(1, len(values) + 1), values, 'o-', label=f'{row["placement"]} (mean {row[label]["level"]:.3g})')
+        ax.plot(range(1, len(values) + 1), values, 'o-', label=f'{row["placement"]} (mean {row[label]["level"]:.3g})',
+                color=plots.placement_color(row['placement']))
     ax.set(xlabel='layer', ylabel='gradient norm', yscale='log',
            title=f'per-layer gradient norm, {label.replace("_", " ")} (mean over steps and seeds)')
     ax.legend(fontsize=7)

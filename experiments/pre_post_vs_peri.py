@@ -79,14 +79,15 @@ def plot(init_rows, rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
   for row in init_rows:
-    axes[0].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'])
+    axes[0].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'],
+                 color=plots.placement_color(row['placement']))
   axes[0].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init')
   for row in rows:
     axes[1].plot(range(1, len(row['final_residual_var']) + 1), row['final_residual_var'], 'o-',
-                 label=row['placement'])
+                 label=row['placement'], color=plots.placement_color(row['placement']))
     for i, curve in enumerate(row['loss_curves']):
-      axes[2].plot(*zip(*curve), '-' if row['placement'] == 'peri' else '--', linewidth=1,
-                   label=f'{row["placement"]} seed {i}')
+      axes[2].plot(*zip(*curve), plots.LINESTYLES[i % len(plots.LINESTYLES)], linewidth=1,
+                   label=f'{row["placement"]} seed {i}', color=plots.placement_color(row['placement']))
   axes[1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='end of training (mean over seeds)')
   axes[2].set(xlabel='step', ylabel='training loss', title='loss')
   for ax in axes:

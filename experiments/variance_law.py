@@ -113,20 +113,23 @@ def plot(scale_rows, init_rows, training_rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
   for row in scale_rows:
-    axes[0].loglog(row['scales'], row['ratio_to_s1'], 'o-', label=row['placement'])
+    axes[0].loglog(row['scales'], row['ratio_to_s1'], 'o-', label=row['placement'],
+                   color=plots.placement_color(row['placement']))
   if scale_rows:
     axes[0].loglog(scale_rows[0]['scales'], scale_rows[0]['expected_pre_ln'], 'k:', label='s²')
   axes[0].set(xlabel='output projection scale s', ylabel='variance increment / increment at s=1',
               title='at init: increment per sub-layer vs s')
   for row in init_rows:
-    axes[1].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'])
+    axes[1].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'],
+                 color=plots.placement_color(row['placement']))
   axes[1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init: variance by depth')
   for row in training_rows:
     if row['seed'] == 0:
       for index in (0, len(row['steps']) - 1):
         variance = np.asarray(row['residual_var'][index], dtype=np.float64)
         axes[2].plot(range(1, variance.size + 1), variance, 'o-' if index else 'x--',
-                     label=f'{row["placement"]} step {row["steps"][index]}')
+                     label=f'{row["placement"]} step {row["steps"][index]}',
+                     color=plots.placement_color(row['placement']))
   axes[2].set(xlabel='layer', ylabel='residual variance', yscale='log',
               title='training (seed 0): init and last stats step')
   for ax in axes:

@@ -126,6 +126,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.data.source == 'hf_disk' and not config.data.path:
       _fail('data.path', config.data.path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk "
             "wrote (a DatasetDict), or 'dir/{split}' for one Dataset per split")
+  if 'massive_k' in config.train:  # absent from the config.json of runs made before massive-activation statistics
+    if not isinstance(config.train.massive_k, int) or isinstance(config.train.massive_k, bool):
+      _fail('train.massive_k', config.train.massive_k, 'expected a positive integer')
+    for field in ('train.massive_k', 'train.massive_abs_threshold', 'train.massive_ratio_threshold'):
+      _positive(config, field)
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)

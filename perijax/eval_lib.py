@@ -183,9 +183,12 @@ def make_eval_mesh(config, model, devices=None):
 
 def aggregate_stats(per_batch):
   """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed."""
+  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations the top-k of all batches (their
+  median |x| averaged)."""
   combined = {}
   for name in per_batch[0]:
+    if '_massive_' in name:  # top-k values and where they sit: merged below
+      continue
     values = np.stack([np.asarray(stats[name], np.float64) for stats in per_batch])
     if name.endswith('_max_abs'):
       combined[name] = values.max(axis=0)
@@ -195,6 +198,7 @@ def aggregate_stats(per_batch):
       combined[name] = np.sqrt(np.mean(np.square(values), axis=0))
     else:
       combined[name] = values.mean(axis=0)
+  combined.update(stats_lib.merge_massive(per_batch))
   return combined
 
 

@@ -4,7 +4,8 @@ and a console line. Process 0 only.
 metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
 spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
-attn_out_var, mlp_out_var, attn_logit_max) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
+attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_* entries, which
+TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
 ...; None for a layer without that norm). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard
 and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
 left out).
@@ -32,9 +33,8 @@ def scalars(record):
   """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
   flat = {}
   for key, value in record.items():
-    if isinstance(value, list):
-      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)
-                   if item is not None})
+    if isinstance(value, list) and all(item is None or isinstance(item, (int, float)) for item in value):  # not massive_*
+      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value) if item is not None})
     elif isinstance(value, (int, float, bool)):
       flat[key] = float(value)
   return flat

@@ -164,6 +164,7 @@ class Layer(nn.Module):
   precision: Precision
   placement: str
   collect_stats: bool = False
+  massive_k: int = stats_lib.MASSIVE_K
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
@@ -184,14 +185,19 @@ class Layer(nn.Module):
       logit_max.append(largest)
       return out
 
+    attn_in = x
     x, attn_out = placement_lib.residual_sublayer(self.placement, x, attend, norm_maker('attention'))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    attn_stats = stats_lib.sublayer_stats(x, attn_out) if self.collect_stats else None
+    # Statistics are traced only on statistics steps, over real tokens (padding has segment id 0).
+    sublayer_stats = lambda residual, out, residual_in: stats_lib.sublayer_stats(
+        residual, out, residual_in, stats_lib.token_mask(segment_ids, residual.shape), self.massive_k)
+    attn_stats = sublayer_stats(x, attn_out, attn_in) if self.collect_stats else None
+    mlp_in = x
     x, mlp_out = placement_lib.residual_sublayer(self.placement, x, mlp, norm_maker('mlp'))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     if not self.collect_stats:
       return x, None
-    mlp_stats = stats_lib.sublayer_stats(x, mlp_out)
+    mlp_stats = sublayer_stats(x, mlp_out, mlp_in)
     # [2] per statistic: index 0 after attention, 1 after the MLP; the attention logit is the attention's alone.
     stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_stats, mlp_stats)
     return x, {**stats, 'attention_logit_max_abs': logit_max[0]}
@@ -200,10 +206,13 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
   """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`.
 
-  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*': [layers, 2],
-          'attention_logit_max_abs': [layers]}.
+  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*' |
+  'increment_var' | 'delta_var' | 'cross_cov' | '*_median_abs': [layers, 2]}, {'attention_logit_max_abs': [layers]}
+  and {'*_massive_abs' | '*_massive_token' | '*_massive_position' | '*_massive_channel': [layers, 2, massive_k]}
+  (perijax/stats.py).
   """
   config: Any  # config.model
+  massive_k: int = stats_lib.MASSIVE_K  # largest |x| kept per tensor on statistics steps (config.train.massive_k)
 
   @nn.compact
   def __call__(self, inputs, positions=None, segment_ids=None, collect_stats=False):
@@ -230,11 +239,13 @@ class Transformer(nn.Module):
         stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=count,
                         unroll=min(cfg.scan_unroll, count), metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, stats = stack(cfg, p, placement, collect_stats, name=f'layers_{group}')(x, positions, segment_ids)
+        x, stats = stack(cfg, p, placement, collect_stats, self.massive_k, name=f'layers_{group}')(
+            x, positions, segment_ids)
         layer_stats.append(stats)
       else:
         for _ in range(count):
-          x, stats = layer(cfg, p, placement, collect_stats, name=f'layer_{layer_index}')(x, positions, segment_ids)
+          x, stats = layer(cfg, p, placement, collect_stats, self.massive_k, name=f'layer_{layer_index}')(
+              x, positions, segment_ids)
           layer_stats.append(jax.tree.map(lambda a: a[None], stats))
           layer_index += 1
 
@@ -247,6 +258,8 @@ class Transformer(nn.Module):
                         kernel_init=dense_init(cfg.init.std, ('embed', 'vocab')), name='lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if collect_stats else None
+    if collect_stats:
+      stats = stats_lib.locate_tokens(stats, inputs, positions)
     return logits, stats
 
 

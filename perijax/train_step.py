@@ -39,7 +39,9 @@ def unboxed(tree):
 
 
 def make_model(config):
-  return model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
+  # A run whose config.json predates train.massive_k gets the default.
+  return model_lib.Transformer(ml_collections.FrozenConfigDict(config.model),
+                               massive_k=config.train.get('massive_k', model_lib.Transformer.massive_k))
 
 
 def uses_loss_scaling(config):
