@@ -163,7 +163,7 @@ def test_hellaswag_builder_round_trip_keeps_fields_and_file_order(original_files
   item = paper_tasks.hellaswag_item(first)
   assert item.requests[0] == ('Roof shingle removal: A man is sitting on a roof. He', ' is using wrap.')
   assert item.gold == 3
-  again = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])  # reuses the prepared copy
+  again = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])  # the prepared copy
   assert paper_tasks.as_text(again[1]['ctx_a']) == 'A lady walks to a barbell.'
 
 

@@ -1,7 +1,8 @@
 """Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
 
-The command line is `perijax/evaluate/__init__.py`; this module does the work. An `Evaluator` is built once per workdir (config,
-tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of steps:
+The command line is the package's `__init__.py`; this module does the work. An `Evaluator` is built once per workdir
+(config, tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of
+steps:
 
     evaluator = Evaluator(workdir, load_run_config(workdir))
     evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
