@@ -6,10 +6,10 @@ own small-scale overrides (`SMALL` in each script: fewer steps, shorter sequence
 with any other config (e.g. configs/paper_400m.py) it applies none: steps, sizes and dtypes come from that config and
 only the experiment's grid is added. `--config.a.b=value` flags override both, as for `perijax.train`.
 
-Running. The grid is expanded by `perijax.sweep` (one workdir per run under --root, named by its swept values) and
-trained in this process, one run after the other; a run whose final checkpoint exists is skipped and an interrupted
-one resumes from its checkpoint. `--print` prints one `perijax.train && perijax.evaluate` line per run for a pod
-scheduler instead; when those have run, `--analyze_only` reads their workdirs and writes the results.
+Running. The grid is expanded and run by `perijax.sweep` (one workdir per run under --root, named by its swept values;
+one `perijax.train` process per run, one after the other); a run whose final checkpoint exists is skipped and an
+interrupted one resumes from its checkpoint. `--print` prints one `perijax.train && perijax.evaluate` line per run
+for a pod scheduler instead; when those have run, `--analyze_only` reads their workdirs and writes the results.
 """
 
 import dataclasses
@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +24,6 @@ if REPO not in sys.path:  # `python experiments/<name>.py` as well as `python -m
   sys.path.insert(0, REPO)
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
@@ -95,30 +93,14 @@ def plan(setup: Setup, grid: Sequence[Tuple[str, Sequence[Any]]], seeds: int, ro
   return sweep.expand_grid(setup.config, specs, seeds, root, setup.fixed, validate=config_lib.validate)
 
 
-def is_trained(run: sweep.Run) -> bool:
-  return sweep.latest_checkpoint_step(run.workdir) == run.steps
-
-
 def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: bool = False,
                log: Callable[[str], None] = print) -> None:
-  """Trains each run not trained yet, in this process; records them in ROOT/sweep.json for `perijax.inspect`."""
-  from perijax import train  # pylint: disable=g-import-not-at-top  (defines absl flags: only imported when needed)
-  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO, as in perijax.train's main
-  os.makedirs(root, exist_ok=True)
-  header = {'config': setup.config_arg, 'fixed_overrides': setup.fixed}
-  for index, run in enumerate(runs, 1):
-    start = time.time()
-    if is_trained(run):
-      run.status = 'skipped'
-    else:
-      train.train(setup.resolved(run.overrides), run.workdir)
-      run.status = 'trained'
-    if evaluate and not sweep.is_finished(run):
-      status = sweep.subprocess_run_command(sweep.evaluate_command(run.workdir, run.steps, sys.executable),
-                                            os.path.join(run.workdir, 'eval.log'))
-      run.detail = '' if status == 0 else f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
-    log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
-    sweep.write_sweep_json(root, runs, header)
+  """Trains (and with `evaluate`, evaluates) each run not done yet: `perijax.sweep`'s runner, one `perijax.train`
+  process after another, recorded in ROOT/sweep.json for `perijax.inspect`. Raises if a run failed."""
+  runs = sweep.run_sweep(runs, root, setup.config_arg, setup.fixed, log=log, evaluate=evaluate)
+  failed = [run for run in runs if run.status in ('failed', 'eval_failed')]
+  if failed:
+    raise RuntimeError(f'{len(failed)} run(s) failed: {failed[0].name}: {failed[0].detail}')
 
 
 def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:

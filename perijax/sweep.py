@@ -220,9 +220,10 @@ def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> 
 
 
 def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
-                run_command: RunCommand) -> None:
-  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run."""
-  if is_finished(run):
+                run_command: RunCommand, evaluate: bool = True) -> None:
+  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run.
+  Without `evaluate`, a run is finished once trained to its last step."""
+  if is_finished(run) or (not evaluate and latest_checkpoint_step(run.workdir) == run.steps):
     run.status, run.detail = 'skipped', 'already finished'
     return
   if latest_checkpoint_step(run.workdir) != run.steps:   # a run trained to the end only needs its evaluation
@@ -234,6 +235,10 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
   step = latest_checkpoint_step(run.workdir)
   if step is None:
     run.status, run.detail = 'failed', f'no checkpoint in {run.workdir}/checkpoints to evaluate'
+    return
+  if not evaluate:
+    run.status, run.detail = ('finished', '') if step == run.steps else (
+        'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)')
     return
   status = run_command(evaluate_command(run.workdir, step, python), os.path.join(run.workdir, 'eval.log'))
   if status != 0:
@@ -247,8 +252,9 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
 def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Optional[Dict[str, Any]] = None,
               python: str = sys.executable, run_command: RunCommand = subprocess_run_command,
               sweep_args: Optional[Dict[str, Any]] = None,
-              log: Callable[[str], None] = progress.write) -> List[Run]:
-  """Runs every unfinished run in order, recording each in ROOT/sweep.json; returns the runs with their status."""
+              log: Callable[[str], None] = progress.write, evaluate: bool = True) -> List[Run]:
+  """Runs every unfinished run in order (`evaluate`: train then evaluate; else train only), recording each in
+  ROOT/sweep.json; returns the runs with their status."""
   fixed_overrides = dict(fixed_overrides or {})
   os.makedirs(root, exist_ok=True)
   header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **(sweep_args or {})}
@@ -256,7 +262,7 @@ def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: 
   for index, run in enumerate(progress.progress(runs, 'sweep', unit='run', leave=True), 1):
     start = time.time()
     log(f'[{index}/{len(runs)}] {run.name}: running')
-    execute_run(run, config_arg, fixed_overrides, python, run_command)
+    execute_run(run, config_arg, fixed_overrides, python, run_command, evaluate)
     log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
     write_sweep_json(root, runs, header)
   log(summarize(runs))

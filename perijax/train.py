@@ -4,7 +4,6 @@ The same command runs on every host of a pod. WORKDIR gets config.json, tokenize
 and checkpoints/; a workdir that already has checkpoints resumes from the latest one.
 """
 
-import functools
 import json
 import os
 import signal
@@ -118,13 +117,9 @@ def train(config, workdir, devices=None):
   write_run_files(config, workdir, tokenizer)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  step_fns = {collect: train_step_lib.jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect)
+              for collect in (False, True)}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step_fns = {
-      collect: jax.jit(functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer,
-                                         train_config=config.train, collect_stats=collect),
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                       donate_argnums=0)
-      for collect in (False, True)}
   norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)  # the norms' γ, gathered whole
 
   tokens_per_step = config.train.batch_size * config.train.seq_len

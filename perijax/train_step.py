@@ -1,7 +1,7 @@
 """The train state and the one pure training step: loss, dynamic loss scaling, skip-on-overflow, AdamW, metrics.
 
-`train_step(state, batch, ...) -> (state, metrics)` is jitted once by the trainer (and once more with statistics on),
-with explicit shardings and the old state donated. Nothing in here touches the host.
+`train_step(state, batch, ...) -> (state, metrics)` is jitted by `jit_train_step` (the trainer, the dry run and the
+benchmarks all use it): explicit shardings and the old state donated. Nothing in here touches the host.
 """
 
 import functools
@@ -160,3 +160,13 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   if collect_stats:
     metrics['stats'] = stats
   return new_state, metrics
+
+
+def jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect_stats=False):
+  """`train_step` jitted as the trainer runs it: state and batch laid out by their shardings, metrics replicated,
+  the old state donated (its buffers are reused for the new one)."""
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  step = functools.partial(train_step, model=model, optimizer=optimizer, train_config=config.train,
+                           collect_stats=collect_stats)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                 donate_argnums=0)

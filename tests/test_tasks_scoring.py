@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from perijax.tasks import benchmarks
+from perijax.tasks import paper_tasks
 from perijax.tasks import scoring
 from perijax.tasks.scoring import MultipleChoiceItem
 
@@ -173,7 +173,7 @@ def test_acc_norm_divides_by_characters_not_bytes():
 def test_winogrande_scores_the_shared_suffix_after_each_option(position_bigram_table):
   doc = {'sentence': 'The cup fell off the table because _ was wobbly.', 'option1': 'the cup', 'option2': 'the table',
          'label': 1}
-  item = benchmarks.winogrande_item(doc)
+  item = paper_tasks.winogrande_item(doc)
   tokenizer = ByteTokenizer()
   pairs = [scoring.encode_pair(tokenizer, context, continuation) for context, continuation in item.requests]
   assert pairs[0][1] == pairs[1][1] == tokenizer.encode(' was wobbly.')

@@ -1,7 +1,8 @@
 """Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
 
-The command line is `perijax/evaluate.py`; this module does the work. An `Evaluator` is built once per workdir (config,
-tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of steps:
+The command line is the package's `__init__.py`; this module does the work. An `Evaluator` is built once per workdir
+(config, tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of
+steps:
 
     evaluator = Evaluator(workdir, load_run_config(workdir))
     evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
@@ -40,7 +41,6 @@ from perijax.metrics import scalars
 from perijax.precision import Precision
 from perijax.progress import progress
 
-RESULT_KEYS = ('step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', 'tasks')
 EVAL_DIR = 'eval'
 CONFIG_FILE = 'config.json'
 # Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
@@ -283,7 +283,7 @@ class Evaluator:
       return restore_params(self.manager, step, self.abstract_params, self.param_shardings)
 
   def evaluate(self, step):
-    """The result of checkpoint `step` (see RESULT_KEYS); writes nothing."""
+    """The result of checkpoint `step` (the keys of `evaluate_params`, plus step); writes nothing."""
     return {'step': int(step), **self.evaluate_params(self.restore(step))}
 
   def evaluate_params(self, params):

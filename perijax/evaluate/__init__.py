@@ -1,4 +1,5 @@
-"""Evaluates a run's checkpoints, as a process of its own beside (or after) training:
+"""Evaluates a run's checkpoints, as a process of its own beside (or after) training (`eval_lib.py` does the work;
+`__main__.py` runs `main`):
 
     python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
 
@@ -40,7 +41,7 @@ import jax
 import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
-from perijax import eval_lib
+from perijax.evaluate import eval_lib
 from perijax import progress as progress_lib
 from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
@@ -232,8 +233,3 @@ def main(argv):
     # A failed Orbax restore leaves reads pending on its event loop; a normal exit would print their tracebacks
     # after the error line. Nothing is half-written at this point, so skip interpreter teardown.
     os._exit(1)  # pylint: disable=protected-access
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
