@@ -34,6 +34,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
 from perijax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+from perijax import rundir  # pylint: disable=g-import-not-at-top
 from perijax import stats as stats_lib  # pylint: disable=g-import-not-at-top
 from perijax import sweep  # pylint: disable=g-import-not-at-top
 from perijax import train_step  # pylint: disable=g-import-not-at-top
@@ -114,9 +115,9 @@ def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: boo
       train.train(setup.resolved(run.overrides), run.workdir)
       run.status = 'trained'
     if evaluate and not sweep.is_finished(run):
-      status = sweep.subprocess_run_command(sweep.evaluate_command(run.workdir, run.steps, sys.executable),
-                                            os.path.join(run.workdir, 'eval.log'))
-      run.detail = '' if status == 0 else f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
+      eval_log = str(rundir.command_log(run.workdir, 'eval'))
+      status = sweep.subprocess_run_command(sweep.evaluate_command(run.workdir, run.steps, sys.executable), eval_log)
+      run.detail = '' if status == 0 else f'perijax.evaluate exited with {status}; see {eval_log}'
     log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
     sweep.write_sweep_json(root, runs, header)
 
@@ -128,7 +129,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
     return False
   if not FLAGS.analyze_only:
     train_runs(setup, runs, root, evaluate=FLAGS.evaluate)
-  missing = [run.workdir for run in runs if not os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
+  missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
     raise FileNotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
                             'train them first (drop --analyze_only)')

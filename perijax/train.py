@@ -6,7 +6,6 @@ and checkpoints/; a workdir that already has checkpoints resumes from the latest
 
 import functools
 import json
-import os
 import signal
 import time
 
@@ -21,6 +20,7 @@ from perijax import config as config_lib
 from perijax import hardware
 from perijax import optimizer as optimizer_lib
 from perijax import params as params_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
@@ -64,25 +64,34 @@ class RowSlice:
 
 
 class Preemption:
-  """SIGTERM (a pod preemption) asks for a checkpoint at the next step boundary, then a clean exit."""
+  """SIGTERM (a preemption) asks for a checkpoint at a step boundary, then a clean exit.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: the signal may reach only one host, and a
+  collective save that one host starts alone hangs the rest. JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM instead, tells every process through the coordination service, and
+  `reached_preemption_sync_point` (through Orbax's manager) returns True on every process at the same step. So no
+  Python handler is installed then: it would replace the service's."""
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handler)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def reached(self, manager, step):
-    return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
+    """Called once per step by every process, with the same step: True on all of them at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    return manager.reached_preemption(step)
 
 
 def write_run_files(config, workdir, tokenizer):
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  rundir.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
   tokenizers.save_tokenizer(tokenizer, workdir)
 
 
@@ -105,7 +114,7 @@ def train(config, workdir, devices=None):
                                  f'tokenizer vocabulary ({tokenizer.vocab_size}); use at least that')
   data_iterator = make_data_iterator(config, tokenizer, micro_batch)
 
-  os.makedirs(workdir, exist_ok=True)
+  rundir.root(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   latest = manager.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -174,8 +183,7 @@ def train(config, workdir, devices=None):
         if manager.latest_step() != step:
           checkpoint_lib.save(manager, step, state, data_iterator, config)
         manager.wait_until_finished()
-        if jax.process_index() == 0:
-          print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)
+        print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)  # every host's log says so
         writer.close()
         return state
   if manager.latest_step() != step:
