@@ -6,8 +6,10 @@ rewriting one growing file would cost more each window, so there the lines go to
 part_000002.jsonl, ...: each log step rewrites the current part whole (at most PART_LINES lines), and a new part starts
 after PART_LINES lines or when a resumed run starts. `perijax.rundir.metrics_files` lists them in the order written.
 
-metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
-spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
+metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, grad_norm_max, loss_scale,
+skipped_steps, spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer): loss,
+grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`), lr is the one the
+line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
 attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
 the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ...
@@ -25,11 +27,31 @@ import secrets
 import time
 
 import jax
+import numpy as np
 from tensorboardX import SummaryWriter
 
 from perijax import rundir
 
 PART_LINES = 100  # lines per metrics part file on an object store
+
+
+WINDOW_KEYS = ('loss', 'grad_norm', 'layer_grad_norm')  # per-step values a logged line summarizes over its window
+
+
+def window_summary(steps):
+  """`steps`: [{loss, grad_norm, layer_grad_norm}] of each step since the last logged line. Returns their means over
+  the steps where each is finite (a skipped step's gradient norm is not; skipped_steps and forward_overflows count
+  those) and `grad_norm_max`, the window's largest finite global gradient norm. NaN where no step was finite."""
+  summary = {}
+  for key in WINDOW_KEYS:
+    values = np.asarray([step[key] for step in steps], np.float64)
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    mean = np.where(count > 0, np.where(finite, values, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+    summary[key] = mean.tolist()
+    if key == 'grad_norm':
+      summary['grad_norm_max'] = float(np.max(values[finite])) if count else math.nan
+  return summary
 
 
 def scalars(record):
