@@ -81,6 +81,7 @@ class MetricsWriter:
         self.jsonl = rundir.metrics_file(workdir).open('a')
       else:  # parts are numbered after those of earlier starts of the run
         self.part = len(rundir.metrics_files(workdir))
+        rundir.metrics_dir(workdir).mkdir(parents=True, exist_ok=True)
       self.tensorboard = SummaryWriter(str(rundir.tensorboard(workdir)))
       if config is not None and 'wandb' in config and config.wandb.enabled:
         self.wandb_run = start_wandb_run(workdir, config)

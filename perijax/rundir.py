@@ -51,13 +51,17 @@ def metrics_file(workdir) -> epath.Path:
   return root(workdir) / 'metrics.jsonl'
 
 
+def metrics_dir(workdir) -> epath.Path:
+  return root(workdir) / 'metrics'
+
+
 def metrics_part(workdir, number) -> epath.Path:
-  return root(workdir) / 'metrics' / f'part_{number:06d}.jsonl'
+  return metrics_dir(workdir) / f'part_{number:06d}.jsonl'
 
 
 def metrics_files(workdir) -> list:
   """The files holding the run's metrics lines, in the order they were written (a later line for a step wins)."""
-  parts = root(workdir) / 'metrics'
+  parts = metrics_dir(workdir)
   found = sorted(parts.glob('part_*.jsonl')) if parts.is_dir() else []
   return ([metrics_file(workdir)] if metrics_file(workdir).exists() else []) + found
 
