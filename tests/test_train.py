@@ -249,6 +249,7 @@ def logged_lines(corpus_data_dir, tmp_path_factory):
   return lines
 
 
+@pytest.mark.slow  # two trainings (the shared fixture)
 def test_logged_lr_is_the_lr_applied_and_skipped_steps_do_not_advance_it(logged_lines):
   lines = logged_lines[1]
   assert [line['step'] for line in lines] == list(range(1, 13))
@@ -260,6 +261,7 @@ def test_logged_lr_is_the_lr_applied_and_skipped_steps_do_not_advance_it(logged_
   assert lines[-1]['lr'] != pytest.approx(11 / 100)  # what schedule(step - 1) would say
 
 
+@pytest.mark.slow  # two trainings (the shared fixture)
 def test_logged_loss_and_grad_norm_are_window_means(logged_lines):
   per_step, windows = logged_lines[1], logged_lines[4]
   assert [line['step'] for line in windows] == [4, 8, 12]
