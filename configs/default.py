@@ -123,6 +123,7 @@ def get_config():
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
   checkpoint.every = 100            # steps between checkpoints (and one at the end); 0 = only at the end
   checkpoint.keep = 3               # checkpoints kept; older ones are deleted
+  checkpoint.keep_period = 0        # also keep, forever, every checkpoint whose step is a multiple of this; 0 = none
   checkpoint.async_save = True      # write checkpoints in the background while training continues
 
   # ---- evaluation --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
 from perijax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+from perijax import rundir  # pylint: disable=g-import-not-at-top
 from perijax import stats as stats_lib  # pylint: disable=g-import-not-at-top
 from perijax import sweep  # pylint: disable=g-import-not-at-top
 from perijax import train_step  # pylint: disable=g-import-not-at-top
@@ -110,7 +111,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
     return False
   if not FLAGS.analyze_only:
     train_runs(setup, runs, root, evaluate=FLAGS.evaluate)
-  missing = [run.workdir for run in runs if not os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
+  missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
     raise FileNotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
                             'train them first (drop --analyze_only)')

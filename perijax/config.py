@@ -92,6 +92,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'train.loss_scale', LOSS_SCALES)
   _one_of(config, 'data.tokenizer', TOKENIZERS)
   _one_of(config, 'data.process_split', ('documents', 'rows'))
+  if 'keep_period' in config.checkpoint:  # absent from the config.json of runs made before it existed
+    _non_negative(config, 'checkpoint.keep_period')
+  keep_period, every = config.checkpoint.get('keep_period', 0), config.checkpoint.every
+  if keep_period and every and keep_period % every:
+    _fail('checkpoint.keep_period', keep_period, f'expected a multiple of checkpoint.every = {every} (steps that are '
+          'saved), or 0')
   if not m.head_dim and m.d_model % m.num_heads:
     _fail('model.d_model', m.d_model, f'expected a multiple of model.num_heads = {m.num_heads} (or set model.head_dim)')
   head_dim = m.head_dim or m.d_model // m.num_heads

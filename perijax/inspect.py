@@ -37,6 +37,7 @@ from absl import flags
 import numpy as np
 
 from perijax import growth
+from perijax import rundir
 from perijax import sweep
 from perijax import tables
 # Re-exported: the names experiments and tests use as perijax.inspect's.

@@ -6,9 +6,10 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
+
+from perijax import rundir
 
 
 @dataclasses.dataclass
@@ -25,21 +26,17 @@ class RunRecord:
     return self.config.get('train', {}).get('steps')
 
 
-def _is_workdir(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f)) for f in ('config.json', 'metrics.jsonl'))
-
-
 def find_workdirs(paths: Sequence[str]) -> List[str]:
   """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither."""
   workdirs = []
   for path in paths:
     if not os.path.isdir(path):
       raise FileNotFoundError(f'{path!r} is not a directory; expected a run workdir or a sweep root')
-    if _is_workdir(path):
+    if rundir.is_run(path):
       workdirs.append(path)
       continue
     # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
-    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and _is_workdir(d))
+    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and rundir.is_run(d))
     listed = []
     if os.path.exists(os.path.join(path, 'sweep.json')):
       with open(os.path.join(path, 'sweep.json')) as f:
@@ -52,14 +49,12 @@ def find_workdirs(paths: Sequence[str]) -> List[str]:
   return workdirs
 
 
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-  """metrics.jsonl as one line per step, sorted. A resumed run logs the steps after its checkpoint twice: the later
-  line wins. A torn last line (a killed run) is skipped."""
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
+  """The run's metrics lines (`rundir.metrics_files`), one per step, sorted. A resumed run logs the steps after its
+  checkpoint twice: the later line wins. A torn last line (a killed run) is skipped."""
   by_step = {}
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    for number, text in enumerate(f, 1):
+  for path in rundir.metrics_files(workdir):
+    for number, text in enumerate(path.read_text().splitlines(), 1):
       if not text.strip():
         continue
       try:
@@ -74,17 +69,10 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
   config = {}
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
-  evals = {}
-  for path in glob.glob(os.path.join(workdir, 'eval', 'step_*.json')):
-    match = re.fullmatch(r'step_(\d+)\.json', os.path.basename(path))
-    if match:
-      with open(path) as f:
-        evals[int(match.group(1))] = json.load(f)
-  return RunRecord(name or os.path.basename(os.path.normpath(workdir)), workdir, config,
-                   read_metrics(os.path.join(workdir, 'metrics.jsonl')), evals)
+  if rundir.config_file(workdir).exists():
+    config = json.loads(rundir.config_file(workdir).read_text())
+  evals = {step: json.loads(path.read_text()) for step, path in rundir.eval_results(workdir).items()}
+  return RunRecord(name or os.path.basename(os.path.normpath(workdir)), workdir, config, read_metrics(workdir), evals)
 
 
 def load_runs(paths: Sequence[str]) -> List[RunRecord]:

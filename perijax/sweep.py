@@ -38,6 +38,7 @@ from ml_collections.config_flags import config_path
 from perijax import config as config_lib
 from perijax import launchers
 from perijax import progress
+from perijax import rundir
 
 SEED_FIELD = 'train.seed'
 STEPS_FIELD = 'train.steps'
@@ -191,15 +192,15 @@ def evaluate_command(workdir: str, step: int, python: str) -> List[str]:
 
 
 def is_finished(run: Run) -> bool:
-  return os.path.exists(os.path.join(run.workdir, 'eval', f'step_{run.steps}.json'))
+  return rundir.eval_result(run.workdir, run.steps).exists()
 
 
 def latest_checkpoint_step(workdir: str) -> Optional[int]:
   """The highest finished Orbax step under `workdir/checkpoints` (temporary directories are not all digits)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = rundir.checkpoints(workdir)
+  if not directory.is_dir():
     return None
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  steps = [int(path.name) for path in directory.iterdir() if path.name.isdigit()]
   return max(steps) if steps else None
 
 
@@ -227,22 +228,23 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
     run.status, run.detail = 'skipped', 'already finished'
     return
   if latest_checkpoint_step(run.workdir) != run.steps:   # a run trained to the end only needs its evaluation
-    status = run_command(train_command(run, config_arg, fixed_overrides, python),
-                         os.path.join(run.workdir, 'train.log'))
+    train_log = str(rundir.command_log(run.workdir, 'train'))
+    status = run_command(train_command(run, config_arg, fixed_overrides, python), train_log)
     if status != 0:
-      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {run.workdir}/train.log'
+      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {train_log}'
       return
   step = latest_checkpoint_step(run.workdir)
   if step is None:
-    run.status, run.detail = 'failed', f'no checkpoint in {run.workdir}/checkpoints to evaluate'
+    run.status, run.detail = 'failed', f'no checkpoint in {rundir.checkpoints(run.workdir)} to evaluate'
     return
   if not evaluate:
     run.status, run.detail = ('finished', '') if step == run.steps else (
         'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)')
     return
-  status = run_command(evaluate_command(run.workdir, step, python), os.path.join(run.workdir, 'eval.log'))
+  eval_log = str(rundir.command_log(run.workdir, 'eval'))
+  status = run_command(evaluate_command(run.workdir, step, python), eval_log)
   if status != 0:
-    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
+    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
   elif is_finished(run):
     run.status, run.detail = 'finished', ''
   else:

@@ -16,6 +16,7 @@ import optax
 from flax.training.dynamic_scale import DynamicScale
 
 from perijax import model as model_lib
+from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax.precision import Precision
 
@@ -147,6 +148,7 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   )
   metrics = {
       'loss': loss,
+      'schedule_count': optimizer_lib.schedule_count(state.opt_state),  # this update's lr is schedule(count)
       'grad_norm': grad_norm,
       'layer_grad_norm': layer_grad_norm,
       'loss_scale': loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),

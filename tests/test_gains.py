@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default, tiny
-from perijax import eval_lib
+from perijax.evaluate import eval_lib
 from perijax import inspect as inspect_lib
 from perijax import metrics
 from perijax import model as model_lib

@@ -11,7 +11,7 @@ import pytest
 
 from configs import default
 from perijax import config as config_lib
-from perijax import eval_lib
+from perijax.evaluate import eval_lib
 from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
 from perijax.placement import layer_placements, needs_final_norm

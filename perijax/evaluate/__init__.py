@@ -43,6 +43,7 @@ import numpy as np
 from perijax import checkpoint as checkpoint_lib
 from perijax.evaluate import eval_lib
 from perijax import progress as progress_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
 
@@ -69,20 +70,19 @@ def log(message):
 
 
 def _evaluated(workdir, step):
-  return os.path.isfile(eval_lib.result_path(workdir, step))
+  return rundir.eval_result(workdir, step).is_file()
 
 
 def list_checkpoints(workdir):
   """The finished checkpoint steps of WORKDIR (Orbax lists only completely written ones)."""
-  directory = checkpoint_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not rundir.checkpoints(workdir).is_dir():
     return []
   return list(checkpoint_lib.make_manager(workdir, read_only=True).all_steps())
 
 
 def prepare(workdir, overrides=()):
   """The run's config with the overrides, checked; raises before anything is built."""
-  if not os.path.isdir(workdir):
+  if not rundir.root(workdir).is_dir():
     raise FileNotFoundError(f'workdir {workdir} does not exist (pass the --workdir of a perijax.train run)')
   config = eval_lib.apply_overrides(eval_lib.load_run_config(workdir), overrides)
   tasks_lib.validate_task_names(config.eval.tasks)
@@ -111,7 +111,7 @@ def evaluate_and_write(evaluator, step):
                     for name, r in result['tasks'].items())
   log(f'step {step}: loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  bits/byte '
       f'{result["bits_per_byte"]:.4f}  tokens {result["tokens"]}  {tasks}  '
-      f'-> {eval_lib.result_path(evaluator.workdir, step)}')
+      f'-> {rundir.eval_result(evaluator.workdir, step)}')
   return result
 
 
@@ -157,7 +157,7 @@ def from_process_0(steps):
 def wait_for_run(workdir, poll_seconds, timeout_seconds):
   """--watch may start before training does: waits for the files perijax.train writes first (tokenizer.json last)."""
   started, said = time.time(), False
-  while not os.path.isfile(os.path.join(workdir, 'tokenizer.json')):
+  while not rundir.tokenizer_file(workdir).is_file():
     if time.time() - started > timeout_seconds:
       raise EvaluationError(f'--watch: {workdir} has no config.json and tokenizer.json after {timeout_seconds:g} s; '
                             'is training running with this --workdir?')

@@ -16,7 +16,6 @@ parameters replicated), so a checkpoint written on a pod slice evaluates on one 
 
 import json
 import math
-import os
 import time
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ from tensorboardX import SummaryWriter
 from perijax import checkpoint as checkpoint_lib
 from perijax import config as config_lib
 from perijax import optimizer as optimizer_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
@@ -41,8 +41,6 @@ from perijax.metrics import scalars
 from perijax.precision import Precision
 from perijax.progress import progress
 
-EVAL_DIR = 'eval'
-CONFIG_FILE = 'config.json'
 # Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
 OVERRIDABLE = ('eval', 'data', 'mesh')
 
@@ -60,13 +58,12 @@ def _lists_to_tuples(value):
 
 def load_run_config(workdir):
   """WORKDIR/config.json, as written by perijax.train, back into a ConfigDict."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = rundir.config_file(workdir)
+  if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
                             'writes config.json there when it starts)')
   try:
-    with open(path) as f:
-      stored = json.load(f)
+    stored = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise ValueError(f'{path} cannot be read as JSON: {error}') from error
   if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
@@ -109,7 +106,7 @@ def _flat(tree):
 
 def stored_param_metadata(workdir, step):
   """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
-  state_dir = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step), 'state')
+  state_dir = rundir.checkpoint_state(workdir, step)
   try:
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
     params = metadata['params']
@@ -330,10 +327,6 @@ class Evaluator:
 
 # ---- the output -------------------------------------------------------------------------------------------------
 
-def result_path(workdir, step):
-  return os.path.join(workdir, EVAL_DIR, f'step_{step}.json')
-
-
 def write_result(workdir, result, lm_eval=None):
   """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only.
 
@@ -342,16 +335,15 @@ def write_result(workdir, result, lm_eval=None):
   """
   if jax.process_index() != 0:
     return
-  path = result_path(workdir, result['step'])
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=2)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
+  path = rundir.eval_result(workdir, result['step'])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.parent / (path.name + '.tmp')
+  temporary.write_text(json.dumps(result, indent=2) + '\n')
+  temporary.replace(path)
   if lm_eval and result['tasks'] and lm_eval[0].eval.get('lm_eval_results', True):
     lm_eval_results.write(workdir, result, *lm_eval)
   step = result['step']
-  with SummaryWriter(os.path.join(workdir, EVAL_DIR, 'tensorboard')) as writer:
+  with SummaryWriter(str(rundir.eval_tensorboard(workdir))) as writer:
     for key in ('loss', 'perplexity', 'bits_per_byte'):
       writer.add_scalar(f'eval/{key}', result[key], step)
     for name, value in scalars({**result['layers'], **result.get('norm_scales', {})}).items():
