@@ -147,7 +147,8 @@ def train(config, workdir, devices=None):
       if window_start is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(state.step)
         window_start, window_step = time.time(), step
-      if step % config.train.log_every == 0 or is_stats_step or step == config.train.steps:
+      # Step 1 is always logged: its layer_grad_norm is the snapshot at init (the last step's is the one at the end).
+      if step % config.train.log_every == 0 or is_stats_step or step in (1, config.train.steps):
         metrics = jax.device_get(metrics)
         elapsed = time.time() - window_start
         tokens_per_sec = tokens_per_step * (step - window_step) / elapsed if step > window_step else 0.0
@@ -155,6 +156,7 @@ def train(config, workdir, devices=None):
             'loss': float(metrics['loss']), 'lr': float(schedule(step - 1)), 'grad_norm': float(metrics['grad_norm']),
             'layer_grad_norm': np.asarray(metrics['layer_grad_norm'], np.float64).tolist(),
             'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
+            'initial_scale_backoffs': int(metrics['initial_scale_backoffs']),
             'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
             'forward_overflows': int(metrics['forward_overflows']),
             'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
