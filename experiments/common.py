@@ -112,6 +112,10 @@ def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: boo
   from perijax import train  # pylint: disable=g-import-not-at-top  (defines absl flags: only imported when needed)
   logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO, as in perijax.train's main
   os.makedirs(root, exist_ok=True)
+  # Runs that differ only in their seed compile to the same programs: a persistent compilation cache lets the 2nd and
+  # later seeds skip compiling (measured on CPU: 19 -> 3 CPU-seconds for a small run, most of its cost).
+  jax.config.update('jax_compilation_cache_dir', os.path.join(root, 'compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   header = {'config': setup.config_arg, 'fixed_overrides': setup.fixed}
   for index, run in enumerate(runs, 1):
     start = time.time()

@@ -1,7 +1,7 @@
 r"""docs/paper.md claims 2 and 3: in float16, Pre-LN's hidden states approach and pass 65504 and its training spikes and
 diverges more often as the learning rate and depth rise; Peri-LN stays far inside float16 and trains smoothly.
 
-    python -m experiments.fp16_stability                # small scale: 4 lrs × 2 depths × pre/peri × 3 seeds, ~40 min
+    python -m experiments.fp16_stability                # small scale: 4 lrs × 2 depths × pre/peri × 3 seeds, ~30 min
     python -m experiments.fp16_stability --config=configs/paper_400m.py --print          # paper scale, for a scheduler
 
 Grid: placement in --placements × optimizer.lr in --lrs × model.num_layers in --depths × --seeds. By default, at

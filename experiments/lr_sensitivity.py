@@ -18,12 +18,15 @@ Per variant and depth:
 Comparisons (pre against peri, each against the best) give mean ± std and whether the difference exceeds the seed
 spread (experiments.common.compare).
 
-Small-scale size, and why: d_model 64, 4 heads, sequences of 64 tokens, batch 8, 300 steps (20 warmup, cosine). On
-two busy cores one 4-layer run takes ~10 s and a 16-layer run ~25 s, compilation included (measured: see the
-settings in the results JSON for this machine), so the 294 runs take about 90 minutes. 300 steps of 4,096 tokens take
-the byte-level loss from ~5.8 to ~2.5 at a good lr: far enough below L_init that a bad lr shows, and the spread over
-seeds (~0.02-0.05) is well below the differences across the lr grid, so the curves rank. A wider or longer model
-ranks the same way (Wortsman et al.: sensitivity appears in small models at high lrs) and would not fit 90 minutes.
+Small-scale size, and why: d_model 64, 4 heads, sequences of 64 tokens, batch 8, 200 steps (20 warmup, cosine),
+statistics only at the last step. At this size a run costs mostly its compilation, not its steps (measured with
+os.times on a loaded 2-core machine: a 4-layer run 19 CPU-seconds for 20 steps and 24 for 220; a 16-layer run 29 and
+49), and experiments.common's compilation cache lets the 2nd and 3rd seed skip compiling (19 -> 3 CPU-seconds). So
+per lr and depth, 3 seeds cost ~37 CPU-seconds at 4 layers and ~97 at 16: ~6,600 CPU-seconds for the 294 runs, about
+90 minutes on two cores. 200 steps of 512 tokens take the byte-level loss well below L_init at a good lr while the
+smallest lrs barely move it and the largest blow up, so the loss-vs-lr curves have a clear minimum and the seed spread
+is small next to the differences along the grid: the curves rank. Wider or longer runs would rank the same way
+(Wortsman et al. see LR sensitivity in small models) but would not fit 90 minutes.
 Paper scale (PAPER): the 400M shape at 12 and 24 layers, 5,000 steps (2.6B tokens) per run: enough for a high lr to
 diverge or not, while a 57k-step run per grid point would be the paper's whole budget many times over.
 Writes results/lr_sensitivity.json and results/lr_sensitivity.png.
@@ -41,8 +44,8 @@ from experiments import common
 from perijax import plots
 
 NAME = 'lr_sensitivity'
-SMALL = {'model.d_model': 64, 'model.num_heads': 4, 'model.softmax_in_float32': False, 'train.steps': 300,
-         'train.batch_size': 8, 'train.seq_len': 64, 'train.log_every': 10, 'train.stats_every': 150,
+SMALL = {'model.d_model': 64, 'model.num_heads': 4, 'model.softmax_in_float32': False, 'train.steps': 200,
+         'train.batch_size': 8, 'train.seq_len': 64, 'train.log_every': 10, 'train.stats_every': 200,
          'train.divergence_steps': 30, 'optimizer.warmup_steps': 20, 'checkpoint.every': 0}
 # model.softmax_in_float32=False: XLA:CPU cannot run float16 attention with a float32 softmax (see fp16_stability);
 # it changes nothing in the float32 runs.

@@ -18,7 +18,7 @@ Three measurements:
      lists the runs record beyond the residual variance (the increment decomposition Var(Δ), Cov(x, Δ); norm gains
      γ; ...) are kept over training, and massive-activation tables at the last statistics step, when present.
 Small scale: 16 layers of width 64, 1,000 steps of 8 × 64 tokens, 3 seeds per placement: 16 layers to see a law over
-depth, 1,000 steps for Pre-LN's variance to grow in training, ~5 minutes a run on two cores.
+depth, 1,000 steps for Pre-LN's variance to grow in training; ~2 minutes a run on two cores (~0.1 CPU-second a step).
 Writes results/variance_law.json and results/variance_law.png.
 """
 

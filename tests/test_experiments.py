@@ -305,6 +305,38 @@ def test_print_emits_one_command_per_run_and_trains_nothing(tmp_path):
   assert not os.path.exists(tmp_path / 'r')
 
 
+PAPER_RUNS = {'lr_sensitivity': 294, 'variance_law': 6, 'fp16_stability': 24, 'grad_norms': 9, 'pre_post_vs_peri': 6}
+
+
+@pytest.mark.parametrize('name', [pytest.param(name, marks=() if name == 'lr_sensitivity' else pytest.mark.slow)
+                                  for name in PAPER_RUNS])
+def test_paper_scale_print_gives_a_400m_grid(name, tmp_path):
+  result = subprocess.run([sys.executable, '-m', f'experiments.{name}', f'--config={PAPER}', '--print',
+                           f'--root={tmp_path}/r'], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line for line in result.stdout.splitlines() if 'perijax.train' in line]
+  assert len(lines) == PAPER_RUNS[name]
+  depths = {int(part.split('=')[1]) for line in lines for part in line.split() if 'model.num_layers=' in part}
+  assert depths <= {12, 24}   # the 400M shape at half and full depth, never 96 or 192 layers
+  assert all('--config=' + PAPER in line and 'perijax.evaluate' in line for line in lines)
+  assert not os.path.exists(tmp_path / 'r')
+
+
+@pytest.mark.slow
+def test_lr_sensitivity_end_to_end_on_the_fixture_corpus(corpus_data_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.lr_sensitivity', f'--root={tmp_path}/runs', f'--results={tmp_path}/res',
+       f'--config.data.data_dir={corpus_data_dir}', '--seeds=1', '--placements=pre', '--qk_placements=',
+       '--fp16_placements=peri', '--lrs=0.001,0.01', '--depths=2', '--config.train.steps=4',
+       '--config.train.stats_every=4', '--config.model.d_model=32', '--config.train.seq_len=32'],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads((tmp_path / 'res' / 'lr_sensitivity.json').read_text())
+  assert [(row['variant'], row['lrs']) for row in data['rows']] == [('pre', [1e-3, 1e-2]), ('peri/float16', [1e-3, 1e-2])]
+  assert all(row['sensitivity']['n'] == 1 for row in data['rows'])
+  assert (tmp_path / 'res' / 'lr_sensitivity.png').stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_grad_norms_end_to_end_on_the_fixture_corpus(corpus_data_dir, tmp_path):
   """Trains post/pre/peri for a few steps in one process, then resumes: finished runs are skipped."""
@@ -316,7 +348,7 @@ def test_grad_norms_end_to_end_on_the_fixture_corpus(corpus_data_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / 'res' / 'grad_norms.json').read_text())
   assert [row['placement'] for row in data['placements']] == ['post', 'pre', 'peri']
-  assert all(len(row['whole_run']['profile']) == 2 for row in data['placements'])
+  assert all(len(row[label]['profile']) == 2 for row in data['placements'] for label in grad_norms.SNAPSHOTS)
   assert (tmp_path / 'res' / 'grad_norms.png').stat().st_size > 0
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
