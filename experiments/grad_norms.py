@@ -132,7 +132,7 @@ def main(argv):
             f'{snap.get("max_over_min", float("nan")):.3g}  cv {snap.get("cv", float("nan")):.3g}  '
             f'profile {np.round(snap.get("profile", []), 4).tolist()}')
     for key, comparison in data['checks'][label].items():
-      if key.endswith(('_level', '_cv')):
+      if '_vs_' in key:
         print(f'  {label} {key}: ' + common.compare_text(*key.rsplit('_', 1)[0].split('_vs_'), comparison))
   print(f'checks: {data["checks"]}')
   print('wrote', common.write_json(FLAGS.results, NAME, data))

@@ -11,8 +11,9 @@ minimum is of the smoothed loss, so one lucky batch does not set the bar. A spik
 than `patience_steps` is not called diverged either. Parameters: `train.divergence_ema_decay`,
 `train.divergence_margin`, `train.divergence_steps` (configs/default.py).
 
-This replaces "final loss above the first", which called a run that spiked and recovered healthy only by luck of
-where it stopped, and a run that learned and then blew up back to its initial loss (or just below it) healthy.
+This replaces "final loss above the first", which depended on where a run happened to stop (a spike at the last
+logged step made it diverged) and called a run that learned and then blew up back to just below its initial loss
+healthy.
 """
 
 import dataclasses
