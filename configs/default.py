@@ -63,6 +63,9 @@ def get_config():
   train.massive_ratio_threshold = 1000.0  # ... and > this x the median |x| (Sun et al.: about 1000); read by inspect
   train.spike_factor = 3.0          # gradient spike: global grad norm > spike_factor * running median ...
   train.spike_window = 50           # ... of the last spike_window steps' grad norms
+  train.divergence_ema_decay = 0.9  # divergence (perijax/instability.py): EMA decay per step of the smoothed loss ...
+  train.divergence_margin = 0.5     # ... above its running minimum by more than this many nats ...
+  train.divergence_steps = 50       # ... at every logged step for this many steps (or any non-finite loss)
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles

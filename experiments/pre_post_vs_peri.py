@@ -1,7 +1,7 @@
 r"""`pre_post` (a widely read summary's drawing, x <- N_out(x + F(N_in(x)))) against `peri` (the paper's Eq. 3,
 x <- x + N_out(F(N_in(x)))): docs/paper.md says why they are different architectures. This shows how they differ.
 
-    python -m experiments.pre_post_vs_peri                         # small scale: peri/pre_post × 2 seeds, ~5 min
+    python -m experiments.pre_post_vs_peri                         # small scale: peri/pre_post × 3 seeds, ~8 min
     python -m experiments.pre_post_vs_peri --config=configs/paper_400m.py --print     # paper scale, for a scheduler
 
   1. The summary's toy example, recomputed: a unit-variance LayerNorm (no eps, no gain) of [2, 0, -2] and of the
@@ -96,7 +96,7 @@ def plot(init_rows, rows, path):
 
 
 def define_flags():
-  common.define_flags(NAME, seeds=2)
+  common.define_flags(NAME, seeds=3)
   flags.DEFINE_integer('init_batch', 4, 'Sequences in the at-init forward pass.')
 
 

@@ -79,6 +79,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.end_lr_factor',
                 'checkpoint.every', 'eval.max_examples', 'data.worker_count', 'data.eval_max_batches'):
     _non_negative(config, field)
+  if 'divergence_ema_decay' in config.train:  # absent from the config.json of runs made before the rule existed
+    _positive(config, 'train.divergence_margin')
+    _positive(config, 'train.divergence_steps')
+    decay = config.train.divergence_ema_decay
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
+      _fail('train.divergence_ema_decay', decay, 'expected a number in [0, 1)')
   _one_of(config, 'model.norm.placement', PLACEMENTS)
   _one_of(config, 'model.norm.kind', NORM_KINDS)
   _one_of(config, 'model.norm.freeze_out_scale', (True, False))

@@ -21,8 +21,8 @@ grid order, then any other workdir under it, e.g. an earlier grid's). Printed, i
      seeds whose value is finite (`*` marks a column where some seed's value was not finite), with n_seeds and
      `diverged k/n`.
 
-Diverged: the final logged training loss is not finite; or the run stopped before `train.steps` and logged a
-non-finite loss; or the final training loss is above the first logged one.
+Diverged: perijax/instability.py's rule on the logged training losses (a non-finite loss, or a smoothed loss above
+its running minimum by train.divergence_margin for train.divergence_steps steps), with the run's own parameters.
 The tasks' average uses each task's acc_norm where it reports one and acc otherwise (winogrande has only acc).
 """
 
@@ -37,6 +37,7 @@ from absl import flags
 import numpy as np
 
 from perijax import growth
+from perijax import instability
 from perijax import rundir
 from perijax import sweep
 from perijax import tables
@@ -133,20 +134,20 @@ def _finite(value) -> bool:
 
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
   """The numbers Table 1 compares, for one run; the divergence rule is in the module docstring."""
-  losses = [float(line['loss']) for line in run.metrics if line.get('loss') is not None]
+  logged = [line for line in run.metrics if line.get('loss') is not None]
+  losses = [float(line['loss']) for line in logged]
   last_step = run.metrics[-1]['step'] if run.metrics else 0
   planned = run.planned_steps
-  stopped_early = planned is not None and last_step < planned
   final_loss = losses[-1] if losses else None
-  diverged = bool(losses) and (not _finite(final_loss) or (stopped_early and not all(map(_finite, losses)))
-                               or final_loss > losses[0])
+  divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
   spikes = _last(run, 'spikes', sum(bool(line.get('spike')) for line in run.metrics))
   fp16_overflows = sum(sum(v for v in line.get('fp16_overflow') or [] if _finite(v)) for line in run.metrics)
   headroom = [v for line in run.metrics for v in line.get('fp16_headroom') or [] if v is not None]
   summary = {
       'name': run.name, 'workdir': run.workdir, 'last_step': last_step, 'planned_steps': planned,
       'finished': planned is not None and planned in run.evals,
-      'initial_loss': losses[0] if losses else None, 'final_loss': final_loss, 'diverged': diverged,
+      'initial_loss': losses[0] if losses else None, 'final_loss': final_loss, 'diverged': divergence.diverged,
+      'diverged_at': divergence.step, 'initial_scale_backoffs': _last(run, 'initial_scale_backoffs', 0),
       'spikes': spikes, 'fp16_overflows': fp16_overflows, 'forward_overflows': _last(run, 'forward_overflows', 0),
       'skipped_steps': _last(run, 'skipped_steps', 0), 'max_fp16_headroom': max(headroom) if headroom else None,
       'eval_step': None, 'eval_loss': None, 'tasks': {}, 'avg_acc': None, 'avg': None,

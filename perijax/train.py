@@ -152,6 +152,7 @@ def train(config, workdir, devices=None):
     record = {
         **metrics_lib.window_summary(steps), 'lr': float(schedule(int(metrics['schedule_count']))),
         'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
+        'initial_scale_backoffs': int(metrics['initial_scale_backoffs']),
         'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
         'forward_overflows': int(metrics['forward_overflows']),
         'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
@@ -184,7 +185,8 @@ def train(config, workdir, devices=None):
         window_start, window_step = time.time(), step
       if pending:  # the previous logged step's line, now that this step is queued behind it
         write_line(*pending.pop())
-      if step % config.train.log_every == 0 or is_stats_step or step == config.train.steps:
+      # Step 1 is always logged: its layer_grad_norm is the snapshot at init (the last step's is the one at the end).
+      if step % config.train.log_every == 0 or is_stats_step or step in (1, config.train.steps):
         scales = norm_scales(state.params) if is_stats_step else None  # γ at this step, gathered before the next
         pending, window = [(step, metrics, window, scales)], []
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:

@@ -28,7 +28,9 @@ class TrainState:
   opt_state: Any
   loss_scale: DynamicScale | None  # float16 only: flax's dynamic loss scale, checkpointed with the rest
   grad_norm_history: jax.Array   # last `spike_window` global gradient norms (NaN = not yet seen), for spike detection
-  skipped_steps: jax.Array       # steps whose gradients were not finite (parameters left unchanged)
+  skipped_steps: jax.Array       # steps whose gradients were not finite once the loss scale had settled (skipped)
+  initial_scale_backoffs: jax.Array  # float16: non-finite steps before the first finite one (the scale searching down
+                                     # from train.initial_loss_scale), counted apart from skipped_steps
   forward_overflows: jax.Array   # steps whose loss itself was not finite (the forward pass overflowed)
   spikes: jax.Array              # gradient-norm spikes (see `train_step`)
 
@@ -60,7 +62,7 @@ def init_train_state(rng, config, model, optimizer):
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params), loss_scale=loss_scale,
                     grad_norm_history=jnp.full((config.train.spike_window,), jnp.nan, jnp.float32),
-                    skipped_steps=zero, forward_overflows=zero, spikes=zero)
+                    skipped_steps=zero, initial_scale_backoffs=zero, forward_overflows=zero, spikes=zero)
 
 
 def abstract_train_state(config, model, optimizer, mesh):
@@ -136,13 +138,20 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   history = jnp.where(grads_finite, jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm),
                       state.grad_norm_history)
   forward_overflow = ~jnp.isfinite(loss)
+  # Until the first finite step the loss scale is still searching down from its initial value (every update so far
+  # was skipped): non-finite gradients of a finite loss then are a back-off, not an instability. float32 has no
+  # search, and a non-finite loss (the forward pass overflowed) is never the scale's doing.
+  searching = ((state.step == state.skipped_steps + state.initial_scale_backoffs) & (loss_scale is not None)
+               & ~forward_overflow)
+  non_finite = (~grads_finite).astype(jnp.int32)
   new_state = state.replace(
       step=state.step + 1,
       params=new_params,
       opt_state=new_opt_state,
       loss_scale=loss_scale,
       grad_norm_history=history,
-      skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+      skipped_steps=state.skipped_steps + jnp.where(searching, 0, non_finite),
+      initial_scale_backoffs=state.initial_scale_backoffs + jnp.where(searching, non_finite, 0),
       forward_overflows=state.forward_overflows + forward_overflow.astype(jnp.int32),
       spikes=state.spikes + spike.astype(jnp.int32),
   )
@@ -156,6 +165,7 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
       'forward_overflow': forward_overflow,
       'spike': spike,
       'skipped_steps': new_state.skipped_steps,
+      'initial_scale_backoffs': new_state.initial_scale_backoffs,
       'forward_overflows': new_state.forward_overflows,
       'spikes': new_state.spikes,
   }
