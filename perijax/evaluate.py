@@ -57,7 +57,7 @@ def define_flags():
   sharding_lib.define_distributed_flags()  # a model too large for one host's devices: as for perijax.train
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
   """Bad input to the evaluation (the message says what is wrong and what is allowed)."""
 
 

@@ -11,6 +11,7 @@ siqa and winogrande; `acc_norm` is still given for them, by lm-eval's own defini
 
 from typing import Sequence
 
+from perijax.errors import DataError
 from perijax.tasks import benchmarks
 from perijax.tasks import next_line
 from perijax.tasks.scoring import LogprobsFn
@@ -27,10 +28,10 @@ def validate_task_names(names: Sequence[str]) -> tuple[str, ...]:
     names = (names,)
   unknown = [name for name in names if name not in TASK_NAMES]
   if unknown:
-    raise ValueError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
+    raise DataError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
                      f'known tasks: {", ".join(TASK_NAMES)}')
   if len(set(names)) != len(names):
-    raise ValueError(f'tasks repeated in {list(names)}')
+    raise DataError(f'tasks repeated in {list(names)}')
   return tuple(names)
 
 
@@ -38,7 +39,7 @@ def load_task_items(name: str, eval_config, data_config) -> list[MultipleChoiceI
   """One task's items, the first config.eval.max_examples of its evaluated split (0 = all)."""
   max_examples = int(eval_config.max_examples)
   if max_examples < 0:
-    raise ValueError(f'config.eval.max_examples must be >= 0 (0 = all), got {max_examples}')
+    raise DataError(f'config.eval.max_examples must be >= 0 (0 = all), got {max_examples}')
   tasks_data_dir = eval_config.tasks_data_dir or data_config.data_dir
   if name == 'next_line':
     return next_line.next_line_items(data_config.data_dir, max_examples)
@@ -53,7 +54,7 @@ def load_task_items(name: str, eval_config, data_config) -> list[MultipleChoiceI
   elif name == 'winogrande':
     docs, item_fn = benchmarks.read_winogrande(tasks_data_dir), benchmarks.winogrande_item
   else:
-    raise ValueError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
+    raise DataError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
   return benchmarks.take_items(name, docs, item_fn, max_examples)
 
 
