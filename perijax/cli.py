@@ -20,11 +20,12 @@ from absl import app, flags
 
 from perijax import config as config_lib
 from perijax import sharding as sharding_lib
-from perijax.errors import UserError
+from perijax.errors import ArgumentError, UserError  # noqa: F401  (ArgumentError: for the commands)
 
 FLAGS = flags.FLAGS
 _OVERRIDES = []   # the command line's --config.a.b=value arguments, in order
 _ACCEPTS_OVERRIDES = [False]
+_REQUIRED = []    # (flag, what it is), checked after parsing: one line naming the flag
 
 
 def define_config_flags(required=True, default=None, overrides_only=False):
@@ -35,12 +36,17 @@ def define_config_flags(required=True, default=None, overrides_only=False):
   flags.DEFINE_string('config', default, 'Config file with get_config() (configs/*.py), optionally FILE:arg; any '
                       'field can then be overridden with --config.a.b=value.')
   if required:
-    flags.mark_flag_as_required('config')
+    require('config', 'a config file, e.g. --config=configs/tiny.py')
+
+
+def require(name, what):
+  """--name must be given; else one line naming it and `what` it is."""
+  _REQUIRED.append((name, what))
 
 
 def define_workdir_flag(help_text='Run directory: config.json, metrics, checkpoints.'):
   flags.DEFINE_string('workdir', None, help_text)
-  flags.mark_flag_as_required('workdir')
+  require('workdir', 'the run directory, e.g. --workdir=runs/peri')
 
 
 def define_distributed_flags():
@@ -66,18 +72,23 @@ def config():
 
 
 def check_writable_dir(path, what='--workdir'):
-  """Creates `path` if needed and proves a file can be written there, before anything expensive starts."""
+  """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it),
+  before anything expensive starts; creates nothing."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f'{what}={path} is a file; expected a directory (new or existing)')
+    raise ArgumentError(f'{what}={path} is a file; expected a directory (new or existing)')
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ArgumentError(f'{what}={path}: {existing} is a file; expected a directory (new or existing)')
+  probe = os.path.join(existing, f'.perijax_write_probe_{uuid.uuid4().hex}')
   try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f'.perijax_write_probe_{uuid.uuid4().hex}')
     with open(probe, 'w') as f:
       f.write('probe')
     os.remove(probe)
   except OSError as error:
-    raise UserError(f'{what}={path} is not writable ({error.strerror or error}); expected a directory this user can '
-                    'write to') from None
+    raise ArgumentError(f'{what}={path} is not writable ({existing}: {error.strerror or error}); expected a directory '
+                    'this user can write to') from None
 
 
 def _tool_name():
@@ -103,9 +114,13 @@ def _parse_flags(argv):
     else:
       rest.append(arg)
   try:
-    return FLAGS(rest)
+    remaining = FLAGS(rest)
   except flags.Error as error:
     fail(error)
+  for name, what in _REQUIRED:
+    if FLAGS[name].value is None:
+      fail(f'--{name} is required: {what}')
+  return remaining
 
 
 def run(main):

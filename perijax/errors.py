@@ -16,3 +16,7 @@ class DataError(UserError, ValueError):
 
 class NotFoundError(UserError, FileNotFoundError):
   """A file, directory or dataset the command needs is not there."""
+
+
+class ArgumentError(UserError, ValueError):
+  """A command-line argument or flag value the command cannot use."""

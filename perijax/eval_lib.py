@@ -245,6 +245,7 @@ class Evaluator:
 
   def check_checkpoint(self, step):
     """Raises CheckpointError if `step` is unreadable or its parameters are not the ones the config builds."""
+    checkpoint_lib.verify(self.manager.directory, step)  # DamagedCheckpointError: never evaluated into NaN
     check_params_match(stored_param_metadata(self.workdir, step), self.abstract_params, step)
 
   def restore(self, step):

@@ -27,12 +27,13 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from perijax import cli
 from perijax import growth
 from perijax import sweep
+from perijax.errors import ArgumentError
 
 LAYER_QUANTITIES = (('residual_var', 'residual variance'), ('max_abs', 'max |x|'),
                     ('fp16_headroom', 'float16 headroom (max |x| / 65504)'))
@@ -450,15 +451,15 @@ def define_flags():
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError('give at least one run workdir or sweep root: python -m perijax.inspect DIR [DIR ...]')
+    raise ArgumentError('give at least one run workdir or sweep root: python -m perijax.inspect DIR [DIR ...]')
   try:
     steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
   except ValueError:
-    raise app.UsageError(f'--steps={",".join(FLAGS.steps)}: expected integers, e.g. --steps=0,100,200') from None
+    raise ArgumentError(f'--steps={",".join(FLAGS.steps)}: expected integers, e.g. --steps=0,100,200') from None
   try:
     runs = load_runs(argv[1:])
   except FileNotFoundError as e:
-    sys.exit(f'perijax.inspect: {e}')
+    raise ArgumentError(str(e)) from None
   text, data = report(runs, steps)
   print(text)
   if FLAGS.plots:
@@ -473,4 +474,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -103,6 +103,7 @@ def train(config, workdir, devices=None, resume_from_intact=False):
                                  f'tokenizer vocabulary ({tokenizer.vocab_size}); use at least that')
   data_iterator = make_data_iterator(config, tokenizer, micro_batch)
 
+  os.makedirs(workdir, exist_ok=True)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   latest = checkpoint_lib.resume_step(manager, workdir, resume_from_intact)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -184,7 +185,7 @@ def train(config, workdir, devices=None, resume_from_intact=False):
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   config = cli.config()
   cli.initialize_distributed()

@@ -228,7 +228,7 @@ def test_command_line_prints_one_error_line_and_exits_1(workdir, how):
                            text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(REPO)})
   assert process.returncode == 1
   # Exactly one error line, last, and no traceback (XLA's C++ logging may add its own warnings under load).
-  errors = [line for line in process.stderr.splitlines() if line.startswith('error: ')]
+  errors = [line for line in process.stderr.splitlines() if line.startswith('perijax.evaluate: error: ')]
   assert len(errors) == 1 and process.stderr.rstrip().endswith(errors[0]), process.stderr
   assert 'Traceback' not in process.stderr and re.search(pattern, errors[0]), process.stderr
   assert snapshot(workdir) == before
