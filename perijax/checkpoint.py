@@ -5,8 +5,8 @@ counters), `data` (the grain iterator's position, one file per process) and `con
 temporary directory and renames it only once complete, so a crash mid-save never leaves something that looks finished.
 Once a save is complete (after Orbax finalizes it; for asynchronous saves in its post-finalization callback),
 process 0 writes `<step>/checksums.json`: the size and CRC-32 of every file of the step. A step without it is an
-unfinished save; restoring verifies every file against it, so a truncated, missing or corrupted file is reported
-with its step and path (DamagedCheckpointError) and never restored.
+unfinished save; resuming (resume_step) and evaluating verify every file against it, so a truncated, missing or
+corrupted file is reported with its step and path (DamagedCheckpointError) and never restored.
 There is no RNG state to keep: nothing in a step is random (no dropout), the initialisation comes from
 config.train.seed and the data order from the iterator state.
 """
