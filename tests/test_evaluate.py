@@ -186,10 +186,12 @@ def _break_workdir(workdir, how):
     for data_file in (workdir / 'checkpoints' / '4' / 'state').glob('ocdbt.process_*/d/*'):
       with open(data_file, 'r+b') as f:
         f.truncate(16)
-    return dict(workdir=str(workdir)), checkpoint_lib.CheckpointError, 'checkpoint 4 .*cannot be restored'
+    return (dict(workdir=str(workdir)), checkpoint_lib.DamagedCheckpointError,
+            'checkpoint 4 at .* is damaged: state/.* has 16 bytes, .* when saved')
   if how == 'deleted_metadata':
     (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
-    return dict(workdir=str(workdir)), checkpoint_lib.CheckpointError, 'checkpoint 4 .*cannot be read'
+    return (dict(workdir=str(workdir)), checkpoint_lib.DamagedCheckpointError,
+            'checkpoint 4 at .* is damaged: state/_METADATA is missing')
   if how == 'config_mismatch':
     stored = json.loads((workdir / 'config.json').read_text())
     stored['model']['d_model'] = 64
