@@ -228,13 +228,14 @@ def test_every_file_of_a_checkpoint_is_checksummed(trained):
 
 
 @pytest.mark.slow
-def test_evaluate_all_skips_a_damaged_checkpoint_and_goes_on(trained, tmp_path, capsys):
+@pytest.mark.parametrize('mode', ('all', 'watch'))
+def test_evaluate_all_and_watch_skip_a_damaged_checkpoint_and_go_on(trained, tmp_path, capsys, mode):
   copy = tmp_path / 'run'
   shutil.copytree(trained, copy)
   flip_a_byte(max(glob.glob(str(copy / 'checkpoints' / '2' / 'state' / '**' / 'd' / '*'), recursive=True),
                   key=os.path.getsize))
-  results = evaluate.run(str(copy), evaluate_all=True, overrides=['--config.eval.tasks=',
-                                                                  '--config.data.eval_max_batches=1'])
-  assert [r['step'] for r in results] == [4]
-  assert re.search(r'skipped: checkpoint 2 at .* is damaged', capsys.readouterr().out)
+  results = evaluate.run(str(copy), evaluate_all=mode == 'all', watch=mode == 'watch', poll_seconds=0.1,
+                         timeout_seconds=60, overrides=['--config.eval.tasks=', '--config.data.eval_max_batches=1'])
+  assert [r['step'] for r in results] == [4]  # step 4 is config.train.steps: --watch stops after it
+  assert re.search(r'skipped: checkpoint 2 at .* is damaged: state/.* checksum mismatch', capsys.readouterr().out)
   assert not (copy / 'eval' / 'step_2.json').exists()
