@@ -237,5 +237,5 @@ def test_evaluate_all_and_watch_skip_a_damaged_checkpoint_and_go_on(trained, tmp
   results = evaluate.run(str(copy), evaluate_all=mode == 'all', watch=mode == 'watch', poll_seconds=0.1,
                          timeout_seconds=60, overrides=['--config.eval.tasks=', '--config.data.eval_max_batches=1'])
   assert [r['step'] for r in results] == [4]  # step 4 is config.train.steps: --watch stops after it
-  assert re.search(r'skipped: checkpoint 2 at .* is damaged: state/.* checksum mismatch', capsys.readouterr().out)
+  assert re.search(r'skipped: checkpoint 2 at .* is damaged: state/.*checksum mismatch', capsys.readouterr().out)
   assert not (copy / 'eval' / 'step_2.json').exists()
