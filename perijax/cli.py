@@ -123,8 +123,18 @@ def _parse_flags(argv):
   return remaining
 
 
+def _drop_abandoned_reads(unraisable):
+  """After a failed restore, Orbax's abandoned array reads complain at garbage collection that their event loop is
+  closed; that noise would bury the one error line."""
+  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(unraisable.object):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run(main):
   """absl's app.run(main) with the one error path."""
+  sys.unraisablehook = _drop_abandoned_reads
+
   def guarded(argv):
     try:
       return main(argv)

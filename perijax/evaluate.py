@@ -33,7 +33,6 @@ writing nothing.
 """
 
 import os
-import sys
 import time
 
 from absl import flags, logging
@@ -208,20 +207,11 @@ def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
   return results
 
 
-def _drop_abandoned_reads(unraisable):
-  """After a failed restore, Orbax's abandoned array reads complain at garbage collection that their event loop is
-  closed; that noise would bury the one error line."""
-  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(unraisable.object):
-    return
-  sys.__unraisablehook__(unraisable)
-
-
 def main(argv):
   if len(argv) > 1:
     raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   logging.set_verbosity(logging.ERROR)  # Orbax and grain are chatty; errors come as one line below
   values = flags.FLAGS
-  sys.unraisablehook = _drop_abandoned_reads
   cli.initialize_distributed()
   run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=cli.overrides(),
       poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
