@@ -14,6 +14,7 @@ exception is a bug and keeps its traceback.
 
 import os
 import sys
+import threading
 import uuid
 
 from absl import app, flags
@@ -124,16 +125,16 @@ def _parse_flags(argv):
 
 
 def _drop_abandoned_reads(unraisable):
-  """After a failed restore, Orbax's abandoned array reads complain at garbage collection that their event loop is
-  closed; that noise would bury the one error line."""
-  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(unraisable.object):
+  """After a failed restore, Orbax's abandoned array reads complain (at garbage collection, or from their threads)
+  that their event loop is closed; that noise would bury the one error line."""
+  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(getattr(unraisable, 'object', None)):
     return
-  sys.__unraisablehook__(unraisable)
+  (sys.__unraisablehook__ if hasattr(unraisable, 'object') else threading.__excepthook__)(unraisable)
 
 
 def run(main):
   """absl's app.run(main) with the one error path."""
-  sys.unraisablehook = _drop_abandoned_reads
+  sys.unraisablehook = threading.excepthook = _drop_abandoned_reads
 
   def guarded(argv):
     try:
