@@ -49,10 +49,9 @@ FLAGS = flags.FLAGS
 
 def define_flags(name: str, seeds: int):
   """The flags every experiment has; `name` names its default run root and its results files."""
-  # perijax.train defines --config (and --workdir) when imported, and runs are trained in this process: reuse its
-  # --config flag, defaulting to configs/tiny.py (which adds this experiment's small-scale overrides).
-  from perijax import train  # pylint: disable=g-import-not-at-top,unused-import
-  FLAGS.set_default('config', TINY_CONFIG)
+  # --config defaults to configs/tiny.py (which adds this experiment's small-scale overrides).
+  config_flags.DEFINE_config_file('config', TINY_CONFIG, 'Config file of every run; --config.a.b=value overrides.',
+                                  lock_config=True)
   flags.DEFINE_string('root', os.path.join('runs', 'experiments', name), 'Directory of the run workdirs.')
   flags.DEFINE_string('results', RESULTS_DIR, 'Directory the JSON and PNG results are written to.')
   flags.DEFINE_integer('seeds', seeds, 'Seeds per grid point (train.seed = 0 .. seeds-1).')

@@ -3,11 +3,19 @@
 WORKDIR/checkpoints/<step>/ holds three items: `state` (params, optimizer state, loss-scale state, step and the run's
 counters), `data` (the grain iterator's position, one file per process) and `config` (the run's resolved config, JSON). Orbax writes each checkpoint into a
 temporary directory and renames it only once complete, so a crash mid-save never leaves something that looks finished.
+Once a save is complete (after Orbax finalizes it; for asynchronous saves in its post-finalization callback),
+process 0 writes `<step>/checksums.json`: the size and CRC-32 of every file of the step. A step without it is an
+unfinished save; resuming (resume_step) and evaluating verify every file against it, so a truncated, missing or
+corrupted file is reported with its step and path (DamagedCheckpointError) and never restored.
 There is no RNG state to keep: nothing in a step is random (no dropout), the initialisation comes from
 config.train.seed and the data order from the iterator state.
 """
 
+import glob
 import json
+import os
+import shutil
+import zlib
 
 import grain
 import jax
@@ -15,13 +23,121 @@ import orbax.checkpoint as ocp
 
 from perijax import rundir
 
+from perijax.errors import UserError
 
-class CheckpointError(ValueError):
+
+MANIFEST = 'checksums.json'
+DAMAGED_DIR = 'checkpoints_damaged'   # in the workdir: steps set aside by --resume_from_intact, kept, never deleted
+_BLOCK = 1 << 20
+# Orbax rewrites these as it renames a finished step into place (commit time): bookkeeping, not data.
+_REWRITTEN_AT_RENAME = ('_CHECKPOINT_METADATA', 'commit_success.txt')
+
+
+class CheckpointError(UserError, ValueError):
   """A checkpoint is missing, incomplete or does not fit the config."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A step's files are missing, truncated or changed since the save."""
+
+
+class IncompleteCheckpointError(DamagedCheckpointError):
+  """A step has no checksums.json: its save never finished (or is finishing right now)."""
 
 
 def checkpoint_dir(workdir):
   return rundir.checkpoints(workdir)
+
+
+def _checksums(step_dir):
+  """{relative path: [bytes, crc32]} of every file of a step but the manifest; CRC-32 runs at GB/s, streamed."""
+  sums = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, step_dir)
+      if not relative.startswith(MANIFEST) and relative not in _REWRITTEN_AT_RENAME:
+        crc = 0
+        with open(path, 'rb') as f:
+          while block := f.read(_BLOCK):
+            crc = zlib.crc32(block, crc)
+        sums[relative] = [os.path.getsize(path), crc]
+  return dict(sorted(sums.items()))
+
+
+def _local(directory):
+  return '://' not in str(directory)  # gs:// and other remote stores: Orbax's own guarantees only
+
+
+def write_manifest(step_dir):
+  temporary = os.path.join(step_dir, MANIFEST + '.tmp')
+  with open(temporary, 'w') as f:
+    json.dump({'files': _checksums(step_dir)}, f)
+  os.replace(temporary, os.path.join(step_dir, MANIFEST))
+
+
+def verify(directory, step):
+  """Raises DamagedCheckpointError (IncompleteCheckpointError: no manifest) naming the step, its path and the file."""
+  step_dir = os.path.join(str(directory), str(step))
+  if not _local(directory):
+    return
+  manifest = os.path.join(step_dir, MANIFEST)
+  if not os.path.isfile(manifest):
+    if not glob.glob(os.path.join(glob.escape(str(directory)), '*', MANIFEST)):
+      return  # a run from before perijax wrote checksums: Orbax's atomic rename is all there is to go by
+    raise IncompleteCheckpointError(f'checkpoint {step} at {step_dir} is incomplete: it has no {MANIFEST}, written '
+                                    'once a save has finished (the process stopped while saving?)')
+  try:
+    with open(manifest) as f:
+      expected = json.load(f)['files']
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise DamagedCheckpointError(f'checkpoint {step} at {step_dir} is damaged: {manifest} is unreadable '
+                                 f'({error})') from None
+  actual = _checksums(step_dir)
+  for relative, (size, crc) in expected.items():
+    problem = ('is missing' if relative not in actual else
+               f'has {actual[relative][0]} bytes, {size} when saved (truncated?)' if actual[relative][0] != size else
+               'has changed since the save (checksum mismatch)' if actual[relative][1] != crc else None)
+    if problem:
+      raise DamagedCheckpointError(f'checkpoint {step} at {step_dir} is damaged: {relative} {problem}')
+
+
+class Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager that writes a step's checksums.json once its save is complete.
+
+  Asynchronous saves: in Orbax's post-finalization callback, into the still temporary directory, so the manifest
+  appears with the step when Orbax renames it into place; synchronous ones (and any the callback missed): right after.
+  """
+
+  def __init__(self, directory, options, item_names):
+    self._unsealed, self._saving = None, False
+    if options.enable_async_checkpointing:
+      options.async_options = ocp.AsyncOptions(post_finalization_callback=self._seal)
+    super().__init__(directory, options=options, item_names=item_names)
+
+  def save(self, step, *args, **kwargs):
+    self.wait_until_finished()  # the previous save is sealed before this one is named
+    self._unsealed, self._saving = step, True
+    try:
+      saved = super().save(step, *args, **kwargs)  # calls wait_until_finished itself: not the time to seal
+    finally:
+      self._saving = False
+    if not self._options.enable_async_checkpointing:
+      self._seal()
+    return saved
+
+  def wait_until_finished(self):
+    super().wait_until_finished()
+    if not self._saving:
+      self._seal()
+
+  def _seal(self):
+    step, self._unsealed = self._unsealed, None
+    if step is None or jax.process_index() != 0 or not _local(self.directory):
+      return
+    final = os.path.join(str(self.directory), str(step))
+    temporary = sorted(glob.glob(glob.escape(final) + '.orbax-checkpoint-tmp*'))
+    write_manifest(temporary[-1] if temporary and not os.path.isdir(final) else final)
 
 
 def make_manager(workdir, checkpoint_config=None, read_only=False):
@@ -31,7 +147,46 @@ def make_manager(workdir, checkpoint_config=None, read_only=False):
       keep_period=(checkpoint_config.keep_period or None) if checkpoint_config else None,
       enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
       create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'data', 'config'))
+  return Manager(checkpoint_dir(workdir), options=options, item_names=('state', 'data', 'config'))
+
+
+def resume_step(manager, workdir, resume_from_intact=False):
+  """The newest intact step to resume from (None: none, start afresh).
+
+  Newer steps whose save never finished are set aside; a damaged newer step stops with an error naming it and the
+  newest intact one, unless `resume_from_intact`. Steps set aside move to WORKDIR/checkpoints_damaged/ (kept).
+  """
+  steps, set_aside, damage = sorted(manager.all_steps(), reverse=True), [], None
+  chosen = None
+  for step in steps:
+    try:
+      verify(manager.directory, step)
+      chosen = step
+      break
+    except DamagedCheckpointError as error:
+      if not isinstance(error, IncompleteCheckpointError):
+        damage = damage or error
+      set_aside.append((step, error))
+  if damage is not None and not resume_from_intact:
+    newest = (f'the newest intact one is step {chosen}; rerun with --resume_from_intact to resume from it'
+              if chosen is not None else 'no intact checkpoint remains; rerun with --resume_from_intact to start '
+              'afresh')
+    raise DamagedCheckpointError(f'{damage}; {newest} (damaged steps are moved to '
+                                 f'{os.path.join(os.path.abspath(workdir), DAMAGED_DIR)}, not deleted)')
+  if set_aside and jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, DAMAGED_DIR), exist_ok=True)
+    for step, error in set_aside:
+      print(f'{error}; moved to {DAMAGED_DIR}/{step}', flush=True)
+      target = os.path.join(workdir, DAMAGED_DIR, str(step))
+      while os.path.exists(target):  # the same step set aside before: keep both
+        target += '_'
+      shutil.move(os.path.join(str(manager.directory), str(step)), target)
+  if set_aside:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('perijax_checkpoints_set_aside')
+    manager.reload()
+  return chosen
 
 
 def save(manager, step, state, data_iterator=None, config=None):

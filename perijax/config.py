@@ -2,13 +2,16 @@
 
 import difflib
 import importlib.util
+import os
 from typing import Any, List
 
 from absl import flags
 import ml_collections
+from ml_collections.config_flags import config_flags
 from ml_collections.config_flags import config_path
 from ml_collections.config_flags import tuple_parser
 
+from perijax.errors import UserError
 from perijax.norms import NORM_KINDS
 from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
@@ -32,7 +35,7 @@ _VALUE_PARSERS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field has a value perijax cannot use."""
 
 
@@ -155,7 +158,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-# ---- `--config.a.b=text` overrides: the one parser perijax.sweep and perijax.evaluate share -----------------------
+# ---- loading: `--config=FILE[:arg]` and `--config.a.b=text` overrides, the one loader every command uses --------
 
 def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
   """Every overridable field path of `config`, e.g. ['model.vocab_size', ..., 'model.norm.placement', ...]."""
@@ -178,7 +181,7 @@ def check_field(config: ml_collections.ConfigDict, field: str) -> type:
     # A right leaf name under the wrong parent (e.g. 'norm.placement') is worth suggesting too.
     close += [f for f in fields if f.endswith('.' + field.split('.')[-1]) and f not in close]
     hint = f'; did you mean {" or ".join(close[:3])}?' if close else '; see configs/default.py for every field'
-    raise ValueError(f'config has no field {field!r}{hint}')
+    raise ConfigError(f'config has no field {field!r}{hint}')
   field_type = config_path.get_type(field, config)
   return type(None) if field_type is None else field_type
 
@@ -193,5 +196,46 @@ def parse_value(config: ml_collections.ConfigDict, field: str, text: str) -> Any
   try:
     return parser.parse(text)
   except (ValueError, TypeError, SyntaxError) as e:
-    raise ValueError(f'{field}={text!r}: not a valid {field_type.__name__} '
+    raise ConfigError(f'{field}={text!r}: not a valid {field_type.__name__} '
                      f'(the config has {config_path.get_value(field, config)!r}): {e}') from None
+
+
+def load_file(config_arg: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of `path.py[:arg]` (its get_config()), or ConfigError if the file is missing or broken."""
+  path = config_arg.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config={config_arg}: {path!r} is not a file; expected a Python file with get_config(), '
+                      'e.g. configs/tiny.py')
+  try:
+    return config_flags.ConfigFileFlagParser(name='config', lock_config=False).parse(config_arg)
+  except Exception as error:  # pylint: disable=broad-except  the file's own code failed: the user's to fix
+    detail = (str(error).strip().splitlines() or [''])[0]
+    raise ConfigError(f'--config={config_arg}: the file cannot be loaded ({type(error).__name__}: {detail}); '
+                      'expected a Python file defining get_config() that returns an ml_collections.ConfigDict, '
+                      'e.g. configs/tiny.py') from error
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides, sections=None) -> dict:
+  """Applies `--config.a.b=text` strings (the `--config.` prefix optional) in place; returns {field: typed value}.
+
+  `sections`: the top-level sections that may be overridden (all by default).
+  """
+  applied = {}
+  for override in overrides:
+    assignment = override[len('--config.'):] if override.startswith('--config.') else override
+    if '=' not in assignment:
+      raise ConfigError(f'{override!r}: expected --config.<section>.<field>=<value>')
+    name, text = assignment.split('=', 1)
+    if sections is not None and (name.split('.')[0] not in sections or '.' not in name):
+      raise ConfigError(f'--config.{name}: this command may only override config.{{{",".join(sections)}}}.* (the '
+                        "model and training fields come from the checkpoint's own config.json)")
+    applied[name] = parse_value(config, name, text)  # an unknown field or a bad value: one clear error
+    config_path.set_value(name, config, applied[name])
+  return applied
+
+
+def load(config_arg: str, overrides=()) -> ml_collections.ConfigDict:
+  """`--config=FILE[:arg]` with the overrides applied, validated: what train, params, dryrun and sweep start from."""
+  config = load_file(config_arg)
+  apply_overrides(config, overrides)
+  return validate(config)

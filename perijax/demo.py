@@ -22,10 +22,12 @@ from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_flags
 
+from perijax import cli
 from perijax import config as config_lib
 from perijax import inspect as inspect_lib
 from perijax import rundir
 from perijax import sweep
+from perijax.errors import ArgumentError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
@@ -95,9 +97,9 @@ def main(argv):
   try:
     run_demo(config_arg, FLAGS.config, fixed_overrides, FLAGS.placements, FLAGS.root)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
-    sys.exit(f'perijax.demo: {e}')
+    raise ArgumentError(str(e)) from None
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

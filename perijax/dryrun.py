@@ -45,19 +45,20 @@ import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from perijax import cli  # noqa: E402
 from perijax import config as config_lib  # noqa: E402
 from perijax import hardware  # noqa: E402
 from perijax import optimizer as optimizer_lib  # noqa: E402
 from perijax import params as params_lib  # noqa: E402
 from perijax import sharding as sharding_lib  # noqa: E402
 from perijax import train_step as train_step_lib  # noqa: E402
+from perijax.errors import ArgumentError  # noqa: E402
 
 # XLA and the runtime need some device memory of their own (and fragmentation wastes some): plan with 90% of it.
 USABLE_MEMORY_FRACTION = 0.9
@@ -168,7 +169,7 @@ def suggest_meshes(config, devices, budget_bytes, temp_bytes=None, measured_mesh
 
 def accelerator_spec(name):
   if name not in hardware.ACCELERATORS:
-    raise ValueError(f'--accelerator={name!r} is not known; choose one of {", ".join(hardware.ACCELERATORS)} '
+    raise ArgumentError(f'--accelerator={name!r} is not known; choose one of {", ".join(hardware.ACCELERATORS)} '
                      '(perijax/hardware.py)')
   peak, memory, bandwidth = hardware.ACCELERATORS[name]
   return {'name': name, 'peak_flops': peak, 'memory_bytes': memory, 'hbm_bytes_per_s': bandwidth}
@@ -182,7 +183,7 @@ def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
   config_lib.validate(config)
   spec = accelerator_spec(accelerator)
   if not 0 < mfu <= 1:
-    raise ValueError(f'--mfu={mfu}: expected a fraction in (0, 1], e.g. 0.4')
+    raise ArgumentError(f'--mfu={mfu}: expected a fraction in (0, 1], e.g. 0.4')
   devices = jax.devices()
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
@@ -314,8 +315,9 @@ def mesh_hint(config, accelerator):
 
 def define_flags():
   """Only when run as a program: perijax.train defines --config too, and the tests import both."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size); set before jax starts.')
+  cli.define_config_flags()
+  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size, >= 1); set before jax starts.',
+                       lower_bound=1)
   flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
                       'default config.train.accelerator, or h100 if that is cpu.')
   flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
@@ -325,21 +327,17 @@ def define_flags():
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if FLAGS.config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/paper_3_2b.py')
+    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   if FLAGS.devices is not None and jax.device_count() != FLAGS.devices:
-    sys.exit(f'perijax.dryrun: --devices={FLAGS.devices} but jax already started with {jax.device_count()} '
-             f'devices: run it as `python -m perijax.dryrun` (XLA_FLAGS is set before jax is imported) and do not '
-             f'set --xla_force_host_platform_device_count elsewhere')
-  config = FLAGS.config
+    raise ArgumentError(f'--devices={FLAGS.devices} but jax already started with {jax.device_count()} devices: run '
+                        'it as `python -m perijax.dryrun` (XLA_FLAGS is set before jax is imported) and do not set '
+                        '--xla_force_host_platform_device_count elsewhere')
+  config = cli.config()
   accelerator = FLAGS.accelerator or ('h100' if config.train.accelerator == 'cpu' else config.train.accelerator)
   try:
     report = dry_run(config, accelerator, FLAGS.mfu)
   except sharding_lib.ShardingError as e:
-    sys.exit(f'perijax.dryrun: {e}{mesh_hint(config, accelerator)}')
-  except ValueError as e:  # ConfigError: a bad field, named
-    sys.exit(f'perijax.dryrun: {e}')
+    raise sharding_lib.ShardingError(f'{e}{mesh_hint(config, accelerator)}') from None
   print(format_report(report), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
@@ -348,4 +346,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -32,15 +32,16 @@ import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from perijax import cli
 from perijax import growth
 from perijax import instability
 from perijax import rundir
 from perijax import sweep
 from perijax import tables
+from perijax.errors import ArgumentError
 # Re-exported: the names experiments and tests use as perijax.inspect's.
 from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs, read_metrics, stats_lines  # noqa
 from perijax.tables import format_number, format_table, layer_tables  # noqa
@@ -311,15 +312,15 @@ def define_flags():
 
 def main(argv):
   if len(argv) < 2:
-    raise app.UsageError('give at least one run workdir or sweep root: python -m perijax.inspect DIR [DIR ...]')
+    raise ArgumentError('give at least one run workdir or sweep root: python -m perijax.inspect DIR [DIR ...]')
   try:
     steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
   except ValueError:
-    raise app.UsageError(f'--steps={",".join(FLAGS.steps)}: expected integers, e.g. --steps=0,100,200') from None
+    raise ArgumentError(f'--steps={",".join(FLAGS.steps)}: expected integers, e.g. --steps=0,100,200') from None
   try:
     runs = load_runs(argv[1:])
   except FileNotFoundError as e:
-    sys.exit(f'perijax.inspect: {e}')
+    raise ArgumentError(str(e)) from None
   text, data = report(runs, steps)
   print(text)
   if FLAGS.plots:
@@ -334,4 +335,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -11,12 +11,14 @@ import shutil
 import subprocess
 from typing import Sequence
 
+from perijax.errors import UserError
+
 SLURM_SCRIPT = 'sweep.sbatch'
 SLURM_LOG_DIR = 'slurm'   # under the sweep root: one log per array task, <job id>_<task index>.out
 _SLURM_TIME = re.compile(r'^(\d+-)?\d+(:\d+){0,2}$')   # minutes, [D-]HH:MM[:SS], ... as sbatch --time reads them
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
   """A launcher flag perijax cannot use, or a scheduler that refused the job (the message says which)."""
 
 

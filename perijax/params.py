@@ -7,14 +7,12 @@ Counts come from the model itself (abstract init, nothing allocated), so they ca
 
 import math
 
-from absl import app, flags
-from ml_collections import config_flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from perijax import config as config_lib
+from perijax import cli
 from perijax import model as model_lib
 
 
@@ -51,8 +49,9 @@ def train_flops_per_token(model_config, seq_len):
 
 
 def main(argv):
-  del argv
-  config = config_lib.validate(flags.FLAGS.config)
+  if len(argv) > 1:
+    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  config = cli.config()
   counts = count_params(config.model)
   flops = train_flops_per_token(config.model, config.train.seq_len)
   print(f"total parameters:          {counts['total']:>16,}")
@@ -62,6 +61,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Defined here, not at import: perijax.train imports this module and has its own --config.
-  config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-  app.run(main)
+  cli.define_config_flags()
+  cli.run(main)

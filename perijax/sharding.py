@@ -8,25 +8,18 @@ compiled, that every sharded dimension divides evenly.
 import math
 import os
 
-from absl import flags
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from perijax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
   """The mesh, batch or a parameter shape cannot be laid out as the config asks."""
-
-
-def define_distributed_flags():
-  """The multi-host flags of perijax.train and perijax.evaluate, as flag holders, for `initialize_distributed`."""
-  return (flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on TPU '
-                              'pods and SLURM, where jax.distributed finds it).'),
-          flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.'),
-          flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.'))
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):

@@ -29,16 +29,16 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 import ml_collections
-from ml_collections.config_flags import config_flags
 from ml_collections.config_flags import config_path
 
+from perijax import cli
 from perijax import config as config_lib
 from perijax import launchers
 from perijax import progress
 from perijax import rundir
+from perijax.errors import ArgumentError
 
 SEED_FIELD = 'train.seed'
 STEPS_FIELD = 'train.steps'
@@ -64,11 +64,7 @@ class Run:
 
 def load_config(config_arg: str) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` the way `--config=` does, with one clear error if the file is missing or broken."""
-  path = config_arg.split(':', 1)[0]
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} (from --config={config_arg}) does not exist; '
-                            'expected a Python file with get_config(), e.g. configs/tiny.py')
-  return config_flags.ConfigFileFlagParser(name='config', lock_config=False).parse(config_arg)
+  return config_lib.load_file(config_arg)
 
 
 def split_values(text: str) -> List[str]:
@@ -323,7 +319,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defines the CLI flags; called only when run as a program, so importing this module defines no global flags
   (perijax.train defines --config too, and both are imported in one test process)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :arg.', lock_config=True)
+  cli.define_config_flags()
   flags.DEFINE_multi_string('sweep', [], 'FIELD=V1,V2,...: a swept config field and its values (repeatable).')
   flags.DEFINE_integer('seeds', 1, 'Seeds per grid point: train.seed = 0 .. seeds-1.')
   flags.DEFINE_string('root', None, 'Directory that holds one workdir per run and sweep.json.')
@@ -343,28 +339,24 @@ def define_flags():
   flags.DEFINE_string('zone', '', 'tpu_vm: its zone.')
   flags.DEFINE_string('remote_dir', 'perijax', 'tpu_vm: the perijax checkout on the workers (relative to home), '
                       'where the commands run.')
-  flags.mark_flags_as_required(['config', 'root'])
+  cli.require('root', 'the directory of the runs, e.g. --root=runs/sweep')
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config_arg = config_flags.get_config_filename(FLAGS['config'])
-  config_file = config_arg.split(':', 1)[0]
-  if not os.path.isfile(config_file):
-    sys.exit(f'perijax.sweep: --config={config_arg}: {config_file!r} does not exist')
-  config = FLAGS.config
-  fixed_overrides = config_flags.get_override_values(FLAGS['config'])
+    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  config_arg = FLAGS.config
+  config = load_config(config_arg)
+  fixed_overrides = config_lib.apply_overrides(config, cli.overrides())
   try:
-    from perijax import config as perijax_config  # pylint: disable=g-import-not-at-top  (imports the model's tables)
     runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides,
-                       validate=perijax_config.validate)
-  except ValueError as e:
-    sys.exit(f'perijax.sweep: {e}')
+                       validate=config_lib.validate)
+  except ValueError as e:  # ConfigError, or a --sweep/--seeds value expand_grid names
+    raise ArgumentError(str(e)) from None
   if FLAGS.print and FLAGS.launcher != 'local':
-    sys.exit(f'perijax.sweep: give --print or --launcher={FLAGS.launcher}, not both')
+    raise ArgumentError(f'give --print or --launcher={FLAGS.launcher}, not both')
   if FLAGS.submit and FLAGS.launcher != 'slurm':
-    sys.exit('perijax.sweep: --submit submits a SLURM script; it needs --launcher=slurm')
+    raise ArgumentError('--submit submits a SLURM script; it needs --launcher=slurm')
   if FLAGS.print:
     print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
     return
@@ -372,10 +364,7 @@ def main(argv):
   if FLAGS.launcher != 'local':
     python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
     header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args}
-    try:
-      print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, header, FLAGS))
-    except launchers.LaunchError as e:
-      sys.exit(f'perijax.sweep: {e}')
+    print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, header, FLAGS))
     return
   finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
                        sweep_args=sweep_args)
@@ -385,4 +374,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

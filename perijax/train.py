@@ -8,12 +8,12 @@ import json
 import signal
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 import flax.linen as nn
 import jax
 
 from perijax import checkpoint as checkpoint_lib
+from perijax import cli
 from perijax import config as config_lib
 from perijax import hardware
 from perijax import metrics as metrics_lib
@@ -25,10 +25,6 @@ from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.metrics import MetricsWriter
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, checkpoints.')
-_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = sharding_lib.define_distributed_flags()
 
 
 def make_data_iterator(config, tokenizer, micro_batch):
@@ -94,12 +90,14 @@ def write_run_files(config, workdir, tokenizer):
   tokenizers.save_tokenizer(tokenizer, workdir)
 
 
-def train(config, workdir, devices=None):
+def train(config, workdir, devices=None, resume_from_intact=False):
   """Trains config.train.steps optimizer steps (resuming from WORKDIR's latest checkpoint). Returns the final state.
 
-  `devices`: the mesh's devices; all devices of all processes by default.
+  `devices`: the mesh's devices; all devices of all processes by default. `resume_from_intact`: when the latest
+  checkpoint is damaged, resume from the newest intact one (checkpoint.resume_step) instead of stopping.
   """
   config_lib.validate(config)
+  cli.check_writable_dir(workdir)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_rules(config.mesh)
   accum = config.optimizer.grad_accum_steps
@@ -115,7 +113,7 @@ def train(config, workdir, devices=None):
 
   rundir.root(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
-  latest = manager.latest_step()
+  latest = checkpoint_lib.resume_step(manager, workdir, resume_from_intact)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if latest is None:
       state, _ = train_step_lib.create_train_state(config, model, optimizer, mesh)
@@ -210,13 +208,22 @@ def train(config, workdir, devices=None):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
-  sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
-  train(_CONFIG.value, _WORKDIR.value)
+  config = cli.config()
+  cli.initialize_distributed()
+  train(config, flags.FLAGS.workdir, resume_from_intact=flags.FLAGS.resume_from_intact)
+
+
+def define_flags():
+  cli.define_config_flags()
+  cli.define_workdir_flag()
+  cli.define_distributed_flags()
+  flags.DEFINE_bool('resume_from_intact', False, 'Resume from the newest intact checkpoint when a newer one is '
+                    'damaged (the damaged ones are moved to WORKDIR/checkpoints_damaged/, not deleted).')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  cli.run(main)

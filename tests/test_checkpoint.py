@@ -63,8 +63,25 @@ def save_then_die(manager, step, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.save = save_then_die
 sys.argv = ['perijax.train'] + sys.argv[1:]
-from absl import app
-app.run(train.main)
+train.define_flags()
+from perijax import cli
+cli.run(train.main)
+"""
+
+# The same, but SIGKILLed while the asynchronous save of step 6 is in flight: Orbax has written the arrays in the
+# background and calls back to have the checksums written; the process dies right there, before the step is complete.
+KILL_DURING_ASYNC_SAVE = """
+import os, signal, sys
+from perijax import checkpoint, cli, train
+write_manifest = checkpoint.write_manifest
+def die_at_step_6(step_dir):
+  if os.path.basename(step_dir).split('.')[0] == '6':
+    os.kill(os.getpid(), signal.SIGKILL)
+  write_manifest(step_dir)
+checkpoint.write_manifest = die_at_step_6
+sys.argv = ['perijax.train'] + sys.argv[1:]
+train.define_flags()
+cli.run(train.main)
 """
 
 
@@ -96,6 +113,27 @@ def test_killed_run_resumes_bit_for_bit(corpus_data_dir, tmp_path):
                                                  'process_0-of-1.json')).read()
   assert data_state(straight) == data_state(killed)
   assert [losses(straight)[s] for s in (4, 5, 6)] == [losses(killed)[s] for s in (4, 5, 6)]
+
+
+@pytest.mark.slow
+def test_kill_during_an_async_save_resumes_from_the_previous_checkpoint_bit_for_bit(corpus_data_dir, tmp_path):
+  config = small_config(corpus_data_dir, steps=9)
+  config.checkpoint.async_save = True
+  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  train_lib.train(config, straight)
+  args = cli_args(corpus_data_dir, killed, 9) + ['--config.checkpoint.async_save=true']
+  child = subprocess.run([sys.executable, '-c', KILL_DURING_ASYNC_SAVE, *args], cwd=REPO, capture_output=True,
+                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+  manager = checkpoint_lib.make_manager(killed, read_only=True)
+  assert checkpoint_lib.resume_step(manager, killed) == 3  # step 6 never became a checkpoint
+  train_lib.train(config, killed)
+  for step in (3, 9):
+    checkpoint_lib.verify(checkpoint_lib.checkpoint_dir(killed), step)
+  expected, _, _ = restore_state(config, straight, 9)
+  got, _, _ = restore_state(config, killed, 9)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), jax.device_get(got))
+  assert [losses(straight)[s] for s in range(4, 10)] == [losses(killed)[s] for s in range(4, 10)]
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_impossible_mesh_is_one_clear_line(tmp_path):
   process, report = run_dryrun(tmp_path, 8, '--config.mesh.data=1', '--config.mesh.tensor=3')
   assert process.returncode != 0 and report is None
   message = process.stderr.strip().splitlines()[-1]
-  assert message.startswith('perijax.dryrun: config.mesh') and 'device count' in message
+  assert message.startswith('perijax.dryrun: error: config.mesh') and 'device count' in message
   assert 'Traceback' not in process.stderr
 
 

@@ -192,10 +192,12 @@ def _break_workdir(workdir, how):
     for data_file in (workdir / 'checkpoints' / '4' / 'state').glob('ocdbt.process_*/d/*'):
       with open(data_file, 'r+b') as f:
         f.truncate(16)
-    return dict(workdir=str(workdir)), checkpoint_lib.CheckpointError, 'checkpoint 4 .*cannot be restored'
+    return (dict(workdir=str(workdir)), checkpoint_lib.DamagedCheckpointError,
+            'checkpoint 4 at .* is damaged: state/.* has 16 bytes, .* when saved')
   if how == 'deleted_metadata':
     (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
-    return dict(workdir=str(workdir)), checkpoint_lib.CheckpointError, 'checkpoint 4 .*cannot be read'
+    return (dict(workdir=str(workdir)), checkpoint_lib.DamagedCheckpointError,
+            'checkpoint 4 at .* is damaged: state/_METADATA is missing')
   if how == 'config_mismatch':
     stored = json.loads((workdir / 'config.json').read_text())
     stored['model']['d_model'] = 64
@@ -234,7 +236,7 @@ def test_command_line_prints_one_error_line_and_exits_1(workdir, how):
                            text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(REPO)})
   assert process.returncode == 1
   # Exactly one error line, last, and no traceback (XLA's C++ logging may add its own warnings under load).
-  errors = [line for line in process.stderr.splitlines() if line.startswith('error: ')]
+  errors = [line for line in process.stderr.splitlines() if line.startswith('perijax.evaluate: error: ')]
   assert len(errors) == 1 and process.stderr.rstrip().endswith(errors[0]), process.stderr
   assert 'Traceback' not in process.stderr and re.search(pattern, errors[0]), process.stderr
   assert snapshot(workdir) == before

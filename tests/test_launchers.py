@@ -115,7 +115,7 @@ def test_cli_submit_without_sbatch_is_one_line_naming_the_script(tmp_path):
                           text=True, timeout=120, env={**os.environ, 'PATH': str(empty), 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      f'perijax.sweep: --submit: sbatch is not on PATH (not a SLURM login node?); the script is {tmp_path}/r/'
+      f'perijax.sweep: error: --submit: sbatch is not on PATH (not a SLURM login node?); the script is {tmp_path}/r/'
       'sweep.sbatch, submit it with `sbatch` where SLURM runs']
 
 
@@ -143,5 +143,5 @@ def test_cli_tpu_vm_prints_one_gcloud_command_per_run_on_all_workers(tmp_path):
 def test_cli_bad_launch_flags_fail_in_one_line_and_write_nothing(tmp_path, args, message):
   result = run_sweep_cli(tmp_path / 'r', *args, expect=1)
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f'perijax.sweep: {message}')
+  assert len(lines) == 1 and lines[0].startswith(f'perijax.sweep: error: {message}')
   assert not (tmp_path / 'r').exists()

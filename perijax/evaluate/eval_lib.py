@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections.config_flags import config_path
 import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
@@ -38,6 +37,7 @@ from perijax.tasks import lm_eval_results
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.metrics import scalars
+from perijax.errors import NotFoundError
 from perijax.precision import Precision
 from perijax.progress import progress
 
@@ -60,14 +60,14 @@ def load_run_config(workdir):
   """WORKDIR/config.json, as written by perijax.train, back into a ConfigDict."""
   path = rundir.config_file(workdir)
   if not path.is_file():
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
+    raise NotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
                             'writes config.json there when it starts)')
   try:
     stored = json.loads(path.read_text())
   except (OSError, ValueError) as error:
-    raise ValueError(f'{path} cannot be read as JSON: {error}') from error
+    raise config_lib.ConfigError(f'{path} cannot be read as JSON: {error}') from error
   if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
-    raise ValueError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
+    raise config_lib.ConfigError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
   return ml_collections.ConfigDict(_upgrade(_lists_to_tuples(stored)))
 
 
@@ -84,17 +84,7 @@ def _upgrade(stored):
 
 def apply_overrides(config, overrides):
   """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections."""
-  for override in overrides:
-    assignment = override[len('--config.'):] if override.startswith('--config.') else override
-    if '=' not in assignment:
-      raise ValueError(f'{override!r}: expected --config.<section>.<field>=<value>')
-    name, text = assignment.split('=', 1)
-    parts = name.split('.')
-    if parts[0] not in OVERRIDABLE or len(parts) < 2:
-      raise ValueError(f'--config.{name}: evaluation may only override config.{{{",".join(OVERRIDABLE)}}}.* '
-                       '(the model and training fields come from the checkpoint\'s own config.json)')
-    value = config_lib.parse_value(config, name, text)  # an unknown field or a bad value: one clear error
-    config_path.set_value(name, config, value)
+  config_lib.apply_overrides(config, overrides, sections=OVERRIDABLE)
   return config
 
 
@@ -272,6 +262,7 @@ class Evaluator:
 
   def check_checkpoint(self, step):
     """Raises CheckpointError if `step` is unreadable or its parameters are not the ones the config builds."""
+    checkpoint_lib.verify(self.manager.directory, step)  # DamagedCheckpointError: never evaluated into NaN
     check_params_match(stored_param_metadata(self.workdir, step), self.abstract_params, step)
 
   def restore(self, step):

@@ -11,6 +11,7 @@ siqa and winogrande; `acc_norm` is still given for them, by lm-eval's own defini
 
 from typing import Sequence
 
+from perijax.errors import DataError
 from perijax.tasks import paper_tasks
 from perijax.tasks import next_line
 from perijax.tasks.scoring import MultipleChoiceItem
@@ -26,10 +27,10 @@ def validate_task_names(names: Sequence[str]) -> tuple[str, ...]:
     names = (names,)
   unknown = [name for name in names if name not in TASK_NAMES]
   if unknown:
-    raise ValueError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
+    raise DataError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
                      f'known tasks: {", ".join(TASK_NAMES)}')
   if len(set(names)) != len(names):
-    raise ValueError(f'tasks repeated in {list(names)}')
+    raise DataError(f'tasks repeated in {list(names)}')
   return tuple(names)
 
 
@@ -46,14 +47,14 @@ def _task_documents(name: str, eval_config, data_config):
     return paper_tasks.read_siqa(tasks_data_dir, eval_config.siqa_path), paper_tasks.siqa_item
   if name == 'winogrande':
     return paper_tasks.read_winogrande(tasks_data_dir), paper_tasks.winogrande_item
-  raise ValueError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
+  raise DataError(f'unknown task {name!r}; known tasks: {", ".join(TASK_NAMES)}')
 
 
 def load_task_items(name: str, eval_config, data_config) -> list[MultipleChoiceItem]:
   """One task's items, the first config.eval.max_examples of its evaluated split (0 = all)."""
   max_examples = int(eval_config.max_examples)
   if max_examples < 0:
-    raise ValueError(f'config.eval.max_examples must be >= 0 (0 = all), got {max_examples}')
+    raise DataError(f'config.eval.max_examples must be >= 0 (0 = all), got {max_examples}')
   if name == 'next_line':
     return next_line.next_line_items(data_config.data_dir, max_examples)
   docs, item_fn = _task_documents(name, eval_config, data_config)

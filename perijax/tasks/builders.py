@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perijax.errors import DataError, NotFoundError
+
 _EVAL_SPLIT = 'validation'  # both originals are their dev sets, lm-eval's evaluated split
 
 
@@ -48,7 +50,7 @@ def _read_jsonl(path: str) -> list[dict]:
     try:
       docs.append(json.loads(line))
     except json.JSONDecodeError as error:
-      raise ValueError(f'{path}:{number}: not a JSON object ({error})') from error
+      raise DataError(f'{path}:{number}: not a JSON object ({error})') from error
   return docs
 
 
@@ -56,7 +58,7 @@ def _require_fields(path: str, docs: Sequence[dict], fields: Sequence[str]):
   for number, doc in enumerate(docs, start=1):
     missing = [field for field in fields if field not in doc]
     if missing:
-      raise ValueError(f'{path}: document {number} lacks {missing}; each line needs {list(fields)}')
+      raise DataError(f'{path}: document {number} lacks {missing}; each line needs {list(fields)}')
 
 
 class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -86,7 +88,7 @@ class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
   def _source_path(self) -> str:
     path = getattr(self.builder_config, 'source_path', '')
     if not path or not os.path.isfile(path):
-      raise FileNotFoundError(f'{self.name}: the original JSONL file to prepare from is missing: {path!r}')
+      raise NotFoundError(f'{self.name}: the original JSONL file to prepare from is missing: {path!r}')
     return path
 
   @classmethod
@@ -155,7 +157,7 @@ class SiqaOriginal(_OriginalJsonlBuilder):
     for line, (doc, label) in enumerate(zip(docs, labels)):
       label = str(label).strip()
       if label not in ('1', '2', '3'):
-        raise ValueError(f'{path}: document {line + 1} has label {label!r}; Social IQa labels are "1", "2" or "3"')
+        raise DataError(f'{path}: document {line + 1} has label {label!r}; Social IQa labels are "1", "2" or "3"')
       examples.append({field: doc[field] for field in ('context', 'question', 'answerA', 'answerB', 'answerC')} |
                       {'label': label})
     return examples
@@ -164,12 +166,12 @@ class SiqaOriginal(_OriginalJsonlBuilder):
 def _read_siqa_labels(jsonl_path: str, count: int) -> list[str]:
   labels_path = siqa_labels_path(jsonl_path)
   if not os.path.isfile(labels_path):
-    raise FileNotFoundError(f'{jsonl_path} has no "label" field, and its labels file {labels_path} (as the original '
+    raise NotFoundError(f'{jsonl_path} has no "label" field, and its labels file {labels_path} (as the original '
                             'Social IQa release ships them: dev.jsonl + dev-labels.lst) is missing')
   with open(labels_path, encoding='utf-8') as file:
     labels = [line.strip() for line in file if line.strip()]
   if len(labels) != count:
-    raise ValueError(f'{labels_path} has {len(labels)} labels for the {count} documents of {jsonl_path}')
+    raise DataError(f'{labels_path} has {len(labels)} labels for the {count} documents of {jsonl_path}')
   return labels
 
 
@@ -194,10 +196,10 @@ _WHERE_TO_GET = {
 def data_source(task: str, builder_cls, source_path: str, data_dir: str | None) -> Sequence[dict]:
   """The validation split of `builder_cls` prepared from `source_path` into `data_dir` (once), as a data source."""
   if not source_path:
-    raise FileNotFoundError(f"task '{task}' reads the original JSONL file, and none is given: set "
+    raise NotFoundError(f"task '{task}' reads the original JSONL file, and none is given: set "
                             f'{_CONFIG_FIELD[task]} to {_WHERE_TO_GET[task]}')
   if not os.path.isfile(source_path):
-    raise FileNotFoundError(f"task '{task}': {_CONFIG_FIELD[task]}={source_path!r} is not a file; it should be "
+    raise NotFoundError(f"task '{task}': {_CONFIG_FIELD[task]}={source_path!r} is not a file; it should be "
                             f'{_WHERE_TO_GET[task]}')
   builder = builder_cls(source_path=source_path, data_dir=data_dir or None)
   if not builder.is_prepared():

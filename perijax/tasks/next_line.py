@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perijax.errors import DataError, NotFoundError
 from perijax.tasks.paper_tasks import as_text
 from perijax.tasks.scoring import MultipleChoiceItem
 
@@ -106,7 +107,7 @@ def read_corpus_test_split(data_dir: str | None) -> Sequence[dict]:
     return tfds.data_source(CORPUS_NAME, split=CORPUS_SPLIT, data_dir=data_dir or None, download=False)
   except Exception as error:  # not registered, not prepared or not array_record: the same remedy for all
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"task 'next_line' reads the embedded corpus '{CORPUS_NAME}' split '{CORPUS_SPLIT}', which is not prepared "
         f"under data dir {data_dir or '~/tensorflow_datasets (the TFDS default)'}: prepare it with "
         f"`{_prepare_command(data_dir)}` (config.data.data_dir says where it is). (TFDS said: {first_line})"
@@ -126,6 +127,6 @@ def next_line_items(data_dir: str | None, max_examples: int) -> list[MultipleCho
   source = read_corpus_test_split(data_dir)
   items = build_items(source[index] for index in range(len(source)))
   if not items:
-    raise ValueError(f"task 'next_line': the '{CORPUS_NAME}' {CORPUS_SPLIT} split yields no items (each work needs "
+    raise DataError(f"task 'next_line': the '{CORPUS_NAME}' {CORPUS_SPLIT} split yields no items (each work needs "
                      f'at least {CONTEXT_LINES + 1} non-blank lines and {NUM_CHOICES} distinct lines)')
   return items if max_examples <= 0 else items[:max_examples]

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perijax.errors import DataError, NotFoundError
 from perijax.tasks import builders
 from perijax.tasks.scoring import MultipleChoiceItem
 
@@ -41,7 +42,7 @@ def arc_item(doc: dict) -> MultipleChoiceItem:
   labels = [int(label) for label in doc['choices']['label']]
   answer = int(doc['answerKey'])
   if answer not in labels:
-    raise ValueError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its choice '
+    raise DataError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its choice '
                      f'labels {labels}')
   return _choices_item(f'Question: {as_text(doc["question"])}\nAnswer:',
                        [as_text(text) for text in doc['choices']['text']], labels.index(answer))
@@ -101,7 +102,7 @@ def _tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_p
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as error:  # tfds raises several kinds (not found, not prepared, tfrecord format); all mean the same.
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"task '{task}': TFDS dataset '{name}' split '{split}' is not prepared (in array_record format) under data dir "
         f"{data_dir or '~/tensorflow_datasets (the TFDS default)'}. {how_to_prepare} (TFDS said: {first_line})"
     ) from error
@@ -148,5 +149,5 @@ def take_items(task: str, docs: Sequence[dict], item_fn, max_examples: int) -> l
   """
   count = len(docs) if max_examples <= 0 else min(max_examples, len(docs))
   if count == 0:
-    raise ValueError(f"task '{task}': the evaluated split has no documents")
+    raise DataError(f"task '{task}': the evaluated split has no documents")
   return [item_fn(docs[index]) for index in range(count)]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perijax.errors import DataError
 from perijax.progress import progress
 
 # logprobs_fn(inputs [B, T], positions [B, T], segment_ids [B, T]) -> log-softmax [B, T, V].
@@ -67,7 +68,7 @@ def _pack_request(context: Sequence[int], continuation: Sequence[int], seq_len: 
   if not continuation:
     raise ValueError('a continuation must have at least one token (lm-eval scores a non-empty continuation)')
   if len(continuation) > seq_len:
-    raise ValueError(f'a continuation of {len(continuation)} tokens does not fit seq_len={seq_len}; '
+    raise DataError(f'a continuation of {len(continuation)} tokens does not fit seq_len={seq_len}; '
                      'lm-eval requires len(continuation) <= max_length')
   tokens = ([eos_id] + list(context) + list(continuation))[-(seq_len + 1):]
   inputs, targets = tokens[:-1], tokens[1:]

@@ -1,0 +1,144 @@
+"""What every perijax command shares: its common flags, its config, and one error path.
+
+    if __name__ == '__main__':
+      cli.define_config_flags()          # --config=FILE[:arg] plus any --config.a.b=value
+      cli.define_workdir_flag('...')     # --workdir (required)
+      cli.define_distributed_flags()     # --coordinator_address, --num_processes, --process_id
+      cli.run(main)                      # main calls cli.config(), cli.initialize_distributed(), ...
+
+Library modules define no flags: only a command's `__main__` block calls these. Expected errors (perijax.errors.
+UserError: a config field, flag, path, dataset or checkpoint the user can fix; absl's flag errors) print exactly one
+line, `perijax.<tool>: error: <what is wrong and what is allowed>`, on stderr and exit with status 1; any other
+exception is a bug and keeps its traceback.
+"""
+
+import os
+import sys
+import threading
+import uuid
+
+from absl import app, flags
+
+from perijax import config as config_lib
+from perijax import sharding as sharding_lib
+from perijax.errors import ArgumentError, UserError  # noqa: F401  (ArgumentError: for the commands)
+
+FLAGS = flags.FLAGS
+_OVERRIDES = []   # the command line's --config.a.b=value arguments, in order
+_ACCEPTS_OVERRIDES = [False]
+_REQUIRED = []    # (flag, what it is), checked after parsing: one line naming the flag
+
+
+def define_config_flags(required=True, default=None, overrides_only=False):
+  """--config=FILE[:arg] (unless `overrides_only`: the config is the workdir's) and --config.a.b=value overrides."""
+  _ACCEPTS_OVERRIDES[0] = True
+  if overrides_only:
+    return
+  flags.DEFINE_string('config', default, 'Config file with get_config() (configs/*.py), optionally FILE:arg; any '
+                      'field can then be overridden with --config.a.b=value.')
+  if required:
+    require('config', 'a config file, e.g. --config=configs/tiny.py')
+
+
+def require(name, what):
+  """--name must be given; else one line naming it and `what` it is."""
+  _REQUIRED.append((name, what))
+
+
+def define_workdir_flag(help_text='Run directory: config.json, metrics, checkpoints.'):
+  flags.DEFINE_string('workdir', None, help_text)
+  require('workdir', 'the run directory, e.g. --workdir=runs/peri')
+
+
+def define_distributed_flags():
+  """The multi-host flags of perijax.train and perijax.evaluate (not needed on TPU pods and SLURM)."""
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on TPU pods and '
+                      'SLURM, where jax.distributed finds it).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', lower_bound=1)
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.', lower_bound=0)
+
+
+def initialize_distributed():
+  sharding_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def overrides():
+  """The `--config.a.b=value` arguments as given."""
+  return list(_OVERRIDES)
+
+
+def config():
+  """--config with the command line's overrides applied, validated (raises ConfigError naming the field)."""
+  return config_lib.load(FLAGS.config, _OVERRIDES)
+
+
+def check_writable_dir(path, what='--workdir'):
+  """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it),
+  before anything expensive starts; creates nothing."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ArgumentError(f'{what}={path} is a file; expected a directory (new or existing)')
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ArgumentError(f'{what}={path}: {existing} is a file; expected a directory (new or existing)')
+  probe = os.path.join(existing, f'.perijax_write_probe_{uuid.uuid4().hex}')
+  try:
+    with open(probe, 'w') as f:
+      f.write('probe')
+    os.remove(probe)
+  except OSError as error:
+    raise ArgumentError(f'{what}={path} is not writable ({existing}: {error.strerror or error}); expected a directory '
+                    'this user can write to') from None
+
+
+def _tool_name():
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  return spec.name if spec and spec.name.startswith('perijax') else os.path.basename(sys.argv[0])
+
+
+def fail(message):
+  """Prints the one error line and exits 1, skipping interpreter teardown: a failed Orbax read leaves work pending
+  on its event loop whose tracebacks would otherwise follow the line. Nothing is half-written when input is bad."""
+  sys.stdout.flush()
+  print(f'{_tool_name()}: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _parse_flags(argv):
+  rest = [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith('--config.') and _ACCEPTS_OVERRIDES[0]:
+      if '=' not in arg:
+        fail(f'{arg}: expected --config.<section>.<field>=<value> (with "=")')
+      _OVERRIDES.append(arg)
+    else:
+      rest.append(arg)
+  try:
+    remaining = FLAGS(rest)
+  except flags.Error as error:
+    fail(error)
+  for name, what in _REQUIRED:
+    if FLAGS[name].value is None:
+      fail(f'--{name} is required: {what}')
+  return remaining
+
+
+def _drop_abandoned_reads(unraisable):
+  """After a failed restore, Orbax's abandoned array reads complain (at garbage collection, or from their threads)
+  that their event loop is closed; that noise would bury the one error line."""
+  if 'Event loop is closed' in str(unraisable.exc_value) or 'coroutine' in repr(getattr(unraisable, 'object', None)):
+    return
+  (sys.__unraisablehook__ if hasattr(unraisable, 'object') else threading.__excepthook__)(unraisable)
+
+
+def run(main):
+  """absl's app.run(main) with the one error path."""
+  sys.unraisablehook = threading.excepthook = _drop_abandoned_reads
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (UserError, app.UsageError) as error:
+      fail(error)
+  app.run(guarded, flags_parser=_parse_flags)
