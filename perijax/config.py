@@ -12,6 +12,7 @@ from ml_collections.config_flags import tuple_parser
 from perijax.norms import NORM_KINDS
 from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
+from perijax.runtime import XLA_FLAGS_PRESETS
 
 MLP_ACTIVATIONS = ('swiglu', 'gelu')
 REMAT = ('none', 'minimal', 'full')
@@ -106,6 +107,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  dcn = {a: config.mesh.get(a, 1) for a in ('dcn_data', 'dcn_fsdp')}  # absent from configs of older runs
+  for axis, size in dcn.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f'mesh.{axis}', size, 'expected a positive number of slices or -1 (all remaining slices)')
+  if list(dcn.values()).count(-1) > 1:
+    _fail('mesh', dcn, 'at most one of dcn_data, dcn_fsdp may be -1')
+  if 'xla_flags_preset' in config.train:
+    _one_of(config, 'train.xla_flags_preset', tuple(XLA_FLAGS_PRESETS))
+    if not isinstance(config.train.compilation_cache_dir, str):
+      _fail('train.compilation_cache_dir', config.train.compilation_cache_dir, "expected a directory, or '' (off)")
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)

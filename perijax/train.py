@@ -21,6 +21,7 @@ from perijax import config as config_lib
 from perijax import hardware
 from perijax import optimizer as optimizer_lib
 from perijax import params as params_lib
+from perijax import runtime
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
@@ -188,6 +189,7 @@ def train(config, workdir, devices=None):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
+  runtime.setup(_CONFIG.value.train)  # XLA flags and the compilation cache, before jax starts its backends
   sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
