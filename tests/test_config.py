@@ -21,6 +21,10 @@ BAD_FIELDS = [
     ('optimizer.schedule', 'step', "config.optimizer.schedule = 'step'.*'cosine'"),
     ('model.remat', 'some', "config.model.remat = 'some'.*'none', 'minimal', 'full'"),
     ('mesh.tensor', 0, 'config.mesh.tensor = 0.*-1'),
+    ('mesh.dcn_data', 0, 'config.mesh.dcn_data = 0.*slices or -1'),
+    ('mesh.dcn_fsdp', -1, "config.mesh = {'dcn_data': -1, 'dcn_fsdp': -1}.*at most one"),
+    ('train.xla_flags_preset', 'tpu', "config.train.xla_flags_preset = 'tpu'.*'none', 'gpu'"),
+    ('train.compilation_cache_dir', None, 'config.train.compilation_cache_dir = None.*directory'),
 ]
 
 
