@@ -189,7 +189,8 @@ def train(config, workdir, devices=None):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
-  runtime.setup(_CONFIG.value.train)  # XLA flags and the compilation cache, before jax starts its backends
+  if _CONFIG.value is not None:  # XLA flags and the compilation cache, before jax starts its backends
+    runtime.setup(_CONFIG.value.train)
   sharding_lib.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
