@@ -319,15 +319,16 @@ def format_report(report):
   return '\n'.join(lines)
 
 
-def mesh_hint(config, accelerator):
+def mesh_hint(config, accelerator, devices=None):
   """' (meshes of these devices that would work: ...)' for a mesh the model cannot be laid out on."""
   try:
     budget = accelerator_spec(accelerator)['memory_bytes'] * USABLE_MEMORY_FRACTION
-    meshes = suggest_meshes(config, jax.devices(), budget, limit=3)
+    devices = jax.devices() if devices is None else devices
+    meshes = suggest_meshes(config, devices, budget, limit=3)
   except ValueError:
     return ''
   if not meshes:
-    return f' (no data x fsdp x tensor mesh of {jax.device_count()} devices divides this model and batch)'
+    return f' (no data x fsdp x tensor mesh of {len(devices)} devices divides this model and batch)'
   return ' (meshes of these devices that divide it and whose state fits: ' + ', '.join(
       f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}" for m in meshes) + ')'
 
@@ -365,7 +366,7 @@ def main(argv):
   try:
     report = dry_run(config, accelerator, FLAGS.mfu, devices=devices, num_slices=num_slices)
   except sharding_lib.ShardingError as e:
-    sys.exit(f'perijax.dryrun: {e}{mesh_hint(config, accelerator)}')
+    sys.exit(f'perijax.dryrun: {e}{mesh_hint(config, accelerator, devices)}')
   except ValueError as e:  # ConfigError: a bad field, named
     sys.exit(f'perijax.dryrun: {e}')
   print(format_report(report), flush=True)
