@@ -37,11 +37,7 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       self.state, shardings = train_step_lib.create_train_state(config, self.model, self.optimizer, self.mesh)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    step = functools.partial(train_step_lib.train_step, model=self.model, optimizer=self.optimizer,
-                             train_config=config.train)
-    self.step_fn = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
-                           out_shardings=(shardings, replicated), donate_argnums=0)
+    self.step_fn = train_step_lib.jit_train_step(config, self.model, self.optimizer, shardings, self.batch_sharding)
 
   def step(self, batch):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

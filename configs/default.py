@@ -23,7 +23,6 @@ def get_config():
   model.mlp_activation = 'swiglu'   # 'swiglu' (gated SiLU, Llama) or 'gelu' (GPT-2)
   model.tie_embeddings = True       # LM head shares the token embedding matrix
   model.rope_theta = 10000.0        # RoPE base frequency
-  model.init_std = 0.02             # std of the normal init of every weight matrix (the paper's is not known)
   model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
@@ -35,6 +34,10 @@ def get_config():
   model.softmax_in_float32 = True   # compute the attention softmax in float32
   model.loss_in_float32 = True      # compute logits' log-softmax and the loss in float32
 
+  init = model.init = ml_collections.ConfigDict()  # weight init (the paper's is not known; docs/paper.md, section 2)
+  init.std = 0.02                   # std of the normal init of every weight matrix (embedding and LM head too)
+  init.depth_scaled_outputs = False  # draw attention out and MLP down with std / sqrt(2 * num_layers) (Megatron-LM)
+
   norm = model.norm = ml_collections.ConfigDict()
   norm.placement = 'pre'            # 'post' | 'pre' | 'peri' | 'pre_post' | 'output' | 'mix' | 'none' (docs/paper.md)
   norm.kind = 'rmsnorm'             # 'layernorm' | 'rmsnorm'
@@ -42,6 +45,9 @@ def get_config():
   norm.qk_norm = False              # RMSNorm each head's q and k before RoPE, one [head_dim] scale (Qwen3/Gemma 3 form)
   norm.embed_norm = False           # normalize the embedding output before the first layer (Peri-LN's optional norm)
   norm.mix_post_layers = 1          # placement 'mix': the first this-many layers are Post-LN, the rest Pre-LN
+  norm.scale_init = 1.0             # initial value of every norm's scale gamma (QK, embedding and final norms too)
+  norm.freeze_out_scale = False     # keep the output norms' gamma at scale_init (Peri-LN's N_out, pre_post's and
+                                    # output's out_norm, Post-LN's norm): the frozen-gamma ablation (docs/paper.md)
 
   # ---- training ----------------------------------------------------------------------------------------------------
   train = config.train = ml_collections.ConfigDict()
@@ -51,8 +57,15 @@ def get_config():
   train.seed = 0                    # seeds parameters init, data order and dropout-free RNG
   train.log_every = 10              # steps between lines in metrics.jsonl / TensorBoard
   train.stats_every = 50            # steps between per-layer statistics (variance, max |x|, float16 overflows)
+  train.massive_k = 8               # statistics steps: the k largest |x| per layer, kept apart for the stream and each
+                                    # sub-layer's output (massive activations, Sun et al. 2024)
+  train.massive_abs_threshold = 100.0   # a layer's |x| is massive if > this (Sun et al.: 100) ...
+  train.massive_ratio_threshold = 1000.0  # ... and > this x the median |x| (Sun et al.: about 1000); read by inspect
   train.spike_factor = 3.0          # gradient spike: global grad norm > spike_factor * running median ...
   train.spike_window = 50           # ... of the last spike_window steps' grad norms
+  train.divergence_ema_decay = 0.9  # divergence (perijax/instability.py): EMA decay per step of the smoothed loss ...
+  train.divergence_margin = 0.5     # ... above its running minimum by more than this many nats ...
+  train.divergence_steps = 50       # ... at every logged step for this many steps (or any non-finite loss)
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
@@ -101,6 +114,8 @@ def get_config():
 
   # ---- data --------------------------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
+  data.source = 'tfds'              # 'tfds' | 'jsonl' | 'parquet' | 'hf_disk' (datasets.save_to_disk); see data.path
+  data.path = ''                    # jsonl/parquet/hf_disk: files or directory, '{split}' replaced by the split name
   data.name = 'shakespeare_milton'  # TFDS dataset name, e.g. 'shakespeare_milton' (embedded), 'c4/en', 'lm1b'
   data.data_dir = ''                # TFDS data dir (a path; on a pod a gcsfuse-mounted bucket); '' = ~/tensorflow_datasets
   data.train_split = 'train'        # split to train on
@@ -118,6 +133,7 @@ def get_config():
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
   checkpoint.every = 100            # steps between checkpoints (and one at the end); 0 = only at the end
   checkpoint.keep = 3               # checkpoints kept; older ones are deleted
+  checkpoint.keep_period = 0        # also keep, forever, every checkpoint whose step is a multiple of this; 0 = none
   checkpoint.async_save = True      # write checkpoints in the background while training continues
 
   # ---- evaluation --------------------------------------------------------------------------------------------------
@@ -128,6 +144,8 @@ def get_config():
   evaluation.tasks_data_dir = ''    # TFDS data dir for the benchmark datasets; '' = data.data_dir
   evaluation.hellaswag_path = ''    # original HellaSwag JSONL (validation), for the 'hellaswag' task
   evaluation.siqa_path = ''         # original Social IQa JSONL + labels, for the 'siqa' task
+  evaluation.packed_scoring = True   # several task requests per row, kept apart by segment ids (same scores, faster)
+  evaluation.lm_eval_results = True  # also write lm-evaluation-harness's results_<time>.json under WORKDIR/eval/lm_eval
 
   # ---- Weights & Biases (beside metrics.jsonl and TensorBoard; needs `pip install wandb`) ---------------------------
   wandb = config.wandb = ml_collections.ConfigDict()

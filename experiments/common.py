@@ -3,13 +3,14 @@ for a scheduler), the model at initialization, and writing its results.
 
 Scale. An experiment takes `--config=` like `perijax.train`. With the default, configs/tiny.py, it first applies its
 own small-scale overrides (`SMALL` in each script: fewer steps, shorter sequences, so it runs on a CPU in minutes);
-with any other config (e.g. configs/paper_400m.py) it applies none: steps, sizes and dtypes come from that config and
-only the experiment's grid is added. `--config.a.b=value` flags override both, as for `perijax.train`.
+with any other config (e.g. configs/paper_400m.py) it applies its `PAPER` overrides only (e.g. fewer steps than a full
+30B-token run, where the question is answered sooner): sizes and dtypes come from that config and the experiment's
+grid is added. `--config.a.b=value` flags override both, as for `perijax.train`.
 
-Running. The grid is expanded by `perijax.sweep` (one workdir per run under --root, named by its swept values) and
-trained in this process, one run after the other; a run whose final checkpoint exists is skipped and an interrupted
-one resumes from its checkpoint. `--print` prints one `perijax.train && perijax.evaluate` line per run for a pod
-scheduler instead; when those have run, `--analyze_only` reads their workdirs and writes the results.
+Running. The grid is expanded and run by `perijax.sweep` (one workdir per run under --root, named by its swept values;
+one `perijax.train` process per run, one after the other); a run whose final checkpoint exists is skipped and an
+interrupted one resumes from its checkpoint. `--print` prints one `perijax.train && perijax.evaluate` line per run
+for a pod scheduler instead; when those have run, `--analyze_only` reads their workdirs and writes the results.
 """
 
 import dataclasses
@@ -17,7 +18,6 @@ import json
 import os
 import platform
 import sys
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +26,7 @@ if REPO not in sys.path:  # `python experiments/<name>.py` as well as `python -m
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
@@ -34,6 +35,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
 from perijax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+from perijax import rundir  # pylint: disable=g-import-not-at-top
+from perijax import instability  # pylint: disable=g-import-not-at-top
+from perijax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from perijax import stats as stats_lib  # pylint: disable=g-import-not-at-top
 from perijax import sweep  # pylint: disable=g-import-not-at-top
 from perijax import train_step  # pylint: disable=g-import-not-at-top
@@ -74,19 +78,22 @@ def is_small_scale(config_arg: str) -> bool:
 
 
 def make_setup(config_arg: str, config: ml_collections.ConfigDict, user_overrides: Dict[str, Any],
-               small_overrides: Dict[str, Any]) -> Setup:
-  """The user's overrides win over the experiment's small-scale ones, which apply only to configs/tiny.py."""
+               small_overrides: Dict[str, Any], paper_overrides: Optional[Dict[str, Any]] = None) -> Setup:
+  """The user's overrides win over the experiment's small-scale ones (configs/tiny.py only) or its paper-scale ones
+  (any other config)."""
   small = is_small_scale(config_arg)
-  fixed = {k: v for k, v in small_overrides.items() if small and k not in user_overrides}
+  scale_overrides = small_overrides if small else (paper_overrides or {})
+  fixed = {k: v for k, v in scale_overrides.items() if k not in user_overrides}
   fixed.update(user_overrides)
   for field in fixed:
     config_lib.check_field(config, field)   # a typo in an experiment's SMALL is a clear error too
   return Setup(config_arg, config, fixed, small)
 
 
-def setup_from_flags(small_overrides: Dict[str, Any]) -> Setup:
+def setup_from_flags(small_overrides: Dict[str, Any], paper_overrides: Optional[Dict[str, Any]] = None) -> Setup:
   config_arg = config_flags.get_config_filename(FLAGS['config'])
-  return make_setup(config_arg, FLAGS.config, config_flags.get_override_values(FLAGS['config']), small_overrides)
+  return make_setup(config_arg, FLAGS.config, config_flags.get_override_values(FLAGS['config']), small_overrides,
+                    paper_overrides)
 
 
 def plan(setup: Setup, grid: Sequence[Tuple[str, Sequence[Any]]], seeds: int, root: str) -> List[sweep.Run]:
@@ -95,30 +102,14 @@ def plan(setup: Setup, grid: Sequence[Tuple[str, Sequence[Any]]], seeds: int, ro
   return sweep.expand_grid(setup.config, specs, seeds, root, setup.fixed, validate=config_lib.validate)
 
 
-def is_trained(run: sweep.Run) -> bool:
-  return sweep.latest_checkpoint_step(run.workdir) == run.steps
-
-
 def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: bool = False,
                log: Callable[[str], None] = print) -> None:
-  """Trains each run not trained yet, in this process; records them in ROOT/sweep.json for `perijax.inspect`."""
-  from perijax import train  # pylint: disable=g-import-not-at-top  (defines absl flags: only imported when needed)
-  logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO, as in perijax.train's main
-  os.makedirs(root, exist_ok=True)
-  header = {'config': setup.config_arg, 'fixed_overrides': setup.fixed}
-  for index, run in enumerate(runs, 1):
-    start = time.time()
-    if is_trained(run):
-      run.status = 'skipped'
-    else:
-      train.train(setup.resolved(run.overrides), run.workdir)
-      run.status = 'trained'
-    if evaluate and not sweep.is_finished(run):
-      status = sweep.subprocess_run_command(sweep.evaluate_command(run.workdir, run.steps, sys.executable),
-                                            os.path.join(run.workdir, 'eval.log'))
-      run.detail = '' if status == 0 else f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
-    log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
-    sweep.write_sweep_json(root, runs, header)
+  """Trains (and with `evaluate`, evaluates) each run not done yet: `perijax.sweep`'s runner, one `perijax.train`
+  process after another, recorded in ROOT/sweep.json for `perijax.inspect`. Raises if a run failed."""
+  runs = sweep.run_sweep(runs, root, setup.config_arg, setup.fixed, log=log, evaluate=evaluate)
+  failed = [run for run in runs if run.status in ('failed', 'eval_failed')]
+  if failed:
+    raise RuntimeError(f'{len(failed)} run(s) failed: {failed[0].name}: {failed[0].detail}')
 
 
 def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
@@ -128,7 +119,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
     return False
   if not FLAGS.analyze_only:
     train_runs(setup, runs, root, evaluate=FLAGS.evaluate)
-  missing = [run.workdir for run in runs if not os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
+  missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
     raise FileNotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
                             'train them first (drop --analyze_only)')
@@ -160,26 +151,44 @@ def scale_output_projections(params, scale):
   return jax.tree_util.tree_map_with_path(scaled, params)
 
 
+def init_params(config: ml_collections.ConfigDict, seed: int, mesh):
+  """The parameters `perijax.train` starts from with train.seed = seed (train_step.init_train_state's model.init),
+  each created in its shard of `mesh` as config.mesh lays it out: never whole on one device."""
+  model = train_step.make_model(config)
+  rules = sharding_lib.logical_rules(config.mesh)
+  init = lambda key: model.init(key, jnp.zeros((1, config.train.seq_len), jnp.int32))['params']
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, jax.random.key(seed))
+    shardings = sharding_lib.shardings_of(boxed, mesh, rules)
+    sharding_lib.check_divisible(train_step.unboxed(boxed), shardings, mesh)
+    return model, train_step.unboxed(jax.jit(init, out_shardings=shardings)(jax.random.key(seed)))
+
+
 def init_layer_stats(config: ml_collections.ConfigDict, seed: int, batch_size: int,
-                     output_scales: Sequence[float] = (1.0,)) -> List[Dict[str, Any]]:
+                     output_scales: Sequence[float] = (1.0,), devices=None) -> List[Dict[str, Any]]:
   """Per-layer statistics of a freshly initialized model on random tokens (init weights are iid, so the tokens'
   statistics do not matter), once per output-projection scale. Each is layer_summary's lists plus `sublayer_var`:
   the residual variance after every sub-layer (attention 1, MLP 1, attention 2, ...), whose differences are the
-  per-sub-layer increments."""
-  model = train_step.make_model(config)
-  # The same parameters as `perijax.train` starts from with train.seed = seed (train_step.init_train_state).
-  params = model.init(jax.random.key(seed), jnp.zeros((1, config.train.seq_len), jnp.int32))
-  params = train_step.unboxed(params)['params']
+  per-sub-layer increments. Runs sharded on the config's mesh over `devices` (all by default), as training does; the
+  batch is rounded up to a multiple of the data-parallel ways."""
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  model, params = init_params(config, seed, mesh)
+  rules = sharding_lib.logical_rules(config.mesh)
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  batch_size = -(-batch_size // ways) * ways
   tokens = jax.random.randint(jax.random.fold_in(jax.random.key(seed), 1), (batch_size, config.train.seq_len), 0,
                               min(config.model.vocab_size, 256))
-  forward = jax.jit(lambda p, s: model.apply({'params': scale_output_projections(p, s)}, tokens,
-                                             collect_stats=True)[1])  # one compilation for every scale
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   summaries = []
-  for scale in output_scales:
-    stats = jax.device_get(forward(params, jnp.float32(scale)))
-    summary = stats_lib.layer_summary(stats)
-    summary['sublayer_var'] = np.asarray(stats['residual_var'], np.float64).reshape(-1).tolist()
-    summaries.append(summary)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tokens = jax.device_put(tokens, sharding_lib.batch_sharding(mesh, rules))
+    forward = jax.jit(lambda p, s: model.apply({'params': scale_output_projections(p, s)}, tokens,
+                                               collect_stats=True)[1], out_shardings=replicated)  # one compilation
+    for scale in output_scales:
+      stats = jax.device_get(forward(params, jnp.float32(scale)))
+      summary = stats_lib.layer_summary(stats)
+      summary['sublayer_var'] = np.asarray(stats['residual_var'], np.float64).reshape(-1).tolist()
+      summaries.append(summary)
   return summaries
 
 
@@ -211,3 +220,30 @@ def write_json(results_dir: str, name: str, data: Dict[str, Any]) -> str:
 
 def finite_or_none(value):
   return None if value is None or not np.isfinite(value) else float(value)
+
+
+# ---- seeds and spread ----------------------------------------------------------------------------------------------
+
+def compare(a: Sequence[Any], b: Sequence[Any]) -> Dict[str, Any]:
+  """Two sets of per-seed values: each as mean ± std (perijax.inspect.mean_std: sample std over the finite values),
+  the difference of the means, and whether it exceeds the seed spread: |mean_a - mean_b| > std_a + std_b, i.e. the
+  two ±1-std bands do not overlap (None when a side has fewer than 2 finite seeds, which gives no spread)."""
+  a_cell, b_cell = inspect_lib.mean_std(a), inspect_lib.mean_std(b)
+  difference = (a_cell['mean'] - b_cell['mean'] if a_cell['mean'] is not None and b_cell['mean'] is not None
+                else None)
+  exceeds = None
+  if difference is not None and a_cell['std'] is not None and b_cell['std'] is not None:
+    exceeds = bool(abs(difference) > a_cell['std'] + b_cell['std'])
+  return {'a': a_cell, 'b': b_cell, 'difference': difference, 'exceeds_seed_spread': exceeds}
+
+
+def compare_text(name_a: str, name_b: str, comparison: Dict[str, Any]) -> str:
+  verdict = {True: 'exceeds the seed spread', False: 'within the seed spread', None: 'spread unknown (< 2 seeds)'}
+  return (f'{name_a} {inspect_lib.format_mean_std(comparison["a"])} vs {name_b} '
+          f'{inspect_lib.format_mean_std(comparison["b"])}: {verdict[comparison["exceeds_seed_spread"]]}')
+
+
+def divergence(record: inspect_lib.RunRecord) -> instability.Divergence:
+  """perijax/instability.py's rule on a run's logged losses, with the run's own parameters."""
+  lines = [line for line in record.metrics if line.get('loss') is not None]
+  return instability.run_diverged([line['loss'] for line in lines], [line['step'] for line in lines], record.config)

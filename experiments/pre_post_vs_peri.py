@@ -1,7 +1,7 @@
 r"""`pre_post` (a widely read summary's drawing, x <- N_out(x + F(N_in(x)))) against `peri` (the paper's Eq. 3,
 x <- x + N_out(F(N_in(x)))): docs/paper.md says why they are different architectures. This shows how they differ.
 
-    python -m experiments.pre_post_vs_peri                         # small scale: peri/pre_post × 2 seeds, ~5 min
+    python -m experiments.pre_post_vs_peri                         # small scale: peri/pre_post × 3 seeds, ~8 min
     python -m experiments.pre_post_vs_peri --config=configs/paper_400m.py --print     # paper scale, for a scheduler
 
   1. The summary's toy example, recomputed: a unit-variance LayerNorm (no eps, no gain) of [2, 0, -2] and of the
@@ -79,14 +79,15 @@ def plot(init_rows, rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
   for row in init_rows:
-    axes[0].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'])
+    axes[0].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'],
+                 color=plots.placement_color(row['placement']))
   axes[0].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init')
   for row in rows:
     axes[1].plot(range(1, len(row['final_residual_var']) + 1), row['final_residual_var'], 'o-',
-                 label=row['placement'])
+                 label=row['placement'], color=plots.placement_color(row['placement']))
     for i, curve in enumerate(row['loss_curves']):
-      axes[2].plot(*zip(*curve), '-' if row['placement'] == 'peri' else '--', linewidth=1,
-                   label=f'{row["placement"]} seed {i}')
+      axes[2].plot(*zip(*curve), plots.LINESTYLES[i % len(plots.LINESTYLES)], linewidth=1,
+                   label=f'{row["placement"]} seed {i}', color=plots.placement_color(row['placement']))
   axes[1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='end of training (mean over seeds)')
   axes[2].set(xlabel='step', ylabel='training loss', title='loss')
   for ax in axes:
@@ -95,7 +96,7 @@ def plot(init_rows, rows, path):
 
 
 def define_flags():
-  common.define_flags(NAME, seeds=2)
+  common.define_flags(NAME, seeds=3)
   flags.DEFINE_integer('init_batch', 4, 'Sequences in the at-init forward pass.')
 
 

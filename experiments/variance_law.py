@@ -1,7 +1,7 @@
 r"""Claim 1 of docs/paper.md, the variance law: Peri-LN's residual variance grows linearly with depth and ignores the
 scale of F's weights; Pre-LN's follows F's weights and can grow by orders of magnitude during training.
 
-    python -m experiments.variance_law                               # small scale (configs/tiny.py + SMALL), ~5 min
+    python -m experiments.variance_law                               # small scale (configs/tiny.py + SMALL), ~30 min
     python -m experiments.variance_law --config=configs/paper_400m.py --print   # paper scale, for a scheduler
 
 Three measurements:
@@ -12,10 +12,17 @@ Three measurements:
      cross term is negligible.
   2. At initialization, the residual variance after each layer and its growth-law fit (perijax/growth.py).
   3. During training (float32, --placements × --seeds runs), the per-layer residual variance at every statistics step:
-     the growth-law fit at init and at each step, and how many times each layer's variance grew since init.
+     the growth-law fit (perijax/growth.py: linear, power, exponential by AIC, else inconclusive) per run and across
+     seeds at init and at each step, how many times each layer's variance grew since init (mean ± std over seeds,
+     Pre against Peri with whether the difference exceeds the seed spread), and a layer × step heatmap. Per-layer
+     lists the runs record beyond the residual variance (the increment decomposition Var(Δ), Cov(x, Δ); norm gains
+     γ; ...) are kept over training, and massive-activation tables at the last statistics step, when present.
+Small scale: 16 layers of width 64, 1,000 steps of 8 × 64 tokens, 3 seeds per placement: 16 layers to see a law over
+depth, 1,000 steps for Pre-LN's variance to grow in training; ~2 minutes a run on two cores (~0.1 CPU-second a step).
 Writes results/variance_law.json and results/variance_law.png.
 """
 
+import math
 import os
 import time
 
@@ -25,11 +32,16 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
+from perijax import inspect as inspect_lib
 from perijax import plots
 
 NAME = 'variance_law'
-SMALL = {'model.num_layers': 8, 'train.steps': 150, 'train.batch_size': 8, 'train.seq_len': 128,
-         'train.stats_every': 25, 'checkpoint.every': 0}
+SMALL = {'model.num_layers': 16, 'model.d_model': 64, 'model.num_heads': 4, 'train.steps': 1000,
+         'train.batch_size': 8, 'train.seq_len': 64, 'train.log_every': 20, 'train.stats_every': 100,
+         'checkpoint.every': 0}
+PAPER = {'train.steps': 10_000, 'train.stats_every': 500}   # the 400M shape; the law is read well before 30B tokens
+# Per-layer lists every run has; any other list on a statistics line is an extra reading kept over training.
+BASE_KEYS = ('residual_var', 'residual_rms', 'max_abs', 'fp16_headroom', 'fp16_overflow', 'layer_grad_norm')
 FLAGS = flags.FLAGS
 
 
@@ -73,7 +85,10 @@ def training_profiles(setup, runs, records, batch_size):
     with np.errstate(all='ignore'):
       growth_over_training = last / first
     lines = [{'step': 0, 'residual_var': at_init['residual_var'], 'max_abs': at_init['max_abs']}] + lines
+    extra = sorted({k for line in lines[1:] for k, v in line.items() if isinstance(v, list) and k not in BASE_KEYS})
     rows.append({
+        'extra_layer_stats': {key: [line.get(key) for line in lines] for key in extra},
+        'massive_activations_at_end': {k: v for k, v in lines[-1].items() if 'massive' in k},
         'run': run.name, 'placement': run.overrides['model.norm.placement'], 'seed': run.overrides['train.seed'],
         'steps': [line['step'] for line in lines],
         'residual_var': [line['residual_var'] for line in lines],
@@ -87,55 +102,96 @@ def training_profiles(setup, runs, records, batch_size):
   return rows
 
 
-def verdict(scale_rows, training_rows):
-  by_placement = {row['placement']: row for row in scale_rows}
-  checks = {}
-  if 'pre' in by_placement and 'peri' in by_placement:
-    pre, peri = by_placement['pre'], by_placement['peri']
-    checks['pre_increment_scales_as_s2'] = abs(pre['exponent'] - 2) < 0.2
-    checks['peri_increment_ignores_s'] = abs(peri['exponent']) < 0.05
+def group_fits(training_rows):
+  """Per placement, the growth law across its seeds ([seeds, layers]) at every statistics step they share."""
+  out = {}
+  for placement, rows in by_placement(training_rows).items():
+    steps = sorted(set.intersection(*[set(row['steps']) for row in rows]))
+    fits = []
+    for step in steps:
+      values = [row['residual_var'][row['steps'].index(step)] for row in rows]
+      if len({len(v) for v in values}) == 1:
+        values = [[math.nan if v is None else v for v in value] for value in values]
+        fits.append({'step': step, **growth.fit_growth(values).to_dict()})
+    out[placement] = fits
+  return out
+
+
+def by_placement(training_rows):
   trained = {}
   for row in training_rows:
     trained.setdefault(row['placement'], []).append(row)
-  if 'peri' in trained:
-    checks['peri_linear_at_every_stats_step'] = all(fit['verdict'] == 'linear' for row in trained['peri']
-                                                    for fit in row['fits'])
+  return trained
+
+
+def verdict(scale_rows, training_rows):
+  by_scale = {row['placement']: row for row in scale_rows}
+  checks = {}
+  if 'pre' in by_scale and 'peri' in by_scale:
+    pre, peri = by_scale['pre'], by_scale['peri']
+    checks['pre_increment_scales_as_s2'] = abs(pre['exponent'] - 2) < 0.2
+    checks['peri_increment_ignores_s'] = abs(peri['exponent']) < 0.05
+  trained = by_placement(training_rows)
+  fits = group_fits(training_rows)
+  checks['verdict_across_seeds'] = {p: {'init': f[0]['verdict'], 'end': f[-1]['verdict'],
+                                        'delta_aic_end': {law: v['delta_aic'] for law, v in f[-1]['laws'].items()}}
+                                    for p, f in fits.items() if f}
+  # log10 of the largest per-layer growth since init, per seed: a diverged seed (no finite growth) counts as inf.
+  log_growth = {p: [math.log10(r['max_growth_over_training']) if r['max_growth_over_training'] else math.inf
+                    for r in rows] for p, rows in trained.items()}
+  checks['log10_max_growth_over_training'] = {p: inspect_lib.mean_std(v) for p, v in log_growth.items()}
   if 'pre' in trained and 'peri' in trained:
-    growth_of = {p: float(np.median([r['max_growth_over_training'] or np.inf for r in rows]))
-                 for p, rows in trained.items()}
-    checks['pre_variance_grows_more_than_peri_in_training'] = growth_of['pre'] > growth_of['peri']
-    checks['pre_growth_over_100x'] = growth_of['pre'] > 100   # "orders of magnitude" (the paper: >10,000x at scale)
-    checks['median_max_growth_over_training'] = growth_of
+    comparison = common.compare(log_growth['pre'], log_growth['peri'])
+    checks['pre_vs_peri_log10_growth'] = comparison
+    checks['pre_variance_grows_more_than_peri_in_training'] = (comparison['difference'] or 0) > 0
+    checks['pre_growth_over_100x'] = (comparison['a']['mean'] or 0) > 2   # "orders of magnitude" (paper: >10,000x)
   return checks
 
 
 def plot(scale_rows, init_rows, training_rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout='constrained')
+  trained = by_placement(training_rows)
+  fig, axes = plt.subplots(2, max(3, len(trained)), figsize=(5 * max(3, len(trained)), 8), layout='constrained',
+                           squeeze=False)
   for row in scale_rows:
-    axes[0].loglog(row['scales'], row['ratio_to_s1'], 'o-', label=row['placement'])
+    axes[0][0].loglog(row['scales'], row['ratio_to_s1'], 'o-', label=row['placement'],
+                      color=plots.placement_color(row['placement']))
   if scale_rows:
-    axes[0].loglog(scale_rows[0]['scales'], scale_rows[0]['expected_pre_ln'], 'k:', label='s²')
-  axes[0].set(xlabel='output projection scale s', ylabel='variance increment / increment at s=1',
-              title='at init: increment per sub-layer vs s')
+    axes[0][0].loglog(scale_rows[0]['scales'], scale_rows[0]['expected_pre_ln'], 'k:', label='s²')
+  axes[0][0].set(xlabel='output projection scale s', ylabel='variance increment / increment at s=1',
+                 title='at init: increment per sub-layer vs s')
   for row in init_rows:
-    axes[1].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'])
-  axes[1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init: variance by depth')
+    axes[0][1].plot(range(1, len(row['residual_var']) + 1), row['residual_var'], 'o-', label=row['placement'],
+                    color=plots.placement_color(row['placement']))
+  axes[0][1].set(xlabel='layer', ylabel='residual variance', yscale='log', title='at init: variance by depth')
   for row in training_rows:
     if row['seed'] == 0:
       for index in (0, len(row['steps']) - 1):
         variance = np.asarray(row['residual_var'][index], dtype=np.float64)
-        axes[2].plot(range(1, variance.size + 1), variance, 'o-' if index else 'x--',
-                     label=f'{row["placement"]} step {row["steps"][index]}')
-  axes[2].set(xlabel='layer', ylabel='residual variance', yscale='log',
-              title='training (seed 0): init and last stats step')
-  for ax in axes:
-    ax.legend(fontsize=7)
+        axes[0][2].plot(range(1, variance.size + 1), variance, 'o-' if index else 'x--',
+                        label=f'{row["placement"]} step {row["steps"][index]}',
+                        color=plots.placement_color(row['placement']))
+  axes[0][2].set(xlabel='layer', ylabel='residual variance', yscale='log',
+                 title='training (seed 0): init and last stats step')
+  for ax in axes[0]:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  for ax, (placement, rows) in zip(axes[1], trained.items()):   # layer x step heatmap, seed 0
+    row = next((r for r in rows if r['seed'] == 0), rows[0])
+    with np.errstate(all='ignore'):
+      image = np.log10(np.asarray([[math.nan if v is None else v for v in line] for line in row['residual_var']],
+                                  dtype=np.float64)).T
+    mesh = ax.pcolormesh(np.arange(len(row['steps']) + 1), np.arange(1, image.shape[0] + 2), image, shading='flat')
+    ax.set_xticks(np.arange(len(row['steps'])) + 0.5, [str(s) for s in row['steps']], fontsize=6, rotation=90)
+    ax.set(xlabel='step', ylabel='layer', title=f'{placement} (seed 0): log10 residual variance')
+    fig.colorbar(mesh, ax=ax)
+  for ax in axes[1][len(trained):]:
+    ax.axis('off')
   return plots.save_figure(fig, path)
 
 
 def define_flags():
-  common.define_flags(NAME, seeds=1)
+  common.define_flags(NAME, seeds=3)
   flags.DEFINE_list('placements', ['pre', 'peri'], 'Placements to train and measure.')
   flags.DEFINE_list('scales', ['1', '2', '4', '8', '16'], 'Output-projection scales for the at-init test, ascending.')
   flags.DEFINE_integer('init_batch', 4, 'Sequences in the at-init forward pass.')
@@ -144,7 +200,7 @@ def define_flags():
 def main(argv):
   del argv
   start = time.time()
-  setup = common.setup_from_flags(SMALL)
+  setup = common.setup_from_flags(SMALL, PAPER)
   grid = [('model.norm.placement', FLAGS.placements)]
   runs = common.plan(setup, grid, FLAGS.seeds, FLAGS.root)
   scales = [float(s) for s in FLAGS.scales]
@@ -155,7 +211,8 @@ def main(argv):
   init_rows = init_profiles(setup, FLAGS.placements, FLAGS.init_batch)
   training_rows = training_profiles(setup, runs, common.load_records(runs), FLAGS.init_batch)
   data = {'settings': common.settings(setup, grid, FLAGS.seeds, FLAGS.root), 'scale_test': scale_rows,
-          'init': init_rows, 'training': training_rows, 'checks': verdict(scale_rows, training_rows)}
+          'init': init_rows, 'training': training_rows, 'group_fits': group_fits(training_rows),
+          'checks': verdict(scale_rows, training_rows)}
   plot(scale_rows, init_rows, training_rows, os.path.join(FLAGS.results, f'{NAME}.png'))
   print(report(data))
   data['settings']['wall_seconds'] = round(time.time() - start)
@@ -181,9 +238,19 @@ def report(data):
     lines.append(f'  {row["placement"]:>8}: {fit_text(fit)}, Var L / Var 1 = {fit["growth_ratio"]:.3g}')
   lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
   for row in data['training']:
-    lines.append(f'  {row["run"]}: first {row["fit_first"]["verdict"]}, last {fit_text(row["fit_last"])}, '
-                 f'max growth {row["max_growth_over_training"]:.3g}x, final loss {row["final_loss"]:.4g}')
-  lines.append(f'checks: {data["checks"]}')
+    lines.append(f'  {row["run"]}: first {row["fit_first"]["verdict"]}, last {fit_text(row["fit_last"])}, max growth '
+                 f'{inspect_lib.format_number(row["max_growth_over_training"])}x, final loss '
+                 f'{inspect_lib.format_number(row["final_loss"])}')
+  lines.append('training: growth law across seeds per placement (init -> end)')
+  for placement, fits in data.get('group_fits', {}).items():
+    if fits:
+      lines.append(f'  {placement:>8}: step {fits[0]["step"]} {fit_text(fits[0])} -> step {fits[-1]["step"]} '
+                   f'{fit_text(fits[-1])}')
+  checks = data['checks']
+  if 'pre_vs_peri_log10_growth' in checks:
+    lines.append('  log10 max growth over training: ' +
+                 common.compare_text('pre', 'peri', checks['pre_vs_peri_log10_growth']))
+  lines.append(f'checks: {checks}')
   return '\n'.join(lines)
 
 

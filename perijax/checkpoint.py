@@ -8,11 +8,12 @@ config.train.seed and the data order from the iterator state.
 """
 
 import json
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from perijax import rundir
 
 
 class CheckpointError(ValueError):
@@ -20,12 +21,14 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir):
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return rundir.checkpoints(workdir)
 
 
 def make_manager(workdir, checkpoint_config=None, read_only=False):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=checkpoint_config.keep if checkpoint_config else None,
+      # Steps that are multiples of keep_period are never deleted (evaluate --watch may reach them late).
+      keep_period=(checkpoint_config.keep_period or None) if checkpoint_config else None,
       enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
       create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=('state', 'data', 'config'))

@@ -10,6 +10,7 @@ from ml_collections.config_flags import config_path
 from ml_collections.config_flags import tuple_parser
 
 from perijax.norms import NORM_KINDS
+from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
 from perijax.runtime import XLA_FLAGS_PRESETS
@@ -21,6 +22,7 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 LOSS_SCALES = ('dynamic', 'none')
 TOKENIZERS = ('byte', 'sentencepiece')
 WANDB_MODES = ('online', 'offline', 'disabled')
+DATA_SOURCES = ('tfds', 'jsonl', 'parquet', 'hf_disk')
 # How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
 _VALUE_PARSERS = {
     bool: flags.BooleanParser(),
@@ -69,7 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m = config.model
   for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
                 'model.rope_theta',
-                'model.init_std', 'model.norm.eps', 'train.steps', 'train.batch_size', 'train.seq_len',
+                'model.init.std', 'model.norm.eps', 'model.norm.scale_init', 'train.steps', 'train.batch_size', 'train.seq_len',
                 'train.log_every', 'train.stats_every', 'train.spike_factor', 'train.spike_window',
                 'train.initial_loss_scale', 'train.loss_scale_growth_interval', 'optimizer.lr',
                 'optimizer.grad_accum_steps', 'eval.batch_size', 'checkpoint.keep'):
@@ -78,8 +80,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.end_lr_factor',
                 'checkpoint.every', 'eval.max_examples', 'data.worker_count', 'data.eval_max_batches'):
     _non_negative(config, field)
+  if 'divergence_ema_decay' in config.train:  # absent from the config.json of runs made before the rule existed
+    _positive(config, 'train.divergence_margin')
+    _positive(config, 'train.divergence_steps')
+    decay = config.train.divergence_ema_decay
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
+      _fail('train.divergence_ema_decay', decay, 'expected a number in [0, 1)')
   _one_of(config, 'model.norm.placement', PLACEMENTS)
   _one_of(config, 'model.norm.kind', NORM_KINDS)
+  _one_of(config, 'model.norm.freeze_out_scale', (True, False))
+  _one_of(config, 'model.init.depth_scaled_outputs', (True, False))
   _one_of(config, 'model.param_dtype', tuple(DTYPES))
   _one_of(config, 'model.compute_dtype', tuple(DTYPES))
   _one_of(config, 'model.mlp_activation', MLP_ACTIVATIONS)
@@ -89,6 +99,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'train.loss_scale', LOSS_SCALES)
   _one_of(config, 'data.tokenizer', TOKENIZERS)
   _one_of(config, 'data.process_split', ('documents', 'rows'))
+  if 'keep_period' in config.checkpoint:  # absent from the config.json of runs made before it existed
+    _non_negative(config, 'checkpoint.keep_period')
+  keep_period, every = config.checkpoint.get('keep_period', 0), config.checkpoint.every
+  if keep_period and every and keep_period % every:
+    _fail('checkpoint.keep_period', keep_period, f'expected a multiple of checkpoint.every = {every} (steps that are '
+          'saved), or 0')
   if not m.head_dim and m.d_model % m.num_heads:
     _fail('model.d_model', m.d_model, f'expected a multiple of model.num_heads = {m.num_heads} (or set model.head_dim)')
   head_dim = m.head_dim or m.d_model // m.num_heads
@@ -99,6 +115,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.norm.placement == 'mix' and m.norm.mix_post_layers > m.num_layers:
     _fail('model.norm.mix_post_layers', m.norm.mix_post_layers,
           f'expected at most model.num_layers = {m.num_layers} Post-LN layers')
+  if m.norm.freeze_out_scale and not any(map(placement_lib.has_output_norm,
+                                             placement_lib.layer_placements(m.norm, m.num_layers))):
+    _fail('model.norm.freeze_out_scale', True, f'placement {m.norm.placement!r} has no output norm to freeze (post, '
+          'peri, pre_post, output and mix with mix_post_layers >= 1 have)')
   if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
     _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
   for axis in ('data', 'fsdp', 'tensor'):
@@ -117,6 +137,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(config, 'train.xla_flags_preset', tuple(XLA_FLAGS_PRESETS))
     if not isinstance(config.train.compilation_cache_dir, str):
       _fail('train.compilation_cache_dir', config.train.compilation_cache_dir, "expected a directory, or '' (off)")
+  for field in ('eval.packed_scoring', 'eval.lm_eval_results'):
+    if field.split('.')[1] in config.eval:  # absent from the config.json of older runs
+      _one_of(config, field, (True, False))
+  if 'source' in config.data:  # absent from the config.json of runs made before data.source existed
+    _one_of(config, 'data.source', DATA_SOURCES)
+    if config.data.source in ('jsonl', 'parquet') and '{split}' not in config.data.path:
+      _fail('data.path', config.data.path, f"data.source = {config.data.source!r} reads files: expected a path with "
+            "'{split}' in it, e.g. 'corpus/{split}.jsonl' or 'corpus/{split}-*.parquet' ('{split}' becomes "
+            'data.train_split / data.eval_split)')
+    if config.data.source == 'hf_disk' and not config.data.path:
+      _fail('data.path', config.data.path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk "
+            "wrote (a DatasetDict), or 'dir/{split}' for one Dataset per split")
+  if 'massive_k' in config.train:  # absent from the config.json of runs made before massive-activation statistics
+    if not isinstance(config.train.massive_k, int) or isinstance(config.train.massive_k, bool):
+      _fail('train.massive_k', config.train.massive_k, 'expected a positive integer')
+    for field in ('train.massive_k', 'train.massive_abs_threshold', 'train.massive_ratio_threshold'):
+      _positive(config, field)
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
     _one_of(config, 'wandb.enabled', (True, False))
     _one_of(config, 'wandb.mode', WANDB_MODES)

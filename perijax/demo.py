@@ -24,6 +24,7 @@ from ml_collections.config_flags import config_flags
 
 from perijax import config as config_lib
 from perijax import inspect as inspect_lib
+from perijax import rundir
 from perijax import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, A
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
   # Named by placement alone ('pre', 'peri', 'post'): short table columns and plot legends.
   records = [inspect_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
-             if os.path.exists(os.path.join(run.workdir, 'metrics.jsonl'))]
+             if rundir.metrics_files(run.workdir)]
   text, data = inspect_lib.report(records)
   data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))
   with open(os.path.join(root, 'report.txt'), 'w') as f:

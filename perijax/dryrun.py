@@ -128,12 +128,9 @@ def compile_train_step(config, mesh):
   abstract_state, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
   batch = abstract_batch(config, mesh, rules)
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer, train_config=config.train)
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(step, in_shardings=(shardings, batch['inputs'].sharding),
-                     out_shardings=(shardings, replicated), donate_argnums=0)
+    jitted = train_step_lib.jit_train_step(config, model, optimizer, shardings, batch['inputs'].sharding)
     compiled = jitted.lower(state_in, batch).compile()
   return compiled, abstract_state, shardings, time.perf_counter() - start
 

@@ -6,23 +6,28 @@ A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (
 grid order, then any other workdir under it, e.g. an earlier grid's). Printed, in order:
   1. per quantity (residual variance, max |x|, float16 headroom = max |x| / 65504), a table layer by run at the chosen
      steps: by default each run's first and last step with per-layer stats; with --steps, for each requested step the
-     last stats step at or before it (a run that ended early shows its last);
+     last stats step at or before it (a run that ended early shows its last); then per run the norms' scales γ
+     by layer and kind of norm at the last chosen step (mean [min, max]), where the run logged them;
   2. per run and chosen step, the growth law of residual variance with depth (perijax/growth.py: linear, power or
      exponential, compared by AIC, else inconclusive), then per configuration the same across its seeds;
-  3. Table 1: runs that differ only in `train.seed` are grouped; each column is mean ± sample std (ddof=1) over the
+  3. what drives the growth: per sub-layer and layer, Var(x + Δ) - Var(x), Var(Δ) and 2·Cov(x, Δ)
+     (perijax/tables.py);
+  4. massive activations (Sun et al. 2024): per run at its last chosen step, each layer's largest |x| in the residual
+     stream and in each sub-layer's output, its ratio to the median |x| and where it sits (position in the document /
+     channel, token), `*` where massive by the run's train.massive_abs_threshold and massive_ratio_threshold; then one
+     row per run comparing placements: the layers with massive activations, their channels, the share at the first
+     token and at delimiters (document boundary, whitespace, punctuation), the largest ratio;
+  5. Table 1: runs that differ only in `train.seed` are grouped; each column is mean ± sample std (ddof=1) over the
      seeds whose value is finite (`*` marks a column where some seed's value was not finite), with n_seeds and
      `diverged k/n`.
 
-Diverged: the final logged training loss is not finite; or the run stopped before `train.steps` and logged a
-non-finite loss; or the final training loss is above the first logged one.
+Diverged: perijax/instability.py's rule on the logged training losses (a non-finite loss, or a smoothed loss above
+its running minimum by train.divergence_margin for train.divergence_steps steps), with the run's own parameters.
 The tasks' average uses each task's acc_norm where it reports one and acc otherwise (winogrande has only acc).
 """
 
-import dataclasses
-import glob
 import json
 import math
-import os
 import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -32,194 +37,43 @@ from absl import flags
 import numpy as np
 
 from perijax import growth
+from perijax import instability
+from perijax import rundir
 from perijax import sweep
-
-LAYER_QUANTITIES = (('residual_var', 'residual variance'), ('max_abs', 'max |x|'),
-                    ('fp16_headroom', 'float16 headroom (max |x| / 65504)'))
-_MAX_TABLE_WIDTH = 120
-
-
-@dataclasses.dataclass
-class RunRecord:
-  """What a workdir recorded: its config (nested dicts), metrics lines (one per step, sorted) and evals by step."""
-  name: str
-  workdir: str
-  config: Dict[str, Any]
-  metrics: List[Dict[str, Any]]
-  evals: Dict[int, Dict[str, Any]]
-
-  @property
-  def planned_steps(self) -> Optional[int]:
-    return self.config.get('train', {}).get('steps')
+from perijax import tables
+# Re-exported: the names experiments and tests use as perijax.inspect's.
+from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs, read_metrics, stats_lines  # noqa
+from perijax.tables import format_number, format_table, layer_tables  # noqa
 
 
-def _is_workdir(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f)) for f in ('config.json', 'metrics.jsonl'))
+SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
+               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
 
 
-def find_workdirs(paths: Sequence[str]) -> List[str]:
-  """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither."""
-  workdirs = []
-  for path in paths:
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f'{path!r} is not a directory; expected a run workdir or a sweep root')
-    if _is_workdir(path):
-      workdirs.append(path)
-      continue
-    # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
-    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and _is_workdir(d))
-    listed = []
-    if os.path.exists(os.path.join(path, 'sweep.json')):
-      with open(os.path.join(path, 'sweep.json')) as f:
-        listed = [os.path.join(path, run['name']) for run in json.load(f)['runs']]
-    listed = [d for d in listed if d in children]
-    if not listed and not children:
-      raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
-                              'expected a run workdir or a sweep root')
-    workdirs.extend(listed + [d for d in children if d not in listed])
-  return workdirs
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-  """metrics.jsonl as one line per step, sorted. A resumed run logs the steps after its checkpoint twice: the later
-  line wins. A torn last line (a killed run) is skipped."""
-  by_step = {}
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    for number, text in enumerate(f, 1):
-      if not text.strip():
-        continue
-      try:
-        line = json.loads(text)
-      except json.JSONDecodeError:
-        print(f'perijax.inspect: skipping unreadable line {number} of {path}', file=sys.stderr)
-        continue
-      if 'step' in line:
-        by_step[int(line['step'])] = line
-  return [by_step[s] for s in sorted(by_step)]
-
-
-def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
-  config = {}
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
-  evals = {}
-  for path in glob.glob(os.path.join(workdir, 'eval', 'step_*.json')):
-    match = re.fullmatch(r'step_(\d+)\.json', os.path.basename(path))
-    if match:
-      with open(path) as f:
-        evals[int(match.group(1))] = json.load(f)
-  return RunRecord(name or os.path.basename(os.path.normpath(workdir)), workdir, config,
-                   read_metrics(os.path.join(workdir, 'metrics.jsonl')), evals)
-
-
-def load_runs(paths: Sequence[str]) -> List[RunRecord]:
-  workdirs = find_workdirs(paths)
-  names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
-  # Two sweep roots can hold runs of the same name: then say which root each came from.
-  names = [f'{os.path.basename(os.path.dirname(os.path.normpath(w)))}/{n}' if names.count(n) > 1 else n
-           for w, n in zip(workdirs, names)]
-  return [load_run(w, n) for w, n in zip(workdirs, names)]
-
-
-# ---- per-layer stats at chosen steps ---------------------------------------------------------------------------------
-
-def stats_lines(run: RunRecord) -> List[Dict[str, Any]]:
-  """Lines with per-layer stats; a run whose metrics have none falls back on its evals' `layers`."""
-  lines = [line for line in run.metrics if line.get('residual_var')]
-  if lines:
-    return lines
-  return [{'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
-          if run.evals[step].get('layers', {}).get('residual_var')]
-
-
-def chosen_stats(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Optional[Dict[str, Any]]]:
-  """The stats line for each requested step (the last one at or before it), or the first and last by default."""
-  lines = stats_lines(run)
-  if steps is None:
-    return [lines[0], lines[-1]] if lines else [None, None]
-  chosen = []
-  for step in steps:
-    before = [line for line in lines if line['step'] <= step]
-    chosen.append(before[-1] if before else None)
-  return chosen
-
-
-def format_number(value: Any) -> str:
-  """Fixed-point for ordinary magnitudes, scientific otherwise, so columns stay narrow and comparable."""
-  if value is None:
-    return '-'
-  if isinstance(value, (bool, np.bool_)):
-    return 'yes' if value else 'no'
-  if isinstance(value, (int, np.integer)):
-    return str(int(value))
-  value = float(value)
-  if not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  if value == 0:
-    return '0'
-  if 1e-2 <= abs(value) < 1e4:
-    return f'{value:.4g}'
-  return f'{value:.2e}'
-
-
-def format_table(headers: Sequence[Sequence[str]], rows: Sequence[Sequence[str]], keep: int = 1,
-                 unit: int = 1) -> str:
-  """Right-aligned fixed-width columns; header rows then body rows. A table wider than a terminal is cut into blocks
-  of whole `unit`-column groups (e.g. one run's steps), each block repeating the first `keep` columns."""
-  all_rows = [list(map(str, r)) for r in list(headers) + list(rows)]
-  widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
-  units = [list(range(i, min(i + unit, len(widths)))) for i in range(keep, len(widths), unit)]
-  blocks, current = [], list(range(keep))
-  for columns in units:
-    width = sum(widths[i] + 2 for i in current + columns)
-    if len(current) > keep and width > _MAX_TABLE_WIDTH:
-      blocks.append(current)
-      current = list(range(keep))
-    current += columns
-  blocks.append(current)
+def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """Per run, the norms' γ (perijax.stats.scale_summary) at the last chosen step: layers (rows) by kind of norm,
+  each cell mean [min, max]; the final and embedding norms in rows of their own."""
   text = []
-  for block in blocks:
-    for n, row in enumerate(all_rows):
-      text.append('  '.join(row[i].rjust(widths[i]) if i >= keep else row[i].ljust(widths[i]) for i in block))
-      if n == len(headers) - 1:
-        text.append('-' * len(text[-1]))
-    text.append('')
-  return '\n'.join(text).rstrip('\n')
+  for run in runs:
+    line = chosen_stats(run, steps)[-1] or {}
+    if not any(key.endswith('_scale_mean') for key in line) and run.evals:  # evaluation alone logged them
+      evaluated = run.evals.get(line.get('step')) or run.evals[max(run.evals)]
+      line = {'step': evaluated['step'], **evaluated.get('norm_scales', {})}
 
+    def cell(kind, layer=None):
+      values = [line[f'{kind}_scale_{name}'] for name in ('mean', 'min', 'max')]
+      values = values if layer is None else [value[layer] for value in values]
+      return '-' if values[0] is None else '{} [{}, {}]'.format(*map(format_number, values))
 
-def _short_labels(runs: Sequence[RunRecord]) -> Tuple[List[str], str]:
-  """Column labels: the run names if short, else #1, #2, ... with a legend."""
-  if all(len(r.name) <= 16 for r in runs):
-    return [r.name for r in runs], ''
-  return [f'#{i}' for i in range(1, len(runs) + 1)], '\n'.join(f'  #{i} = {r.name}' for i, r in enumerate(runs, 1))
-
-
-def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
-  """Per quantity, a table of layers (rows) by run and step (columns)."""
-  labels, legend = _short_labels(runs)
-  chosen = [chosen_stats(run, steps) for run in runs]
-  num_layers = max([len(line['residual_var']) for lines in chosen for line in lines if line] or [0])
-  if not num_layers:
-    return 'no per-layer stats in these runs (metrics lines every train.stats_every steps, or eval `layers`)'
-  header_runs, header_steps = ['layer'], ['']
-  for label, lines in zip(labels, chosen):
-    for i, line in enumerate(lines):
-      header_runs.append(label if i == 0 else '')
-      header_steps.append(f'step {line["step"]}' if line else 'no stats')
-  text = [legend] if legend else []
-  for key, title in LAYER_QUANTITIES:
-    rows = []
-    for layer in range(num_layers):
-      row = [str(layer + 1)]
-      for lines in chosen:
-        for line in lines:
-          values = (line or {}).get(key) or []
-          row.append(format_number(values[layer]) if layer < len(values) else '-')
-      rows.append(row)
-    text += [f'\n{title}', format_table([header_runs, header_steps], rows, unit=max(len(chosen[0]), 1))]
+    per_layer = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), list)]
+    whole = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), float)]
+    if not per_layer and not whole:
+      continue
+    depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
+    rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
+    rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
+    headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
+    text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
   return '\n'.join(text)
 
 
@@ -280,20 +134,20 @@ def _finite(value) -> bool:
 
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
   """The numbers Table 1 compares, for one run; the divergence rule is in the module docstring."""
-  losses = [float(line['loss']) for line in run.metrics if line.get('loss') is not None]
+  logged = [line for line in run.metrics if line.get('loss') is not None]
+  losses = [float(line['loss']) for line in logged]
   last_step = run.metrics[-1]['step'] if run.metrics else 0
   planned = run.planned_steps
-  stopped_early = planned is not None and last_step < planned
   final_loss = losses[-1] if losses else None
-  diverged = bool(losses) and (not _finite(final_loss) or (stopped_early and not all(map(_finite, losses)))
-                               or final_loss > losses[0])
+  divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
   spikes = _last(run, 'spikes', sum(bool(line.get('spike')) for line in run.metrics))
   fp16_overflows = sum(sum(v for v in line.get('fp16_overflow') or [] if _finite(v)) for line in run.metrics)
   headroom = [v for line in run.metrics for v in line.get('fp16_headroom') or [] if v is not None]
   summary = {
       'name': run.name, 'workdir': run.workdir, 'last_step': last_step, 'planned_steps': planned,
       'finished': planned is not None and planned in run.evals,
-      'initial_loss': losses[0] if losses else None, 'final_loss': final_loss, 'diverged': diverged,
+      'initial_loss': losses[0] if losses else None, 'final_loss': final_loss, 'diverged': divergence.diverged,
+      'diverged_at': divergence.step, 'initial_scale_backoffs': _last(run, 'initial_scale_backoffs', 0),
       'spikes': spikes, 'fp16_overflows': fp16_overflows, 'forward_overflows': _last(run, 'forward_overflows', 0),
       'skipped_steps': _last(run, 'skipped_steps', 0), 'max_fp16_headroom': max(headroom) if headroom else None,
       'eval_step': None, 'eval_loss': None, 'tasks': {}, 'avg_acc': None, 'avg': None,
@@ -422,15 +276,22 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
   rows = aggregate(group_runs(runs))
   text = '\n'.join([
       'Per-layer statistics of the residual stream', layer_tables(runs, steps),
+      "\nNorm scales γ by layer: mean [min, max]", scale_tables(runs, steps) or 'no norm scales logged',
       '\nGrowth of residual variance with depth: laws fitted in log space, ΔAIC to the best; a law wins by ΔAIC >= '
       f'{growth.MARGIN:g} (see perijax/growth.py)',
-      growth_table(runs, steps), table1(rows)])
+      growth_table(runs, steps),
+      '\nWhat drives the growth, per sub-layer: Var(x + Δ) - Var(x) = Var(Δ) + 2·Cov(x, Δ), Δ = the sub-layer\'s '
+      'net change of the stream (perijax/stats.py)', tables.increment_table(runs, steps),
+      '\nMassive activations (Sun et al. 2024): the largest |x| per layer, its ratio to the median |x|, where it sits',
+      *[tables.massive_table(run, steps) for run in runs if tables.massive_line(run, steps)],
+      tables.massive_placements(runs, steps), table1(rows)])
   data = {
       'runs': [{**summarize_run(run),
                 # Every per-layer list of the chosen lines (attn_out_var, mlp_out_var, ... too), not just the tables'.
                 'layer_stats': [line and {k: v for k, v in line.items() if k == 'step' or isinstance(v, list)}
                                 for line in chosen_stats(run, steps)],
-                'growth': growth_fits(run, steps)} for run in runs],
+                'growth': growth_fits(run, steps), 'massive': tables.massive_summary(run, steps)}
+               for run in runs],
       'growth_groups': [{'group': label, 'runs': [run.name for run in members],
                          'fits': group_growth_fits(members, steps)}
                         for label, members in group_runs(runs) if len(members) > 1],

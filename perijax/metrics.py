@@ -1,11 +1,21 @@
 """Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, Weights & Biases if config.wandb.enabled,
 and a console line. Process 0 only.
 
-metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, loss_scale, skipped_steps,
-spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer), and on statistics steps the
+A local metrics.jsonl is appended to (a resumed run continues it). An object store (a gs:// workdir) cannot append, and
+rewriting one growing file would cost more each window, so there the lines go to WORKDIR/metrics/part_000001.jsonl,
+part_000002.jsonl, ...: each log step rewrites the current part whole (at most PART_LINES lines), and a new part starts
+after PART_LINES lines or when a resumed run starts. `perijax.rundir.metrics_files` lists them in the order written.
+
+metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, grad_norm_max, loss_scale,
+skipped_steps, spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer): loss,
+grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`), lr is the one the
+line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
-attn_out_var, mlp_out_var). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard and W&B get
-the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ...
+attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_* entries, which
+TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
+...; None for a layer without that norm). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard
+and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
+left out).
 
 W&B (`pip install wandb`, imported only when enabled): the run is named after the workdir, its id is kept in
 WORKDIR/wandb_run_id so a resumed training continues the same W&B run, and its config is the run's config. WANDB_MODE
@@ -20,26 +30,47 @@ import secrets
 import time
 
 import jax
+import numpy as np
 from tensorboardX import SummaryWriter
 
+from perijax import rundir
 
-WANDB_ID_FILE = 'wandb_run_id'
+PART_LINES = 100  # lines per metrics part file on an object store
+
+
+WINDOW_KEYS = ('loss', 'grad_norm', 'layer_grad_norm')  # per-step values a logged line summarizes over its window
+
+
+def window_summary(steps):
+  """`steps`: [{loss, grad_norm, layer_grad_norm}] of each step since the last logged line. Returns their means over
+  the steps where each is finite (a skipped step's gradient norm is not; skipped_steps and forward_overflows count
+  those) and `grad_norm_max`, the window's largest finite global gradient norm. NaN where no step was finite."""
+  summary = {}
+  for key in WINDOW_KEYS:
+    values = np.asarray([step[key] for step in steps], np.float64)
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    mean = np.where(count > 0, np.where(finite, values, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
+    summary[key] = mean.tolist()
+    if key == 'grad_norm':
+      summary['grad_norm_max'] = float(np.max(values[finite])) if count else math.nan
+  return summary
 
 
 def scalars(record):
   """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
   flat = {}
   for key, value in record.items():
-    if isinstance(value, list):
-      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value)})
+    if isinstance(value, list) and all(item is None or isinstance(item, (int, float)) for item in value):  # not massive_*
+      flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value) if item is not None})
     elif isinstance(value, (int, float, bool)):
       flat[key] = float(value)
   return flat
 
 
 class MetricsWriter:
-  """Appends to metrics.jsonl (a resumed run continues the file) and writes the same numbers to TensorBoard and, if
-  `config.wandb.enabled`, to W&B."""
+  """Writes metrics lines (appended to metrics.jsonl, or part files on an object store) and the same numbers to
+  TensorBoard and, if `config.wandb.enabled`, to W&B."""
 
   def __init__(self, workdir, total_steps, enabled=None, config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -47,17 +78,29 @@ class MetricsWriter:
     self.started = time.time()
     self.first_step = None
     self.wandb_run = None
+    self.workdir, self.jsonl, self.part, self.part_lines = workdir, None, None, []
     if self.enabled:
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      if rundir.is_local(workdir):
+        self.jsonl = rundir.metrics_file(workdir).open('a')
+      else:  # parts are numbered after those of earlier starts of the run
+        self.part = len(rundir.metrics_files(workdir))
+        rundir.metrics_dir(workdir).mkdir(parents=True, exist_ok=True)
+      self.tensorboard = SummaryWriter(str(rundir.tensorboard(workdir)))
       if config is not None and 'wandb' in config and config.wandb.enabled:
         self.wandb_run = start_wandb_run(workdir, config)
 
   def write(self, step, record):
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({'step': step, **record}) + '\n')
-    self.jsonl.flush()
+    line = json.dumps({'step': step, **record}) + '\n'
+    if self.jsonl is not None:
+      self.jsonl.write(line)
+      self.jsonl.flush()
+    else:
+      if not self.part_lines or len(self.part_lines) >= PART_LINES:
+        self.part, self.part_lines = self.part + 1, []
+      self.part_lines.append(line)
+      rundir.metrics_part(self.workdir, self.part).write_text(''.join(self.part_lines))
     numbers = scalars(record)
     for name, value in numbers.items():
       self.tensorboard.add_scalar(name, value, step)
@@ -81,7 +124,8 @@ class MetricsWriter:
 
   def close(self):
     if self.enabled:
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
       self.tensorboard.close()
       if self.wandb_run is not None:
         self.wandb_run.finish()
@@ -90,18 +134,17 @@ class MetricsWriter:
 def start_wandb_run(workdir, config):
   """Starts (or, with WORKDIR/wandb_run_id from an earlier start, resumes) the W&B run of this workdir."""
   import wandb  # pylint: disable=g-import-not-at-top  (only runs that log to W&B pay for importing it)
-  id_path = os.path.join(workdir, WANDB_ID_FILE)
-  if os.path.isfile(id_path):
-    with open(id_path) as f:
-      run_id = f.read().strip()
+  id_path = rundir.wandb_id_file(workdir)
+  if id_path.is_file():
+    run_id = id_path.read_text().strip()
   else:
     run_id = secrets.token_hex(6)
-    with open(id_path, 'w') as f:  # before the run starts: a run killed while starting still resumes the same id
-      f.write(run_id + '\n')
-  workdir = os.path.abspath(workdir)
-  return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=os.path.basename(workdir),
+    id_path.write_text(run_id + '\n')  # before the run starts: a run killed while starting still resumes the same id
+  # W&B keeps its own files on local disk: the workdir if it is local, else W&B's default directory.
+  local_dir = str(rundir.root(workdir)) if rundir.is_local(workdir) else None
+  return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=rundir.root(workdir).name,
                     id=run_id, resume='allow', mode=os.environ.get('WANDB_MODE') or config.wandb.mode,
-                    dir=os.environ.get('WANDB_DIR') or workdir, config=config.to_dict())
+                    dir=os.environ.get('WANDB_DIR') or local_dir, config=config.to_dict())
 
 
 def _duration(seconds):

@@ -5,6 +5,7 @@ the device mesh. The placement itself lives in `placement.residual_sublayer`; th
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +42,13 @@ def mlp_dim(model_config):
 
 def dense_init(std, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def output_init_std(model_config):
+  """Init std of the sub-layers' output projections (attention out, MLP down): Megatron-LM's std / sqrt(2 * layers)
+  when `model.init.depth_scaled_outputs`, so that the residual sum of 2 * layers terms keeps its scale at init."""
+  init = model_config.init
+  return init.std / math.sqrt(2 * model_config.num_layers) if init.depth_scaled_outputs else init.std
 
 
 def flatten_tokens(x):
@@ -86,17 +94,19 @@ def einsum_attention(q, k, v, mask, dtype):
 
 
 class Attention(nn.Module):
+  """Returns (output, the largest |attention logit| if `collect_stats` else None)."""
   config: Any  # config.model
   precision: Precision
+  collect_stats: bool = False
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
     heads, kv_heads, dim = cfg.num_heads, num_kv_heads(cfg), head_dim(cfg)
     # nn.Einsum rather than DenseGeneral: its kernel is created in its final shape, so the logical axes apply at init.
-    def projection(shape, equation, axes, name):
+    def projection(shape, equation, axes, name, std=cfg.init.std):
       return nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                       kernel_init=dense_init(cfg.init_std, axes), name=name)
+                       kernel_init=dense_init(std, axes), name=name)
     d, (batch, length) = cfg.d_model, x.shape[:2]
     tokens = flatten_tokens(x)
     unflatten = lambda a: a.reshape(batch, length, *a.shape[1:])
@@ -104,10 +114,12 @@ class Attention(nn.Module):
     k = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'key')(tokens))
     v = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'value')(tokens))
     if cfg.norm.qk_norm:  # per head before RoPE, one [head_dim] scale for all heads (Qwen3/Gemma 3; OLMo 2: whole q/k)
-      qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim')
+      qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim',
+                                  scale_init=cfg.norm.scale_init)
       q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
+    logit_max = stats_lib.max_attention_logit(q, k, segment_ids) if self.collect_stats else None
     mask = attention_mask(segment_ids)
     if p.softmax == jnp.float32 and cfg.attention_impl != 'einsum':
       if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
@@ -120,8 +132,9 @@ class Attention(nn.Module):
     else:
       out = einsum_attention(q, k, v, mask, p.softmax)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
-    return unflatten(projection((heads, dim, d), 'mnh,nhd->md', ('heads', 'head_dim', 'embed'), 'out')(
-        flatten_tokens(out)))
+    out = projection((heads, dim, d), 'mnh,nhd->md', ('heads', 'head_dim', 'embed'), 'out', output_init_std(cfg))(
+        flatten_tokens(out))
+    return unflatten(out), logit_max
 
 
 class Mlp(nn.Module):
@@ -135,13 +148,13 @@ class Mlp(nn.Module):
     width = mlp_dim(cfg)
     batch_shape, x = x.shape[:-1], flatten_tokens(x)
     if cfg.mlp_activation == 'swiglu':
-      gate = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='gate')(x)
-      up = dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x)
+      gate = dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='gate')(x)
+      up = dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='up')(x)
       h = nn.silu(gate) * up
     else:
-      h = nn.gelu(dense(width, kernel_init=dense_init(cfg.init_std, ('embed', 'mlp')), name='up')(x))
+      h = nn.gelu(dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='up')(x))
     h = nn.with_logical_constraint(h, ('batch', 'mlp'))
-    out = dense(cfg.d_model, kernel_init=dense_init(cfg.init_std, ('mlp', 'embed')), name='down')(h)
+    out = dense(cfg.d_model, kernel_init=dense_init(output_init_std(cfg), ('mlp', 'embed')), name='down')(h)
     return out.reshape(*batch_shape, cfg.d_model)
 
 
@@ -151,35 +164,55 @@ class Layer(nn.Module):
   precision: Precision
   placement: str
   collect_stats: bool = False
+  massive_k: int = stats_lib.MASSIVE_K
 
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
 
     def norm_maker(sublayer):
-      return lambda name: Norm(cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param, name=f'{sublayer}_{name}')
+      return lambda name: Norm(
+          cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param, scale_init=cfg.norm.scale_init,
+          frozen_scale=cfg.norm.freeze_out_scale and placement_lib.norm_role(self.placement, name) == 'out',
+          name=f'{sublayer}_{name}')
 
-    attention = Attention(cfg, p, name='attention')
+    attention = Attention(cfg, p, self.collect_stats, name='attention')
     mlp = Mlp(cfg, p, name='mlp')
-    x, attn_out = placement_lib.residual_sublayer(
-        self.placement, x, lambda h: attention(h, positions, segment_ids), norm_maker('attention'))
+    logit_max = []  # filled by the attention call inside residual_sublayer
+
+    def attend(h):
+      out, largest = attention(h, positions, segment_ids)
+      logit_max.append(largest)
+      return out
+
+    attn_in = x
+    x, attn_out = placement_lib.residual_sublayer(self.placement, x, attend, norm_maker('attention'))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    attn_stats = stats_lib.sublayer_stats(x, attn_out) if self.collect_stats else None
+    # Statistics are traced only on statistics steps, over real tokens (padding has segment id 0).
+    sublayer_stats = lambda residual, out, residual_in: stats_lib.sublayer_stats(
+        residual, out, residual_in, stats_lib.token_mask(segment_ids, residual.shape), self.massive_k)
+    attn_stats = sublayer_stats(x, attn_out, attn_in) if self.collect_stats else None
+    mlp_in = x
     x, mlp_out = placement_lib.residual_sublayer(self.placement, x, mlp, norm_maker('mlp'))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     if not self.collect_stats:
       return x, None
-    mlp_stats = stats_lib.sublayer_stats(x, mlp_out)
-    # [2] per statistic: index 0 after attention, 1 after the MLP.
-    return x, jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_stats, mlp_stats)
+    mlp_stats = sublayer_stats(x, mlp_out, mlp_in)
+    # [2] per statistic: index 0 after attention, 1 after the MLP; the attention logit is the attention's alone.
+    stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_stats, mlp_stats)
+    return x, {**stats, 'attention_logit_max_abs': logit_max[0]}
 
 
 class Transformer(nn.Module):
   """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`.
 
-  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*': [layers, 2]}.
+  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*' |
+  'increment_var' | 'delta_var' | 'cross_cov' | '*_median_abs': [layers, 2]}, {'attention_logit_max_abs': [layers]}
+  and {'*_massive_abs' | '*_massive_token' | '*_massive_position' | '*_massive_channel': [layers, 2, massive_k]}
+  (perijax/stats.py).
   """
   config: Any  # config.model
+  massive_k: int = stats_lib.MASSIVE_K  # largest |x| kept per tensor on statistics steps (config.train.massive_k)
 
   @nn.compact
   def __call__(self, inputs, positions=None, segment_ids=None, collect_stats=False):
@@ -188,9 +221,10 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=p.compute, param_dtype=p.param,
-                     embedding_init=dense_init(cfg.init_std, ('vocab', 'embed')), name='embed')
+                     embedding_init=dense_init(cfg.init.std, ('vocab', 'embed')), name='embed')
     x = embed(inputs)
-    make_norm = functools.partial(Norm, cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param)
+    make_norm = functools.partial(Norm, cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param,
+                                  scale_init=cfg.norm.scale_init)
     if cfg.norm.embed_norm:
       x = make_norm(name='embed_norm')(x)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
@@ -205,11 +239,13 @@ class Transformer(nn.Module):
         stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=count,
                         unroll=min(cfg.scan_unroll, count), metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, stats = stack(cfg, p, placement, collect_stats, name=f'layers_{group}')(x, positions, segment_ids)
+        x, stats = stack(cfg, p, placement, collect_stats, self.massive_k, name=f'layers_{group}')(
+            x, positions, segment_ids)
         layer_stats.append(stats)
       else:
         for _ in range(count):
-          x, stats = layer(cfg, p, placement, collect_stats, name=f'layer_{layer_index}')(x, positions, segment_ids)
+          x, stats = layer(cfg, p, placement, collect_stats, self.massive_k, name=f'layer_{layer_index}')(
+              x, positions, segment_ids)
           layer_stats.append(jax.tree.map(lambda a: a[None], stats))
           layer_index += 1
 
@@ -219,9 +255,11 @@ class Transformer(nn.Module):
       logits = embed.attend(x)
     else:
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                        kernel_init=dense_init(cfg.init_std, ('embed', 'vocab')), name='lm_head')(x)
+                        kernel_init=dense_init(cfg.init.std, ('embed', 'vocab')), name='lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if collect_stats else None
+    if collect_stats:
+      stats = stats_lib.locate_tokens(stats, inputs, positions)
     return logits, stats
 
 

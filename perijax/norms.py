@@ -1,4 +1,4 @@
-"""LayerNorm and RMSNorm with a learnable scale (docs/paper.md: freezing the output gamma reportedly hurts)."""
+"""LayerNorm and RMSNorm with a learnable scale γ (docs/paper.md: freezing the output γ reportedly hurts)."""
 
 import functools
 
@@ -36,20 +36,28 @@ rms_normalize.defvjp(_rms_normalize_forward, _rms_normalize_backward)
 
 
 class Norm(nn.Module):
-  """Normalizes over the last axis. The scale is stored as a weight initialised to 1 (Llama/OLMo convention)."""
+  """Normalizes over the last axis. The scale γ is stored as a weight initialised to `scale_init` (1: Llama/OLMo).
+
+  `frozen_scale`: γ gets no gradient (stop_gradient), so the optimizer never moves it (AdamW's update of a zero
+  gradient is zero, and weight decay is masked off norms).
+  """
   kind: str = 'rmsnorm'
   eps: float = 1e-6
   stats_dtype: jnp.dtype = jnp.float32  # dtype of the mean/variance computation (precision policy)
   dtype: jnp.dtype = jnp.float32        # dtype of the output
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = 'norm'               # logical axis of the scale/bias vector
+  scale_init: float = 1.0
+  frozen_scale: bool = False
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
     h = x.astype(self.stats_dtype)
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (features,), self.param_dtype)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.constant(self.scale_init),
+                                                             (self.axis_name,)), (features,), self.param_dtype)
+    if self.frozen_scale:
+      scale = jax.lax.stop_gradient(scale)
     if self.kind == 'rmsnorm':
       return rms_normalize(h, scale.astype(self.stats_dtype), self.eps).astype(self.dtype)
     h = h - jnp.mean(h, axis=-1, keepdims=True)

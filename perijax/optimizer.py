@@ -37,3 +37,11 @@ def make_optimizer(optimizer_config, total_steps):
   if c.grad_accum_steps > 1:  # a pod-size global batch on fewer devices: average k micro-batches per update
     tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum_steps)
   return tx
+
+
+def schedule_count(opt_state):
+  """Updates the learning-rate schedule has applied: optax's own count, which a skipped step (the update not applied,
+  the optimizer state kept) does not advance. The lr of the next update is `learning_rate_schedule(...)(count)`."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  return state.count

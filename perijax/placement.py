@@ -37,6 +37,18 @@ def layer_placements(norm_config, num_layers):
   return [norm_config.placement] * num_layers
 
 
+def norm_role(placement, name):
+  """'in' for a norm of a sub-layer's input, 'out' for one of its output (before or after the add): `name` as
+  `residual_sublayer` gives it to N. Post-LN's only norm is an output norm, Pre-LN's an input norm."""
+  if name == 'norm':
+    return 'out' if placement == 'post' else 'in'
+  return {'in_norm': 'in', 'out_norm': 'out'}[name]
+
+
+def has_output_norm(placement):
+  return placement in ('post', 'peri', 'pre_post', 'output')
+
+
 def needs_final_norm(last_layer_placement):
   """A final norm before the LM head, unless the last layer already ends in a norm of the residual stream."""
   return last_layer_placement not in ('post', 'pre_post')

@@ -1,4 +1,6 @@
-"""PNG plots of one or many runs: variance per layer over training, gradient norm per layer, loss, loss scale.
+"""PNG plots of one or many runs: variance per layer over training (curves and a layer x step heatmap), gradient norm
+per layer, loss, loss scale, massive activations. Every line is labelled; a placement has the same colour in every
+figure (PLACEMENT_COLORS, which the experiments' figures use too), runs of one placement differ in line style.
 
 Each function takes runs that have `.name`, `.metrics` (the metrics.jsonl lines, sorted by step) and `.evals`
 ({step: eval json}), and writes one PNG. Matplotlib runs headless (Agg): no display is needed on a pod or in CI.
@@ -14,6 +16,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from perijax import tables  # pylint: disable=g-import-not-at-top
+
 
 def _series(run, key):
   """(steps, values) of a scalar metric over the run, skipping lines that lack it."""
@@ -27,9 +31,31 @@ def _positive(values):
   return np.where(np.isfinite(array) & (array > 0), array, np.nan)
 
 
-def _colors(n):
-  cmap = plt.get_cmap('tab10' if n <= 10 else 'tab20')
-  return [cmap(i % cmap.N) for i in range(n)]
+# One colour per placement in every figure, experiments' too (tab10's colours; grey is left for runs without one).
+PLACEMENT_COLORS = {'post': '#d62728', 'pre': '#1f77b4', 'peri': '#2ca02c', 'pre_post': '#9467bd',
+                    'output': '#ff7f0e', 'mix': '#8c564b', 'none': '#e377c2'}
+_OTHER_COLORS = ('#7f7f7f', '#bcbd22', '#17becf', '#000000')
+LINESTYLES = ('-', '--', ':', '-.')
+
+
+def placement_color(placement):
+  """The colour of `placement` in every perijax figure."""
+  return PLACEMENT_COLORS.get(placement, _OTHER_COLORS[0])
+
+
+def run_placement(run):
+  return (getattr(run, 'config', None) or {}).get('model', {}).get('norm', {}).get('placement')
+
+
+def _colors(runs):
+  """Per run, its placement's colour and a line style that tells apart runs of the same placement (seeds, lrs)."""
+  styles, seen = [], {}
+  for run in runs:
+    placement = run_placement(run)
+    index = seen[placement] = seen.get(placement, -1) + 1
+    color = placement_color(placement) if placement in PLACEMENT_COLORS else _OTHER_COLORS[index % len(_OTHER_COLORS)]
+    styles.append({'color': color, 'linestyle': LINESTYLES[index % len(LINESTYLES)]})
+  return styles
 
 
 def save_figure(fig, path):
@@ -54,20 +80,37 @@ def _no_data(ax, what):
   ax.text(0.5, 0.5, f'no {what} recorded', ha='center', va='center', transform=ax.transAxes)
 
 
+MAX_CURVES = 8  # stats steps drawn per panel, so that every curve keeps a readable legend entry
+
+
+def _spread(items, count):
+  """At most `count` items, evenly spaced, first and last included."""
+  if len(items) <= count:
+    return items
+  return [items[i] for i in sorted({round(j * (len(items) - 1) / (count - 1)) for j in range(count)})]
+
+
+def _panels(count):
+  """A figure with one panel per run (at most 3 a row), unused panels hidden."""
+  columns = min(count, 3)
+  rows = math.ceil(count / columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False, layout='constrained')
+  for ax in list(axes.flat)[count:]:
+    ax.axis('off')
+  return fig, list(axes.flat)[:count]
+
+
 def plot_residual_variance(runs: Sequence, path: str) -> str:
-  """One panel per run: residual variance after each layer, one curve per stats step (dark = early), log y."""
-  columns = min(len(runs), 3)
-  rows = math.ceil(len(runs) / columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False,
-                           layout='constrained')
-  for ax, run in zip(axes.flat, runs):
-    stats = [line for line in run.metrics if line.get('residual_var')]
+  """One panel per run: residual variance after each layer, one labelled curve per stats step (at most MAX_CURVES,
+  evenly spaced; dark = early), log y."""
+  fig, axes = _panels(len(runs))
+  for ax, run in zip(axes, runs):
+    stats = _spread([line for line in run.metrics if line.get('residual_var')], MAX_CURVES)
     cmap = plt.get_cmap('viridis')
     for i, line in enumerate(stats):
       variance = line['residual_var']
-      label = f'step {line["step"]}' if i in (0, len(stats) - 1) else None
       ax.plot(range(1, len(variance) + 1), _positive(variance), marker='.', color=cmap(i / max(len(stats) - 1, 1)),
-              label=label)
+              label=f'step {line["step"]}')
     if stats:
       ax.set_yscale('log')
       ax.legend(fontsize=7)
@@ -76,8 +119,6 @@ def plot_residual_variance(runs: Sequence, path: str) -> str:
     ax.set_title(run.name, fontsize=8)
     _layer_axis(ax)
     ax.set_ylabel('residual variance')
-  for ax in list(axes.flat)[len(runs):]:
-    ax.axis('off')
   fig.suptitle('Residual-stream variance per layer over training')
   return save_figure(fig, path)
 
@@ -86,13 +127,13 @@ def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
   """Gradient norm per layer: at each run's last logged step, and its mean over all logged steps."""
   fig, (last_ax, mean_ax) = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
   any_data = False
-  for run, color in zip(runs, _colors(len(runs))):
+  for run, style in zip(runs, _colors(runs)):
     lines = [line for line in run.metrics if line.get('layer_grad_norm')]
     if not lines:
       continue
     any_data = True
     last = np.asarray(lines[-1]['layer_grad_norm'], dtype=np.float64)
-    last_ax.plot(range(1, last.size + 1), _positive(last), marker='o', color=color,
+    last_ax.plot(range(1, last.size + 1), _positive(last), marker='o', **style,
                  label=f'{run.name} (step {lines[-1]["step"]})')
     width = max(len(line['layer_grad_norm']) for line in lines)
     stacked = np.full((len(lines), width), np.nan)
@@ -100,7 +141,7 @@ def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
       stacked[i, :len(line['layer_grad_norm'])] = _positive(line['layer_grad_norm'])
     with np.errstate(all='ignore'):
       mean = np.nanmean(stacked, axis=0) if np.isfinite(stacked).any() else stacked[0]
-    mean_ax.plot(range(1, width + 1), mean, marker='o', color=color, label=run.name)
+    mean_ax.plot(range(1, width + 1), mean, marker='o', **style, label=run.name)
   for ax, title in ((last_ax, 'at the last logged step'), (mean_ax, 'mean over logged steps')):
     ax.set_title(f'gradient norm per layer, {title}', fontsize=9)
     _layer_axis(ax)
@@ -115,12 +156,12 @@ def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
 def plot_loss(runs: Sequence, path: str) -> str:
   """Training loss per logged step (lines) and evaluation loss per evaluated step (markers)."""
   fig, ax = plt.subplots(figsize=(7, 4.2), layout='constrained')
-  for run, color in zip(runs, _colors(len(runs))):
+  for run, style in zip(runs, _colors(runs)):
     steps, loss = _series(run, 'loss')
-    ax.plot(steps, loss, color=color, label=f'{run.name} train')
+    ax.plot(steps, loss, **style, label=f'{run.name} train')
     eval_steps = sorted(s for s, e in run.evals.items() if e.get('loss') is not None)
     if eval_steps:
-      ax.plot(eval_steps, [run.evals[s]['loss'] for s in eval_steps], 'o--', color=color, markersize=5,
+      ax.plot(eval_steps, [run.evals[s]['loss'] for s in eval_steps], 'o', color=style['color'], markersize=5,
               label=f'{run.name} eval')
   ax.set_xlabel('step')
   ax.set_ylabel('loss (nats/token)')
@@ -133,13 +174,13 @@ def plot_loss_scale(runs: Sequence, path: str) -> str:
   """The float16 dynamic loss scale (log y) and the cumulative count of skipped (non-finite) steps."""
   fig, (scale_ax, skipped_ax) = plt.subplots(1, 2, figsize=(11, 4), layout='constrained')
   any_scale = False
-  for run, color in zip(runs, _colors(len(runs))):
+  for run, style in zip(runs, _colors(runs)):
     steps, scale = _series(run, 'loss_scale')
     scale = _positive(scale)
     any_scale |= bool(np.isfinite(scale).any())
-    scale_ax.plot(steps, scale, color=color, label=run.name)
+    scale_ax.plot(steps, scale, **style, label=run.name)
     steps, skipped = _series(run, 'skipped_steps')
-    skipped_ax.plot(steps, skipped, color=color, label=run.name)
+    skipped_ax.plot(steps, skipped, **style, label=run.name)
   if any_scale:
     scale_ax.set_yscale('log')
   else:
@@ -161,4 +202,67 @@ def write_plots(runs: Sequence, out_dir: str) -> List[str]:
       plot_layer_grad_norm(runs, os.path.join(out_dir, 'layer_grad_norm.png')),
       plot_loss(runs, os.path.join(out_dir, 'loss.png')),
       plot_loss_scale(runs, os.path.join(out_dir, 'loss_scale.png')),
+      plot_variance_heatmap(runs, os.path.join(out_dir, 'residual_variance_heatmap.png')),
+      plot_massive_activations(runs, os.path.join(out_dir, 'massive_activations.png')),
   ]
+
+
+def plot_variance_heatmap(runs: Sequence, path: str) -> str:
+  """One panel per run: log10 residual variance, layer (rows) by stats step (columns)."""
+  fig, axes = _panels(len(runs))
+  for ax, run in zip(axes, runs):
+    stats = [line for line in run.metrics if line.get('residual_var')]
+    ax.set_title(run.name, fontsize=8)
+    if not stats:
+      _no_data(ax, 'per-layer stats')
+      continue
+    grid = np.full((max(len(line['residual_var']) for line in stats), len(stats)), np.nan)
+    for column, line in enumerate(stats):
+      grid[:len(line['residual_var']), column] = np.log10(_positive(line['residual_var']))
+    steps = [line['step'] for line in stats]
+    image = ax.imshow(grid, aspect='auto', origin='lower', cmap='magma', interpolation='nearest',
+                      extent=(-0.5, len(steps) - 0.5, 0.5, grid.shape[0] + 0.5))
+    ticks = sorted({round(j * (len(steps) - 1) / 4) for j in range(5)}) if len(steps) > 1 else [0]
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
+    ax.set_xlabel('step')
+    ax.set_ylabel('layer')
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=ax, label='log10 residual variance')
+  fig.suptitle('Residual-stream variance, layer by step')
+  return save_figure(fig, path)
+
+
+MASSIVE_STYLES = (('residual', '-', 'o'), ('attn_out', '--', 's'), ('mlp_out', ':', '^'))
+
+
+def plot_massive_activations(runs: Sequence, path: str) -> str:
+  """At each run's last stats step: the largest |x| per layer (left) and its ratio to the median |x| (right), for the
+  residual stream and each sub-layer's output, with Sun et al. 2024's thresholds (the first run's config)."""
+  fig, (abs_ax, ratio_ax) = plt.subplots(1, 2, figsize=(12, 4.4), layout='constrained')
+  thresholds = None
+  for run, style in zip(runs, _colors(runs)):
+    lines = [line for line in run.metrics if line.get('massive_residual')]
+    if not lines:
+      continue
+    thresholds = thresholds or tables.massive_thresholds(run)
+    for name, linestyle, marker in MASSIVE_STYLES:
+      entries = lines[-1].get(f'massive_{name}') or []
+      layers = range(1, len(entries) + 1)
+      label = f'{run.name} {name} (step {lines[-1]["step"]})'
+      abs_ax.plot(layers, _positive([e['abs'][0] for e in entries]), color=style['color'], linestyle=linestyle,
+                  marker=marker, label=label)
+      ratio_ax.plot(layers, _positive([e['ratio'][0] for e in entries]), color=style['color'], linestyle=linestyle,
+                    marker=marker, label=label)
+  for ax, title, index in ((abs_ax, 'largest |x| per layer', 0), (ratio_ax, 'largest |x| / median |x|', 1)):
+    ax.set_title(title, fontsize=9)
+    _layer_axis(ax)
+    if thresholds is None:
+      _no_data(ax, 'massive-activation statistics')
+      continue
+    ax.axhline(thresholds[index], color='k', linewidth=0.8, linestyle='-.',
+               label=f'massive above {thresholds[index]:g}')
+    ax.set_yscale('log')
+    _legend(ax)
+  fig.suptitle('Massive activations (Sun et al. 2024)')
+  return save_figure(fig, path)
+

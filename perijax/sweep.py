@@ -38,6 +38,7 @@ from ml_collections.config_flags import config_path
 from perijax import config as config_lib
 from perijax import launchers
 from perijax import progress
+from perijax import rundir
 
 SEED_FIELD = 'train.seed'
 STEPS_FIELD = 'train.steps'
@@ -191,15 +192,15 @@ def evaluate_command(workdir: str, step: int, python: str) -> List[str]:
 
 
 def is_finished(run: Run) -> bool:
-  return os.path.exists(os.path.join(run.workdir, 'eval', f'step_{run.steps}.json'))
+  return rundir.eval_result(run.workdir, run.steps).exists()
 
 
 def latest_checkpoint_step(workdir: str) -> Optional[int]:
   """The highest finished Orbax step under `workdir/checkpoints` (temporary directories are not all digits)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = rundir.checkpoints(workdir)
+  if not directory.is_dir():
     return None
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  steps = [int(path.name) for path in directory.iterdir() if path.name.isdigit()]
   return max(steps) if steps else None
 
 
@@ -220,24 +221,30 @@ def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> 
 
 
 def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
-                run_command: RunCommand) -> None:
-  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run."""
-  if is_finished(run):
+                run_command: RunCommand, evaluate: bool = True) -> None:
+  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run.
+  Without `evaluate`, a run is finished once trained to its last step."""
+  if is_finished(run) or (not evaluate and latest_checkpoint_step(run.workdir) == run.steps):
     run.status, run.detail = 'skipped', 'already finished'
     return
   if latest_checkpoint_step(run.workdir) != run.steps:   # a run trained to the end only needs its evaluation
-    status = run_command(train_command(run, config_arg, fixed_overrides, python),
-                         os.path.join(run.workdir, 'train.log'))
+    train_log = str(rundir.command_log(run.workdir, 'train'))
+    status = run_command(train_command(run, config_arg, fixed_overrides, python), train_log)
     if status != 0:
-      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {run.workdir}/train.log'
+      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {train_log}'
       return
   step = latest_checkpoint_step(run.workdir)
   if step is None:
-    run.status, run.detail = 'failed', f'no checkpoint in {run.workdir}/checkpoints to evaluate'
+    run.status, run.detail = 'failed', f'no checkpoint in {rundir.checkpoints(run.workdir)} to evaluate'
     return
-  status = run_command(evaluate_command(run.workdir, step, python), os.path.join(run.workdir, 'eval.log'))
+  if not evaluate:
+    run.status, run.detail = ('finished', '') if step == run.steps else (
+        'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)')
+    return
+  eval_log = str(rundir.command_log(run.workdir, 'eval'))
+  status = run_command(evaluate_command(run.workdir, step, python), eval_log)
   if status != 0:
-    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {run.workdir}/eval.log'
+    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
   elif is_finished(run):
     run.status, run.detail = 'finished', ''
   else:
@@ -247,8 +254,9 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
 def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Optional[Dict[str, Any]] = None,
               python: str = sys.executable, run_command: RunCommand = subprocess_run_command,
               sweep_args: Optional[Dict[str, Any]] = None,
-              log: Callable[[str], None] = progress.write) -> List[Run]:
-  """Runs every unfinished run in order, recording each in ROOT/sweep.json; returns the runs with their status."""
+              log: Callable[[str], None] = progress.write, evaluate: bool = True) -> List[Run]:
+  """Runs every unfinished run in order (`evaluate`: train then evaluate; else train only), recording each in
+  ROOT/sweep.json; returns the runs with their status."""
   fixed_overrides = dict(fixed_overrides or {})
   os.makedirs(root, exist_ok=True)
   header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **(sweep_args or {})}
@@ -256,7 +264,7 @@ def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: 
   for index, run in enumerate(progress.progress(runs, 'sweep', unit='run', leave=True), 1):
     start = time.time()
     log(f'[{index}/{len(runs)}] {run.name}: running')
-    execute_run(run, config_arg, fixed_overrides, python, run_command)
+    execute_run(run, config_arg, fixed_overrides, python, run_command, evaluate)
     log(f'[{index}/{len(runs)}] {run.name}: {run.status} ({time.time() - start:.0f}s) {run.detail}'.rstrip())
     write_sweep_json(root, runs, header)
   log(summarize(runs))

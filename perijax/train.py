@@ -4,9 +4,7 @@ The same command runs on every host of a pod. WORKDIR gets config.json, tokenize
 and checkpoints/; a workdir that already has checkpoints resumes from the latest one.
 """
 
-import functools
 import json
-import os
 import signal
 import time
 
@@ -14,13 +12,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import flax.linen as nn
 import jax
-import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import config as config_lib
 from perijax import hardware
+from perijax import metrics as metrics_lib
 from perijax import optimizer as optimizer_lib
 from perijax import params as params_lib
+from perijax import rundir
 from perijax import runtime
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
@@ -65,25 +64,34 @@ class RowSlice:
 
 
 class Preemption:
-  """SIGTERM (a pod preemption) asks for a checkpoint at the next step boundary, then a clean exit."""
+  """SIGTERM (a preemption) asks for a checkpoint at a step boundary, then a clean exit.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: the signal may reach only one host, and a
+  collective save that one host starts alone hangs the rest. JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM instead, tells every process through the coordination service, and
+  `reached_preemption_sync_point` (through Orbax's manager) returns True on every process at the same step. So no
+  Python handler is installed then: it would replace the service's."""
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handler)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
     del signum, frame
     self.requested = True
 
   def reached(self, manager, step):
-    return self.requested or (jax.process_count() > 1 and manager.reached_preemption(step))
+    """Called once per step by every process, with the same step: True on all of them at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    return manager.reached_preemption(step)
 
 
 def write_run_files(config, workdir, tokenizer):
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  rundir.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
   tokenizers.save_tokenizer(tokenizer, workdir)
 
 
@@ -106,7 +114,7 @@ def train(config, workdir, devices=None):
                                  f'tokenizer vocabulary ({tokenizer.vocab_size}); use at least that')
   data_iterator = make_data_iterator(config, tokenizer, micro_batch)
 
-  os.makedirs(workdir, exist_ok=True)
+  rundir.root(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   latest = manager.latest_step()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -119,13 +127,10 @@ def train(config, workdir, devices=None):
   write_run_files(config, workdir, tokenizer)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  step_fns = {collect: train_step_lib.jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect)
+              for collect in (False, True)}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step_fns = {
-      collect: jax.jit(functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer,
-                                         train_config=config.train, collect_stats=collect),
-                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                       donate_argnums=0)
-      for collect in (False, True)}
+  norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)  # the norms' γ, gathered whole
 
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
@@ -137,48 +142,67 @@ def train(config, workdir, devices=None):
   preemption = Preemption()
   step = int(state.step) // accum
   window_start, window_step, last_overflows = None, step, int(state.forward_overflows)
+  window, pending, compiled = [], [], set()  # device values of the steps since the last line; a line not yet written
+
+  def write_line(logged_step, metrics, steps, scales):
+    """Writes a logged step's line, called once the next step is dispatched: fetching its numbers never stalls it."""
+    nonlocal window_start, window_step, last_overflows
+    metrics, steps, scales = jax.device_get((metrics, steps, scales))
+    elapsed = time.time() - window_start
+    tokens_per_sec = tokens_per_step * (logged_step - window_step) / elapsed if logged_step > window_step else 0.0
+    record = {
+        **metrics_lib.window_summary(steps), 'lr': float(schedule(int(metrics['schedule_count']))),
+        'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
+        'initial_scale_backoffs': int(metrics['initial_scale_backoffs']),
+        'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
+        'forward_overflows': int(metrics['forward_overflows']),
+        'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
+    }
+    if 'stats' in metrics:
+      record.update(stats_lib.layer_summary(metrics['stats']))
+      record.update(stats_lib.scale_summary(scales, config.model))
+    writer.write(logged_step, record)
+    writer.console(logged_step, record)
+    if record['forward_overflows'] > last_overflows and jax.process_index() == 0:
+      print(f'forward overflow: the loss was not finite on {record["forward_overflows"] - last_overflows} '
+            f'step(s) up to step {logged_step}', flush=True)
+    last_overflows = record['forward_overflows']
+    window_start, window_step = time.time(), logged_step
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < config.train.steps:
       is_stats_step = (step + 1) % config.train.stats_every == 0 or step + 1 == config.train.steps
+      compiles = is_stats_step not in compiled  # the first call of a step function compiles it
+      if compiles and pending:  # no window may include a compilation: the previous line is written first
+        write_line(*pending.pop())
       for micro in range(accum):
         batch = sharding_lib.global_batch_from_local(next(data_iterator), batch_sharding)
         state, metrics = step_fns[is_stats_step and micro == accum - 1](state, batch)
       step += 1
-      if window_start is None:  # the first step includes compilation: time from its end
+      window.append({key: metrics[key] for key in metrics_lib.WINDOW_KEYS})
+      if compiles:  # time from the end of this step
+        compiled.add(is_stats_step)
         jax.block_until_ready(state.step)
         window_start, window_step = time.time(), step
-      if step % config.train.log_every == 0 or is_stats_step or step == config.train.steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.time() - window_start
-        tokens_per_sec = tokens_per_step * (step - window_step) / elapsed if step > window_step else 0.0
-        record = {
-            'loss': float(metrics['loss']), 'lr': float(schedule(step - 1)), 'grad_norm': float(metrics['grad_norm']),
-            'layer_grad_norm': np.asarray(metrics['layer_grad_norm'], np.float64).tolist(),
-            'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
-            'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
-            'forward_overflows': int(metrics['forward_overflows']),
-            'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
-        }
-        if 'stats' in metrics:
-          record.update(stats_lib.layer_summary(metrics['stats']))
-        writer.write(step, record)
-        writer.console(step, record)
-        if record['forward_overflows'] > last_overflows and jax.process_index() == 0:
-          print(f'forward overflow: the loss was not finite on {record["forward_overflows"] - last_overflows} '
-                f'step(s) up to step {step}', flush=True)
-        last_overflows = record['forward_overflows']
-        window_start, window_step = time.time(), step
+      if pending:  # the previous logged step's line, now that this step is queued behind it
+        write_line(*pending.pop())
+      # Step 1 is always logged: its layer_grad_norm is the snapshot at init (the last step's is the one at the end).
+      if step % config.train.log_every == 0 or is_stats_step or step in (1, config.train.steps):
+        scales = norm_scales(state.params) if is_stats_step else None  # γ at this step, gathered before the next
+        pending, window = [(step, metrics, window, scales)], []
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
         checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preemption.reached(manager, step):
         if manager.latest_step() != step:
           checkpoint_lib.save(manager, step, state, data_iterator, config)
+        if pending:
+          write_line(*pending.pop())
         manager.wait_until_finished()
-        if jax.process_index() == 0:
-          print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)
+        print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)  # every host's log says so
         writer.close()
         return state
+  if pending:
+    write_line(*pending.pop())
   if manager.latest_step() != step:
     checkpoint_lib.save(manager, step, state, data_iterator, config)
   manager.wait_until_finished()

@@ -1,7 +1,7 @@
 """The train state and the one pure training step: loss, dynamic loss scaling, skip-on-overflow, AdamW, metrics.
 
-`train_step(state, batch, ...) -> (state, metrics)` is jitted once by the trainer (and once more with statistics on),
-with explicit shardings and the old state donated. Nothing in here touches the host.
+`train_step(state, batch, ...) -> (state, metrics)` is jitted by `jit_train_step` (the trainer, the dry run and the
+benchmarks all use it): explicit shardings and the old state donated. Nothing in here touches the host.
 """
 
 import functools
@@ -16,6 +16,7 @@ import optax
 from flax.training.dynamic_scale import DynamicScale
 
 from perijax import model as model_lib
+from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax.precision import Precision
 
@@ -27,7 +28,9 @@ class TrainState:
   opt_state: Any
   loss_scale: DynamicScale | None  # float16 only: flax's dynamic loss scale, checkpointed with the rest
   grad_norm_history: jax.Array   # last `spike_window` global gradient norms (NaN = not yet seen), for spike detection
-  skipped_steps: jax.Array       # steps whose gradients were not finite (parameters left unchanged)
+  skipped_steps: jax.Array       # steps whose gradients were not finite once the loss scale had settled (skipped)
+  initial_scale_backoffs: jax.Array  # float16: non-finite steps before the first finite one (the scale searching down
+                                     # from train.initial_loss_scale), counted apart from skipped_steps
   forward_overflows: jax.Array   # steps whose loss itself was not finite (the forward pass overflowed)
   spikes: jax.Array              # gradient-norm spikes (see `train_step`)
 
@@ -39,7 +42,9 @@ def unboxed(tree):
 
 
 def make_model(config):
-  return model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
+  # A run whose config.json predates train.massive_k gets the default.
+  return model_lib.Transformer(ml_collections.FrozenConfigDict(config.model),
+                               massive_k=config.train.get('massive_k', model_lib.Transformer.massive_k))
 
 
 def uses_loss_scaling(config):
@@ -57,7 +62,7 @@ def init_train_state(rng, config, model, optimizer):
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params), loss_scale=loss_scale,
                     grad_norm_history=jnp.full((config.train.spike_window,), jnp.nan, jnp.float32),
-                    skipped_steps=zero, forward_overflows=zero, spikes=zero)
+                    skipped_steps=zero, initial_scale_backoffs=zero, forward_overflows=zero, spikes=zero)
 
 
 def abstract_train_state(config, model, optimizer, mesh):
@@ -133,18 +138,26 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   history = jnp.where(grads_finite, jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm),
                       state.grad_norm_history)
   forward_overflow = ~jnp.isfinite(loss)
+  # Until the first finite step the loss scale is still searching down from its initial value (every update so far
+  # was skipped): non-finite gradients of a finite loss then are a back-off, not an instability. float32 has no
+  # search, and a non-finite loss (the forward pass overflowed) is never the scale's doing.
+  searching = ((state.step == state.skipped_steps + state.initial_scale_backoffs) & (loss_scale is not None)
+               & ~forward_overflow)
+  non_finite = (~grads_finite).astype(jnp.int32)
   new_state = state.replace(
       step=state.step + 1,
       params=new_params,
       opt_state=new_opt_state,
       loss_scale=loss_scale,
       grad_norm_history=history,
-      skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+      skipped_steps=state.skipped_steps + jnp.where(searching, 0, non_finite),
+      initial_scale_backoffs=state.initial_scale_backoffs + jnp.where(searching, non_finite, 0),
       forward_overflows=state.forward_overflows + forward_overflow.astype(jnp.int32),
       spikes=state.spikes + spike.astype(jnp.int32),
   )
   metrics = {
       'loss': loss,
+      'schedule_count': optimizer_lib.schedule_count(state.opt_state),  # this update's lr is schedule(count)
       'grad_norm': grad_norm,
       'layer_grad_norm': layer_grad_norm,
       'loss_scale': loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
@@ -152,9 +165,20 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
       'forward_overflow': forward_overflow,
       'spike': spike,
       'skipped_steps': new_state.skipped_steps,
+      'initial_scale_backoffs': new_state.initial_scale_backoffs,
       'forward_overflows': new_state.forward_overflows,
       'spikes': new_state.spikes,
   }
   if collect_stats:
     metrics['stats'] = stats
   return new_state, metrics
+
+
+def jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect_stats=False):
+  """`train_step` jitted as the trainer runs it: state and batch laid out by their shardings, metrics replicated,
+  the old state donated (its buffers are reused for the new one)."""
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  step = functools.partial(train_step, model=model, optimizer=optimizer, train_config=config.train,
+                           collect_stats=collect_stats)
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                 donate_argnums=0)

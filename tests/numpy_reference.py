@@ -50,14 +50,19 @@ FORMULAS = {
 }
 
 
-def forward(params, tokens, placements, kind, eps, final_norm):
-  """Logits [T, vocab] for one sequence; `placements` is the per-layer list."""
+def forward(params, tokens, placements, kind, eps, final_norm, sublayers=None):
+  """Logits [T, vocab] for one sequence; `placements` is the per-layer list. A `sublayers` list gets, per sub-layer in
+  order, (stream entering it, stream leaving it, F's raw output)."""
   params = _to_float64(params)
   x = params['embed']['embedding'][tokens]
   for i, placement in enumerate(placements):
     p = params[f'layer_{i}']
     for sub, F in (('attention', lambda h: attention(h, p['attention'])), ('mlp', lambda h: mlp(h, p['mlp']))):
-      x = FORMULAS[placement](x, F, lambda name: (lambda h, name=name: norm(h, p[f'{sub}_{name}'], kind, eps)))
+      outputs, before = [], x
+      recorded = lambda h, F=F: outputs.append(F(h)) or outputs[-1]
+      x = FORMULAS[placement](x, recorded, lambda name: (lambda h, name=name: norm(h, p[f'{sub}_{name}'], kind, eps)))
+      if sublayers is not None:
+        sublayers.append((before, x, outputs[0]))
   if final_norm:
     x = norm(x, params['final_norm'], kind, eps)
   return x @ params['embed']['embedding'].T

@@ -16,6 +16,7 @@ import pytest
 
 from configs import tiny
 from perijax import checkpoint as checkpoint_lib
+from perijax import config as config_lib
 from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax import train as train_lib
@@ -164,3 +165,26 @@ def test_an_unfinished_save_never_looks_like_a_checkpoint(corpus_data_dir, tmp_p
   config.train.steps = 4
   train_lib.train(config, str(tmp_path))  # resumes from 3, not from the half-written 6
   assert sorted(losses(str(tmp_path))) == [1, 2, 3, 4]
+
+
+def test_keep_period_checkpoints_are_never_deleted(tmp_path):
+  config = tiny.get_config()
+  config.checkpoint.update(keep=2, keep_period=3, async_save=False)
+  manager = checkpoint_lib.make_manager(str(tmp_path), config.checkpoint)
+  for step in range(1, 9):
+    checkpoint_lib.save(manager, step, {'w': np.full(4, step, np.float32)})
+  manager.wait_until_finished()
+  # The newest `keep`, and every multiple of keep_period however old (an evaluation may reach it late).
+  expected = sorted({7, 8} | {step for step in range(1, 9) if step % 3 == 0})
+  assert checkpoint_lib.make_manager(str(tmp_path), read_only=True).all_steps() == expected == [3, 6, 7, 8]
+
+
+@pytest.mark.parametrize('every, keep_period, message', [
+    (2, 5, 'checkpoint.keep_period = 5 is not allowed: expected a multiple of checkpoint.every = 2'),
+    (2, -4, 'checkpoint.keep_period = -4 is not allowed: expected a number >= 0'),
+])
+def test_bad_keep_period_is_one_clear_error(every, keep_period, message):
+  config = tiny.get_config()
+  config.checkpoint.update(every=every, keep_period=keep_period)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)

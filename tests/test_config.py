@@ -25,6 +25,11 @@ BAD_FIELDS = [
     ('mesh.dcn_fsdp', -1, "config.mesh = {'dcn_data': -1, 'dcn_fsdp': -1}.*at most one"),
     ('train.xla_flags_preset', 'tpu', "config.train.xla_flags_preset = 'tpu'.*'none', 'gpu'"),
     ('train.compilation_cache_dir', None, 'config.train.compilation_cache_dir = None.*directory'),
+    ('model.init.std', 0.0, 'config.model.init.std = 0.0.*positive'),
+    ('model.norm.scale_init', -1.0, 'config.model.norm.scale_init = -1.0.*positive'),
+    ('model.norm.freeze_out_scale', True, "config.model.norm.freeze_out_scale = True.*placement 'pre' has no output"),
+    ('data.source', 'csv', "config.data.source = 'csv'.*'tfds', 'jsonl', 'parquet', 'hf_disk'"),
+    ('data.path', '', "config.data.path = ''.*data.source = 'hf_disk'"),
 ]
 
 
@@ -33,6 +38,10 @@ def test_bad_field_fails_with_its_message(field, value, message):
   config = tiny.get_config()
   if field == 'model.norm.mix_post_layers':
     config.model.norm.placement = 'mix'
+  if field == 'model.norm.freeze_out_scale':
+    config.model.norm.placement = 'pre'  # tiny's own; said here because the check depends on it
+  if field == 'data.path':
+    config.data.source = 'hf_disk'
   parent, name = field.rsplit('.', 1)
   node = config
   for part in parent.split('.'):
@@ -47,6 +56,22 @@ def test_float16_parameters_need_float16_compute():
   config.model.param_dtype = 'float16'
   with pytest.raises(config_lib.ConfigError, match='pure float16'):
     config_lib.validate(config)
+
+
+def test_frozen_output_scale_is_allowed_where_an_output_norm_exists():
+  for placement in ('post', 'peri', 'pre_post', 'output', 'mix'):
+    config = tiny.get_config()
+    config.model.norm.update(placement=placement, freeze_out_scale=True)
+    config_lib.validate(config)
+  config.model.norm.mix_post_layers = 0  # Mix-LN with no Post-LN layer is all Pre-LN: nothing to freeze
+  with pytest.raises(config_lib.ConfigError, match="placement 'mix' has no output norm"):
+    config_lib.validate(config)
+
+
+def test_paper_configs_use_megatrons_init_and_tiny_says_its_own():
+  for module in (paper_400m, paper_1_5b, paper_3_2b):
+    assert module.get_config().model.init.to_dict() == {'std': 0.02, 'depth_scaled_outputs': True}
+  assert tiny.get_config().model.init.to_dict() == {'std': 0.02, 'depth_scaled_outputs': False}
 
 
 def test_shipped_configs_are_valid():

@@ -5,6 +5,7 @@ import pickle
 import ml_collections
 import pytest
 
+from perijax import rundir
 from perijax.data import tokenizers
 
 SAMPLE = 'To be, or not to be:\n  that is the question —  é€ 😀\n\n'
@@ -71,7 +72,7 @@ def test_workdir_record_restores_the_same_tokenizer(kind, sentencepiece_model, t
       tokenizer.name, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id)
   assert restored.encode(SAMPLE) == tokenizer.encode(SAMPLE)
   if kind == 'sentencepiece':  # the workdir holds its own copy of the model
-    assert (tmp_path / 'workdir' / tokenizers.SENTENCEPIECE_FILE).read_bytes() == open(sentencepiece_model, 'rb').read()
+    assert (tmp_path / 'workdir' / rundir.SENTENCEPIECE_MODEL).read_bytes() == open(sentencepiece_model, 'rb').read()
 
 
 def test_bad_tokenizer_settings_are_clear_errors(tmp_path):

@@ -18,8 +18,8 @@ import pytest
 
 from configs import default
 from perijax import checkpoint as checkpoint_lib
-from perijax import eval_lib
 from perijax import evaluate
+from perijax.evaluate import eval_lib
 from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax import train
@@ -74,7 +74,7 @@ def test_result_has_the_documented_keys_and_the_training_loss(workdir, corpus_da
   [result] = evaluate.run(str(workdir), step=STEPS)
   with open(workdir / 'eval' / f'step_{STEPS}.json') as f:
     written = json.load(f)
-  assert set(eval_lib.RESULT_KEYS) <= set(written)
+  assert {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', 'tasks'} <= set(written)   # documented
   assert written['step'] == STEPS and written == json.loads(json.dumps(result))
   assert written['perplexity'] == pytest.approx(math.exp(written['loss']), rel=1e-12)
   assert written['bits_per_byte'] == pytest.approx(written['loss'] / math.log(2) / written['bytes_per_token'])
@@ -83,6 +83,12 @@ def test_result_has_the_documented_keys_and_the_training_loss(workdir, corpus_da
   assert written['layers']['fp16_headroom'] == pytest.approx([m / 65504 for m in written['layers']['max_abs']])
   assert written['tasks']['next_line']['n'] == 12
   assert any(name.startswith('events') for name in os.listdir(workdir / 'eval' / 'tensorboard'))
+  # lm-evaluation-harness's results file beside it (perijax/tasks/lm_eval_results.py), with the same numbers.
+  [lm_eval_file] = (workdir / 'eval' / 'lm_eval' / f'workdir__step_{STEPS}').glob('results_*.json')
+  lm_eval = json.loads(lm_eval_file.read_text())
+  assert lm_eval['results']['next_line']['acc,none'] == written['tasks']['next_line']['acc']
+  assert lm_eval['n-samples']['next_line'] == {'effective': 12,
+                                               'original': len(next_line.next_line_items(corpus_data_dir, 0))}
 
   # Independently: the full train state restored by the trainer's own code, and the trainer's loss per batch.
   config = tiny_config(corpus_data_dir)

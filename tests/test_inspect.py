@@ -29,8 +29,23 @@ def residual_var(placement, step):
   return list(0.1 * np.exp((0.3 + step / 100) * layers))  # exponential, steeper as training goes on
 
 
+def increments(layer):
+  """(Var(Δ), Cov(x, Δ)) of the attention and the MLP sub-layer of a layer (1-based), a known answer per layer."""
+  return {'attn': (0.5 * layer, -0.1 * layer), 'mlp': (1.5 * layer, 0.2)}
+
+
+def massive(placement, layer, where):
+  """Pre-LN: from layer 3 on, the stream holds one massive value at the first token (the document boundary, id 1),
+  channel 5; its sub-layer outputs and every Peri-LN tensor stay small."""
+  big = placement == 'pre' and layer >= 3 and where == 'residual'
+  value = 500.0 * layer if big else 5.0
+  return {'abs': [value, 2.0], 'median': 0.1, 'ratio': [value / 0.1, 20.0], 'token': [1, 40], 'position': [0, 7],
+          'channel': [5, 9]}
+
+
 def write_run(workdir, placement, seed):
   (workdir / 'eval').mkdir(parents=True)
+  (workdir / 'tokenizer.json').write_text(json.dumps({'name': 'byte', 'vocab_size': 258, 'pad_id': 0, 'eos_id': 1}))
   (workdir / 'config.json').write_text(json.dumps(
       {'model': {'norm': {'placement': placement}, 'num_layers': NUM_LAYERS},
        'train': {'steps': STEPS, 'seed': seed}}))
@@ -45,6 +60,12 @@ def write_run(workdir, placement, seed):
       line.update(residual_var=variance, max_abs=[30 * math.sqrt(v) for v in variance],
                   fp16_headroom=[30 * math.sqrt(v) / 65504 for v in variance],
                   fp16_overflow=[0, 0, 0, 2 if placement == 'pre' else 0])
+      for sublayer in ('attn', 'mlp'):
+        terms = [increments(layer)[sublayer] for layer in range(1, NUM_LAYERS + 1)]
+        line.update({f'{sublayer}_delta_var': [d for d, _ in terms], f'{sublayer}_cross_cov': [c for _, c in terms],
+                     f'{sublayer}_increment_var': [d + 2 * c for d, c in terms]})
+      for where in ('residual', 'attn_out', 'mlp_out'):
+        line[f'massive_{where}'] = [massive(placement, layer, where) for layer in range(1, NUM_LAYERS + 1)]
     lines.append(json.dumps(line))
   if (placement, seed) == ('pre', 1):   # resumed from step 20: steps 30 and 40 logged again, the later lines win
     lines.insert(3, json.dumps({'step': 30, 'loss': 99.0}))   # the first attempt's step 30
@@ -184,9 +205,11 @@ def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
     metrics = [{'step': 10 * i, 'loss': loss} for i, loss in enumerate(losses)]
     return perijax_inspect.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
 
-  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=100))['diverged'] is True   # stopped early
-  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=20))['diverged'] is False   # recovered
-  assert perijax_inspect.summarize_run(record([5.0, 6.0, 5.5], planned=20))['diverged'] is True   # above initial
+  # perijax/instability.py's rule (tested there on curves of known answer): any non-finite loss, or a smoothed loss
+  # held above its running minimum; not "final above first".
+  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=20))['diverged'] is True   # non-finite
+  assert perijax_inspect.summarize_run(record([5.0, 6.0, 5.5], planned=20))['diverged'] is False   # too short
+  assert perijax_inspect.summarize_run(record([5.0, 2.0] + [4.9] * 8, planned=100))['diverged'] is True   # lost it
   assert perijax_inspect.summarize_run(record([5.0, 4.0], planned=100))['diverged'] is False   # still running
 
 
@@ -233,12 +256,53 @@ def test_number_format_is_fixed_point_or_scientific():
   assert perijax_inspect.format_number(7) == '7'
 
 
+def test_increment_table_shows_each_sub_layer_term(runs):
+  text = perijax_inspect.tables.increment_table(runs[:1])
+  lines = text.splitlines()
+  assert [re.split(r'\s{2,}', line.strip()) for line in lines if 'ΔVar' in line] == [
+      ['attn ΔVar', 'attn Var(Δ)', 'attn 2Cov', 'mlp ΔVar', 'mlp Var(Δ)', 'mlp 2Cov']] * 2   # steps 0 and 40
+  row = next(line for line in lines if line.startswith('3 ')).split()
+  (attn_delta, attn_cov), (mlp_delta, mlp_cov) = increments(3)['attn'], increments(3)['mlp']
+  expected = [attn_delta + 2 * attn_cov, attn_delta, 2 * attn_cov, mlp_delta + 2 * mlp_cov, mlp_delta, 2 * mlp_cov]
+  assert row[0] == '3' and [float(v) for v in row[1:7]] == pytest.approx(expected, rel=1e-3)
+  old = perijax_inspect.RunRecord('old', '.', {}, [{'step': 0, 'residual_var': [1.0]}], {})
+  assert perijax_inspect.tables.increment_table([old]).startswith('no increment statistics')
+
+
+def test_massive_table_marks_massive_layers_and_where_they_sit(runs):
+  pre = perijax_inspect.tables.massive_table(runs[0])
+  assert len(pre.split('\n\n')) == 1   # one block: fits a terminal
+  rows = {line.split()[0]: line for line in pre.splitlines()[3:]}
+  assert 'step 40' in pre.splitlines()[0] and '> 100 and > 1000 x median' in pre.splitlines()[0]
+  assert rows['4'].split()[1:4] == ['2000*', '2.00e+04', '0/5']        # 500 x 4 = 20000 x the median 0.1
+  assert '0/5 <doc>' in rows['4']
+  assert '*' not in rows['2'] and rows['2'].split()[1] == '5'
+  assert '*' not in perijax_inspect.tables.massive_table(runs[3]).split('\n', 1)[1]    # peri: below the title
+  tables = perijax_inspect.tables
+  pre_summary, peri_summary = tables.massive_summary(runs[0]), tables.massive_summary(runs[3])
+  assert pre_summary['residual_layers'] == [3, 4] and pre_summary['attn_out_layers'] == []
+  assert pre_summary['channels'] == [5] and pre_summary['massive_entries'] == 2
+  assert pre_summary['first_token_share'] == 1.0 and pre_summary['delimiter_share'] == 1.0
+  assert peri_summary['residual_layers'] == [] and peri_summary['first_token_share'] is None
+  comparison = tables.massive_placements(runs[:1] + runs[3:4])
+  assert len(comparison.split('\n\n')) == 1
+  pre_row = next(line for line in comparison.splitlines() if line.startswith('placement=pre'))
+  assert re.split(r'\s{2,}', pre_row.strip())[1:9] == ['pre', '40', '3-4', 'none', 'none', '5', '100%', '100%']
+
+
+def test_massive_thresholds_come_from_the_run_config(runs):
+  strict = perijax_inspect.RunRecord('strict', runs[0].workdir, {'train': {'massive_abs_threshold': 1800.0}},
+                                     runs[0].metrics, {})
+  assert perijax_inspect.tables.massive_summary(strict)['residual_layers'] == [4]   # 2000 > 1800, 1500 is not
+
+
 def test_plots_are_valid_pngs(runs, tmp_path):
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   from perijax import plots  # pylint: disable=g-import-not-at-top
   paths = plots.write_plots(runs, str(tmp_path / 'plots'))
   assert sorted(pathlib.Path(p).name for p in paths) == [
-      'layer_grad_norm.png', 'loss.png', 'loss_scale.png', 'residual_variance.png']
+      'layer_grad_norm.png', 'loss.png', 'loss_scale.png', 'massive_activations.png', 'residual_variance.png',
+      'residual_variance_heatmap.png']
   for path in paths:
     assert pathlib.Path(path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     image = matplotlib.image.imread(path)
@@ -248,7 +312,7 @@ def test_plots_are_valid_pngs(runs, tmp_path):
 def test_cli_prints_tables_and_writes_json(sweep_root, tmp_path):
   out = tmp_path / 'report.json'
   result = subprocess.run([sys.executable, '-m', 'perijax.inspect', str(sweep_root), f'--json={out}'],
-                          cwd=REPO, capture_output=True, text=True, check=True)
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
   assert 'Table 1 (quality)' in result.stdout and 'Growth of residual variance' in result.stdout
   data = json.loads(out.read_text())
   assert [r['name'] for r in data['runs']][:2] == ['placement=pre,seed=0', 'placement=pre,seed=1']
@@ -257,3 +321,33 @@ def test_cli_prints_tables_and_writes_json(sweep_root, tmp_path):
       ('placement=pre', 'exponential'), ('placement=peri', 'linear')]
   assert data['runs'][0]['layer_stats'][1]['step'] == 40
   assert [row['group'] for row in data['table1']] == ['placement=pre', 'placement=peri']
+
+
+def test_every_line_is_labelled_and_a_placement_has_one_colour_in_every_figure(runs, tmp_path, monkeypatch):
+  import matplotlib.colors  # pylint: disable=g-import-not-at-top
+  from perijax import plots  # pylint: disable=g-import-not-at-top
+  figures, save = [], plots.save_figure
+
+  def keep_lines(fig, path):
+    figures.append((pathlib.Path(path).name, [(line.get_label(), line.get_color()) for ax in fig.axes
+                                              for line in ax.get_lines()]))
+    return save(fig, path)
+  monkeypatch.setattr(plots, 'save_figure', keep_lines)
+  plots.write_plots(runs, str(tmp_path / 'plots'))
+  by_name = dict(figures)
+  assert len(by_name['residual_variance.png']) == 6 * 3   # 6 runs x stats steps 0, 20, 40: all labelled
+  for name, lines in figures:
+    assert all(not label.startswith('_') for label, _ in lines), name
+    for label, color in lines:
+      for placement in ('pre', 'peri'):
+        if label.startswith(f'placement={placement},') and name != 'residual_variance.png':   # that one: by step
+          assert matplotlib.colors.to_hex(color) == plots.PLACEMENT_COLORS[placement], (name, label)
+  massive_labels = [label for label, _ in by_name['massive_activations.png']]
+  assert 'placement=pre,seed=0 attn_out (step 40)' in massive_labels and 'massive above 1000' in massive_labels
+
+
+def test_cli_prints_increments_and_massive_activations(sweep_root):
+  result = subprocess.run([sys.executable, '-m', 'perijax.inspect', str(sweep_root / 'placement=pre,seed=0')],
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+  assert 'What drives the growth' in result.stdout and 'attn Var(Δ)' in result.stdout
+  assert 'Massive activations' in result.stdout and '0/5 <doc>' in result.stdout

@@ -11,6 +11,7 @@ import pytest
 from configs import default
 from perijax import config as config_lib
 from perijax import metrics
+from perijax import rundir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_wandb_run_holds_the_logged_numbers_and_a_resumed_run_keeps_its_id(tmp_p
   writer.write(10, {'loss': 3.25, 'residual_var': [0.5, 2.0, 8.0]})
   writer.write(20, {'loss': 2.75, 'skipped_steps': 1})
   writer.close()
-  run_id = (workdir / metrics.WANDB_ID_FILE).read_text().strip()
+  run_id = rundir.wandb_id_file(workdir).read_text().strip()
   (first,) = (offline_wandb / 'wandb').glob(f'offline-run-*-{run_id}')
   run, history = offline_records(first)
   assert run.run_id == run_id and run.display_name == workdir.name and run.project == 'perijax-test'

@@ -150,6 +150,23 @@ def test_unfinished_run_is_trained_again_so_the_trainer_resumes(config, tmp_path
   assert runs[0].status == 'finished'
 
 
+def test_without_evaluate_runs_are_trained_only_and_trained_ones_skipped(config, tmp_path):
+  root = str(tmp_path / 'sweep')
+  runs = sweep.expand_grid(config, ['model.norm.placement=pre,peri'], seeds=1, root=root,
+                           fixed_overrides={'train.steps': 30})
+  os.makedirs(os.path.join(runs[1].workdir, 'checkpoints', '30'))   # trained to the end, never evaluated
+  trainer = FakeTrainer()
+  sweep.run_sweep(runs, root, DEFAULT_CONFIG, {'train.steps': 30}, run_command=trainer, log=lambda _: None,
+                  evaluate=False)
+  assert [c[2] for c in trainer.calls] == ['perijax.train'] and trainer.calls[0][3:5] == [
+      f'--config={DEFAULT_CONFIG}', f'--workdir={runs[0].workdir}']
+  assert [r.status for r in runs] == ['finished', 'skipped']
+  stopped = sweep.expand_grid(config, [], seeds=1, root=str(tmp_path / 'stopped'), fixed_overrides={'train.steps': 30})
+  sweep.run_sweep(stopped, str(tmp_path / 'stopped'), DEFAULT_CONFIG, {'train.steps': 30},
+                  run_command=FakeTrainer(stop_early_at=12), log=lambda _: None, evaluate=False)
+  assert stopped[0].status == 'ended_early' and 'step 12 of 30' in stopped[0].detail
+
+
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(config, tmp_path):
   root = str(tmp_path / 'sweep')
   runs = sweep.expand_grid(config, ['optimizer.lr=1e-3,3e-1'], seeds=1, root=root, fixed_overrides={'train.steps': 8})

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import perijax.tasks
-from perijax.tasks import benchmarks
+from perijax.tasks import paper_tasks
 from perijax.tasks import next_line
 
 FAKE_CORPUS = 'perijax_test_next_line_corpus'  # not the real name: the real builder may be registered in this process
@@ -136,8 +136,8 @@ def test_evaluate_next_line_with_a_uniform_model(corpus_dir, items):
   def uniform_model(inputs, positions, segment_ids):
     return np.full(inputs.shape + (258,), -np.log(258.0), np.float32)
 
-  result = perijax.tasks.evaluate_tasks(['next_line'], ByteTokenizer(), uniform_model, eval_config, data_config,
-                                        batch_size=8, seq_len=512)['next_line']
+  result = perijax.tasks.score_multiple_choice(perijax.tasks.load_task_items('next_line', eval_config, data_config),
+                                               ByteTokenizer(), uniform_model, batch_size=8, seq_len=512)
   first = items[:5]
   # Uniform log-probs: ll = -(bytes + 1) ln V, so acc picks the shortest choice (in bytes; the first if tied), and
   # acc_norm the one with the most characters (lines here are ASCII).
@@ -150,7 +150,7 @@ def test_missing_corpus_says_how_to_prepare_it(tmp_path, monkeypatch):
   monkeypatch.setattr(next_line, 'CORPUS_NAME', 'shakespeare_milton')
   with pytest.raises(FileNotFoundError, match=r"'shakespeare_milton' split 'test'.*python -m perijax.data.corpus"):
     next_line.next_line_items(str(tmp_path), max_examples=0)
-  assert benchmarks.as_text(b'\xc3\xa9') == 'é'
+  assert paper_tasks.as_text(b'\xc3\xa9') == 'é'
 
 
 def test_distractors_match_the_true_line_in_length_so_length_alone_is_chance(monkeypatch):

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from perijax.tasks import benchmarks
+from perijax.tasks import paper_tasks
 from perijax.tasks import scoring
 from perijax.tasks.scoring import MultipleChoiceItem
 
@@ -45,7 +45,7 @@ def make_table_model(table, calls):
   def logprobs_fn(inputs, positions, segment_ids):
     calls.append((np.array(inputs), np.array(positions), np.array(segment_ids)))
     out = table[np.asarray(positions) % POSITIONS, np.asarray(inputs)].astype(np.float32)
-    return np.where(np.asarray(segment_ids)[..., None] == 1, out, np.nan)  # padding must never be read
+    return np.where(np.asarray(segment_ids)[..., None] > 0, out, np.nan)  # padding must never be read
   return logprobs_fn
 
 
@@ -61,28 +61,42 @@ def brute_force(table, context, continuation, seq_len, eos_id):
   return total, greedy
 
 
-def test_loglikelihoods_match_brute_force_with_batching_and_left_truncation(position_bigram_table):
+@pytest.mark.parametrize('packed', [False, True])
+def test_loglikelihoods_match_brute_force_with_batching_and_left_truncation(position_bigram_table, packed):
   rng = np.random.default_rng(1)
   seq_len, batch_size = 12, 3
   requests = []
-  for context_len, continuation_len in [(0, 1), (3, 2), (5, 1), (11, 3), (20, 4), (2, 12), (30, 12)]:
+  for context_len, continuation_len in [(0, 1), (3, 2), (5, 1), (11, 3), (20, 4), (2, 12), (30, 12), (1, 1), (0, 2)]:
     requests.append((rng.integers(2, VOCAB, context_len).tolist(), rng.integers(2, VOCAB, continuation_len).tolist()))
   calls = []
   results = scoring.loglikelihoods(requests, make_table_model(position_bigram_table, calls), batch_size=batch_size,
-                                   seq_len=seq_len, eos_id=1)
-  assert len(calls) == math.ceil(len(requests) / batch_size)
+                                   seq_len=seq_len, eos_id=1, packed=packed)
+  # Packed, the nine requests (2, 4, 6, 12, 12, 12, 12, 3, 3 columns) fill five rows, not nine: two calls, not three.
+  assert len(calls) == (2 if packed else math.ceil(len(requests) / batch_size))
   for inputs, positions, segment_ids in calls:
     assert inputs.shape == positions.shape == segment_ids.shape == (batch_size, seq_len)
-    lengths = segment_ids.sum(1)
-    for row, length in enumerate(lengths):
-      assert (segment_ids[row, :length] == 1).all() and (segment_ids[row, length:] == 0).all()
-      np.testing.assert_array_equal(positions[row, :length], np.arange(length))
+    for row in range(batch_size):
+      used = int((segment_ids[row] > 0).sum())
+      assert (segment_ids[row, used:] == 0).all()
+      ids = segment_ids[row, :used]
+      assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)  # documents 1, 2, ... in a row
+      assert packed or ids.max() == 1
+      for segment in np.unique(ids):  # each request's positions restart at 0
+        np.testing.assert_array_equal(positions[row][segment_ids[row] == segment], np.arange((ids == segment).sum()))
   for (context, continuation), (ll, greedy) in zip(requests, results):
     expected_ll, expected_greedy = brute_force(position_bigram_table, context, continuation, seq_len, 1)
     assert ll == pytest.approx(expected_ll, rel=1e-6, abs=1e-5)
     assert greedy == expected_greedy
-  # The truncated request (30 + 12 tokens) starts mid-context, not at eos: its first input is a context token.
-  assert calls[-1][0][0, 0] == requests[6][0][-1]
+  if not packed:  # the truncated request (30 + 12 tokens) starts mid-context, not at eos: its first input is context
+    assert calls[2][0][0, 0] == requests[6][0][-1]
+
+
+def test_requests_are_placed_first_fit_longest_first():
+  # Longest first: 7 -> row 0 (1 left); 5 -> row 1 (3 left); 4 -> row 2 (4 left); 3 -> row 1 at column 5; 2 -> row 2
+  # at column 4 (row 0 has no room).
+  assert scoring.place_requests([5, 3, 7, 2, 4], 8, packed=True) == ([(1, 0), (1, 5), (0, 0), (2, 4), (2, 0)], 3)
+  assert scoring.place_requests([5, 3, 7], 8, packed=False) == ([(0, 0), (1, 0), (2, 0)], 3)
+  assert scoring.place_requests([8, 8, 1], 8, packed=True) == ([(0, 0), (1, 0), (2, 0)], 3)
 
 
 def test_is_greedy_when_every_continuation_token_is_the_argmax(position_bigram_table):
@@ -159,7 +173,7 @@ def test_acc_norm_divides_by_characters_not_bytes():
 def test_winogrande_scores_the_shared_suffix_after_each_option(position_bigram_table):
   doc = {'sentence': 'The cup fell off the table because _ was wobbly.', 'option1': 'the cup', 'option2': 'the table',
          'label': 1}
-  item = benchmarks.winogrande_item(doc)
+  item = paper_tasks.winogrande_item(doc)
   tokenizer = ByteTokenizer()
   pairs = [scoring.encode_pair(tokenizer, context, continuation) for context, continuation in item.requests]
   assert pairs[0][1] == pairs[1][1] == tokenizer.encode(' was wobbly.')

@@ -229,3 +229,51 @@ def test_gradient_accumulation_updates_once_per_k_micro_batches(corpus_data_dir)
   changed = [not np.array_equal(params[i]['embed']['embedding'], params[i + 1]['embed']['embedding'])
              for i in range(4)]
   assert changed == [False, True, False, True]  # MultiSteps applies the averaged update on every 2nd micro-batch
+
+
+@pytest.fixture(scope='module')
+def logged_lines(corpus_data_dir, tmp_path_factory):
+  """{log_every: metrics lines} of one float16 run logged every step and every 4 steps. Its initial loss scale (2^20)
+  overflows float16 gradients, so the first steps are skipped while the scale halves."""
+  lines = {}
+  for log_every in (1, 4):
+    config = small_config(corpus_data_dir, steps=12)
+    config.model.compute_dtype = 'float16'
+    config.train.update(initial_loss_scale=2.0 ** 20, log_every=log_every)
+    config.optimizer.update(lr=1.0, warmup_steps=100)  # all 12 steps in the warmup: lr = count / 100
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    workdir = str(tmp_path_factory.mktemp(f'log_every_{log_every}'))
+    train_lib.train(config, workdir, devices=jax.devices()[:1])
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines[log_every] = [json.loads(line) for line in f]
+  return lines
+
+
+@pytest.mark.slow  # two trainings (the shared fixture)
+def test_logged_lr_is_the_lr_applied_and_skipped_steps_do_not_advance_it(logged_lines):
+  lines = logged_lines[1]
+  assert [line['step'] for line in lines] == list(range(1, 13))
+  skipped_before = [0] + [line['skipped_steps'] for line in lines[:-1]]
+  assert skipped_before[-1] > 0  # the test needs skipped steps
+  # A step's update is the (applied updates before it)-th of the schedule: warmup lr = count / 100.
+  expected = [(line['step'] - 1 - skipped) / 100 for line, skipped in zip(lines, skipped_before)]
+  np.testing.assert_allclose([line['lr'] for line in lines], expected, rtol=1e-6, atol=1e-9)
+  assert lines[-1]['lr'] != pytest.approx(11 / 100)  # what schedule(step - 1) would say
+
+
+@pytest.mark.slow  # two trainings (the shared fixture)
+def test_logged_loss_and_grad_norm_are_window_means(logged_lines):
+  per_step, windows = logged_lines[1], logged_lines[4]
+  assert [line['step'] for line in windows] == [4, 8, 12]
+  assert not np.isfinite(per_step[0]['grad_norm'])  # the first window holds skipped steps
+  for line in windows:
+    steps = per_step[line['step'] - 4:line['step']]
+    for key in ('loss', 'grad_norm'):
+      values = np.array([s[key] for s in steps], np.float64)
+      np.testing.assert_allclose(line[key], values[np.isfinite(values)].mean(), rtol=1e-6)
+    norms = np.array([s['grad_norm'] for s in steps], np.float64)
+    assert line['grad_norm_max'] == pytest.approx(norms[np.isfinite(norms)].max(), rel=1e-6)
+    layers = np.array([s['layer_grad_norm'] for s in steps], np.float64)
+    finite = np.isfinite(layers)
+    np.testing.assert_allclose(line['layer_grad_norm'], np.where(finite, layers, 0).sum(0) / finite.sum(0), rtol=1e-6)
+  assert windows[1]['loss'] != pytest.approx(per_step[7]['loss'], rel=1e-9)  # a mean, not the step's own sample

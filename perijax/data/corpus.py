@@ -291,14 +291,6 @@ def prepare(data_dir: str = '', sdist: str = '') -> tfds.core.DatasetBuilder:
   return builder
 
 
-def prepare_dataset(data_config) -> tfds.core.DatasetBuilder:
-  """Prepares the embedded corpus into `data_config.data_dir` when `data_config.name` names it."""
-  if data_config.name != DATASET_NAME:
-    raise ValueError(f'Only the embedded {DATASET_NAME!r} dataset is prepared by perijax; {data_config.name!r} must '
-                     'be prepared with TFDS elsewhere (as array_record) and placed in data.data_dir.')
-  return prepare(data_config.data_dir)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=f'Prepare the embedded {DATASET_NAME} corpus (once, then offline).')
   parser.add_argument('--data_dir', default='', help="TFDS data dir to prepare into; '' = TFDS's default.")

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perijax.data import corpus  # registers the embedded `shakespeare_milton` builder with TFDS
+from perijax.data import sources
 from perijax.data import tokenizers
 
 Batch = dict[str, np.ndarray]
@@ -41,7 +42,12 @@ _NOT_PREPARED_ELSEWHERE = ('perijax only reads prepared datasets: prepare it onc
 # ---- the source --------------------------------------------------------------------------------------------------
 
 def open_source(data_config, split: str) -> Sequence[Any]:
-  """`tfds.data_source` of the split, checked: prepared, non-empty, readable, with a text field."""
+  """`tfds.data_source` of the split, checked: prepared, non-empty, readable, with a text field.
+
+  With data.source 'jsonl', 'parquet' or 'hf_disk', the split's files instead (perijax/data/sources.py).
+  """
+  if data_config.get('source', 'tfds') != 'tfds':  # configs written before data.source existed read TFDS
+    return sources.open_file_source(data_config, split)
   name, data_dir = data_config.name, data_config.data_dir or None
   where = f'data dir {data_config.data_dir!r}' if data_config.data_dir else "TFDS's default data dir"
   try:

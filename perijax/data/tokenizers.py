@@ -16,8 +16,8 @@ from etils import epath
 import numpy as np
 import sentencepiece as spm
 
-TOKENIZER_FILE = 'tokenizer.json'        # in the workdir: which tokenizer the run used
-SENTENCEPIECE_FILE = 'tokenizer.model'   # in the workdir: a copy of the sentencepiece model, if any
+from perijax import rundir
+
 KNOWN_TOKENIZERS = ('byte', 'sentencepiece')
 
 
@@ -144,20 +144,19 @@ def make_tokenizer(data_config) -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   """Writes `workdir/tokenizer.json` (and a copy of a sentencepiece model as `workdir/tokenizer.model`)."""
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  rundir.root(workdir).mkdir(parents=True, exist_ok=True)
   record = {'name': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
             'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id}
   if tokenizer.name == 'sentencepiece':
-    (workdir / SENTENCEPIECE_FILE).write_bytes(tokenizer.model_proto)
-    record['model_file'] = SENTENCEPIECE_FILE
+    (rundir.root(workdir) / rundir.SENTENCEPIECE_MODEL).write_bytes(tokenizer.model_proto)
+    record['model_file'] = rundir.SENTENCEPIECE_MODEL
     record['trained_from'] = tokenizer.path
-  (workdir / TOKENIZER_FILE).write_text(json.dumps(record, indent=2) + '\n')
+  rundir.tokenizer_file(workdir).write_text(json.dumps(record, indent=2) + '\n')
 
 
 def load_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer `save_tokenizer` recorded in `workdir`."""
-  record_path = epath.Path(workdir) / TOKENIZER_FILE
+  record_path = rundir.tokenizer_file(workdir)
   if not record_path.is_file():
     raise FileNotFoundError(f'{record_path} does not exist: {workdir} is not a perijax workdir, or its run predates '
                             'tokenizer recording.')
@@ -165,7 +164,7 @@ def load_tokenizer(workdir: str) -> Tokenizer:
   if record['name'] == 'byte':
     tokenizer = ByteTokenizer()
   elif record['name'] == 'sentencepiece':
-    tokenizer = SentencePieceTokenizer.from_file(str(epath.Path(workdir) / record['model_file']))
+    tokenizer = SentencePieceTokenizer.from_file(str(rundir.root(workdir) / record['model_file']))
   else:
     raise ValueError(f'{record_path} names tokenizer {record["name"]!r}; known: {", ".join(KNOWN_TOKENIZERS)}.')
   if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id) != (

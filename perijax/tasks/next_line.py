@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from perijax.tasks.benchmarks import as_text
+from perijax.tasks.paper_tasks import as_text
 from perijax.tasks.scoring import MultipleChoiceItem
 
 CORPUS_NAME = 'shakespeare_milton'  # the embedded corpus (perijax/data/corpus.py builds it)

@@ -83,8 +83,31 @@ def _target_logprobs(logprobs, targets):
   return target_logprob, jnp.argmax(logprobs, axis=-1) == targets
 
 
+def place_requests(lengths: Sequence[int], seq_len: int, packed: bool) -> tuple[list[tuple[int, int]], int]:
+  """(row, first column) of each request, and the number of rows: one request per row, or packed.
+
+  Packed: first-fit decreasing (longest first, each into the first row with room), so a row holds several requests
+  as separate documents (segment ids 1, 2, ...; positions restart at 0). The model's segment mask keeps each request
+  from seeing the others, so its log-likelihood is the one it gets alone in a row.
+  """
+  if not packed:
+    return [(index, 0) for index in range(len(lengths))], len(lengths)
+  places = [(0, 0)] * len(lengths)
+  free = np.zeros(len(lengths), np.int64)  # columns left in each open row
+  rows = 0
+  for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    fits = np.flatnonzero(free[:rows] >= lengths[index])
+    row = int(fits[0]) if len(fits) else rows
+    if row == rows:
+      free[row], rows = seq_len, rows + 1
+    places[index] = (row, int(seq_len - free[row]))
+    free[row] -= lengths[index]
+  return places, rows
+
+
 def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logprobs_fn: LogprobsFn, *,
-                   batch_size: int, seq_len: int, eos_id: int, desc: str = 'scoring') -> list[tuple[float, bool]]:
+                   batch_size: int, seq_len: int, eos_id: int, desc: str = 'scoring',
+                   packed: bool = True) -> list[tuple[float, bool]]:
   """Sum of each continuation's token log-probs given its context, and whether greedy decoding would produce it.
 
   Args:
@@ -95,32 +118,43 @@ def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logp
     seq_len: columns per call; longer requests are left-truncated to their last seq_len + 1 tokens.
     eos_id: the token that begins every sequence.
     desc: the label of the progress bar (shown in a terminal only).
+    packed: several requests per row (`place_requests`); False scores each in a row of its own.
 
   Returns:
     `(loglikelihood, is_greedy)` per request, in order (lm-eval's `_loglikelihood_tokens` return value).
   """
   if batch_size < 1 or seq_len < 1:
     raise ValueError(f'batch_size and seq_len must be >= 1, got batch_size={batch_size}, seq_len={seq_len}')
-  packed = [_pack_request(context, continuation, seq_len, eos_id) for context, continuation in requests]
-  results = []
-  for start in progress(range(0, len(packed), batch_size), desc, unit='batch'):
-    batch = packed[start:start + batch_size]
+  windows = [_pack_request(context, continuation, seq_len, eos_id) for context, continuation in requests]
+  places, num_rows = place_requests([len(inputs) for inputs, _, _ in windows], seq_len, packed)
+  members = [[] for _ in range(num_rows)]  # (request, first column) per row, left to right: segments 1, 2, ...
+  for index, (row, column) in sorted(enumerate(places), key=lambda place: place[1]):
+    members[row].append((index, column))
+  results = [None] * len(windows)
+  for start in progress(range(0, num_rows, batch_size), desc, unit='batch'):
+    batch_members = members[start:start + batch_size]
     inputs = np.zeros((batch_size, seq_len), np.int32)
     targets = np.zeros((batch_size, seq_len), np.int32)
     segment_ids = np.zeros((batch_size, seq_len), np.int32)
     positions = np.zeros((batch_size, seq_len), np.int32)
-    for row in range(batch_size):
-      row_inputs, row_targets, _ = batch[row] if row < len(batch) else ([eos_id], [eos_id], 0)
-      n = len(row_inputs)
-      inputs[row, :n], targets[row, :n] = row_inputs, row_targets
-      segment_ids[row, :n] = 1
-      positions[row, :n] = np.arange(n)
+    inputs[len(batch_members):, 0] = targets[len(batch_members):, 0] = eos_id  # filler rows: a lone eos
+    segment_ids[len(batch_members):, 0] = 1
+    for row, row_members in enumerate(batch_members):
+      for segment, (index, column) in enumerate(row_members, start=1):
+        request_inputs, request_targets, _ = windows[index]
+        columns = slice(column, column + len(request_inputs))
+        inputs[row, columns], targets[row, columns] = request_inputs, request_targets
+        segment_ids[row, columns] = segment
+        positions[row, columns] = np.arange(len(request_inputs))
     target_logprob, is_argmax = _target_logprobs(logprobs_fn(inputs, positions, segment_ids), targets)
     target_logprob, is_argmax = np.asarray(target_logprob), np.asarray(is_argmax)
-    for row, (row_inputs, _, first) in enumerate(batch):
-      span = slice(first, len(row_inputs))
-      # lm-eval sums the gathered float32 log-probs; summing in float64 differs only in the last bits.
-      results.append((float(np.sum(target_logprob[row, span], dtype=np.float64)), bool(np.all(is_argmax[row, span]))))
+    for row, row_members in enumerate(batch_members):
+      for index, column in row_members:
+        request_inputs, _, first = windows[index]
+        span = slice(column + first, column + len(request_inputs))
+        # lm-eval sums the gathered float32 log-probs; summing in float64 differs only in the last bits.
+        results[index] = (float(np.sum(target_logprob[row, span], dtype=np.float64)),
+                          bool(np.all(is_argmax[row, span])))
   return results
 
 
@@ -138,8 +172,11 @@ def choose(loglikelihood_per_choice: Sequence[float], choice_texts: Sequence[str
 
 
 def score_multiple_choice(items: Sequence[MultipleChoiceItem], tokenizer, logprobs_fn: LogprobsFn, *,
-                          batch_size: int, seq_len: int, desc: str = 'scoring') -> dict:
-  """`{"acc", "acc_norm", "n"}` over the items: the mean over documents of lm-eval's acc and acc_norm."""
+                          batch_size: int, seq_len: int, desc: str = 'scoring', packed: bool = True) -> dict:
+  """`{"acc", "acc_norm", "n"}` over the items: the mean over documents of lm-eval's acc and acc_norm.
+
+  `packed`: several requests per model row (see `loglikelihoods`); the log-likelihoods are the same either way.
+  """
   if not items:
     raise ValueError('no items to score')
   requests, owners = [], []
@@ -151,7 +188,7 @@ def score_multiple_choice(items: Sequence[MultipleChoiceItem], tokenizer, logpro
       requests.append(encode_pair(tokenizer, context, continuation))
       owners.append(index)
   results = loglikelihoods(requests, logprobs_fn, batch_size=batch_size, seq_len=seq_len, eos_id=tokenizer.eos_id,
-                           desc=desc)
+                           desc=desc, packed=packed)
   lls_per_item = [[] for _ in items]
   for owner, (ll, _) in zip(owners, results):
     lls_per_item[owner].append(ll)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import perijax.tasks
-from perijax.tasks import benchmarks
+from perijax.tasks import paper_tasks
 from perijax.tasks import builders
 
 
@@ -36,7 +36,7 @@ def configs(tmp_path, **eval_fields):
 def test_arc_prompt_and_gold_from_answer_key():
   doc = {'id': b'Mercury_1', 'question': b'Which of these is a gas at room temperature?',
          'choices': {'text': [b'ice', b'steam', b'iron'], 'label': np.array([0, 2, 3])}, 'answerKey': np.array(2)}
-  item = benchmarks.arc_item(doc)
+  item = paper_tasks.arc_item(doc)
   context = 'Question: Which of these is a gas at room temperature?\nAnswer:'
   assert item.requests == ((context, ' ice'), (context, ' steam'), (context, ' iron'))
   assert item.choice_texts == ('ice', 'steam', 'iron') and item.gold == 1
@@ -46,14 +46,14 @@ def test_hellaswag_prompt_capitalizes_ctx_b_and_preprocesses():
   doc = {'activity_label': 'Roof shingle removal', 'ctx_a': 'A man is sitting on a roof.', 'ctx_b': 'he STARTS',
          'endings': ['is using wrap to wrap a pair of skis.', 'starts pulling up roofing [title] on a roof.'],
          'label': 1}
-  item = benchmarks.hellaswag_item(doc)
+  item = paper_tasks.hellaswag_item(doc)
   query = 'Roof shingle removal: A man is sitting on a roof. He starts'  # capitalize() lowercases the rest
   assert item.requests == ((query, ' is using wrap to wrap a pair of skis.'),
                            (query, ' starts pulling up roofing. on a roof.'))
   assert item.gold == 1
   wikihow = {'activity_label': 'Home and Garden', 'ctx_a': '[header] How to grow tomatoes [title] Choose a spot.',
              'ctx_b': '', 'endings': ['[step] Dig.'], 'label': 0}
-  item = benchmarks.hellaswag_item(wikihow)
+  item = paper_tasks.hellaswag_item(wikihow)
   # lm-eval strips before it drops "[...]", so a leading tag leaves its space: the choice is " Dig.", as lm-eval has it.
   assert item.requests == (('Home and Garden: How to grow tomatoes. Choose a spot.', '  Dig.'),)
   assert item.choice_texts == (' Dig.',)
@@ -62,7 +62,7 @@ def test_hellaswag_prompt_capitalizes_ctx_b_and_preprocesses():
 def test_piqa_prompt():
   doc = {'goal': 'How do I open a stuck jar?', 'sol1': 'Tap the lid on the counter.', 'sol2': 'Freeze it.',
          'label': np.array(0)}
-  item = benchmarks.piqa_item(doc)
+  item = paper_tasks.piqa_item(doc)
   context = 'Question: How do I open a stuck jar?\nAnswer:'
   assert item.requests == ((context, ' Tap the lid on the counter.'), (context, ' Freeze it.')) and item.gold == 0
 
@@ -71,7 +71,7 @@ def test_siqa_prompt_and_one_based_label():
   doc = {'context': "Tracy didn't go home that evening and resisted Riley's attacks.",
          'question': 'What does Tracy need to do before this?', 'answerA': 'make a new plan',
          'answerB': 'Go home and see Riley', 'answerC': 'Find somewhere to go', 'label': b'3'}
-  item = benchmarks.siqa_item(doc)
+  item = paper_tasks.siqa_item(doc)
   context = ("Q: Tracy didn't go home that evening and resisted Riley's attacks. "
              'What does Tracy need to do before this?\nA:')
   assert item.requests == ((context, ' make a new plan'), (context, ' Go home and see Riley'),
@@ -82,7 +82,7 @@ def test_siqa_prompt_and_one_based_label():
 def test_winogrande_prompt_is_partial():
   doc = {'sentence': b"Sarah was a much better surgeon than Maria so _ always got the harder cases.",
          'option1': b'Sarah', 'option2': b'Maria', 'label': np.array(0)}
-  item = benchmarks.winogrande_item(doc)
+  item = paper_tasks.winogrande_item(doc)
   assert item.requests == (('Sarah was a much better surgeon than Maria so Sarah', ' always got the harder cases.'),
                            ('Sarah was a much better surgeon than Maria so Maria', ' always got the harder cases.'))
   assert item.choice_texts == tuple(context for context, _ in item.requests) and item.gold == 0
@@ -93,15 +93,15 @@ def test_winogrande_prompt_is_partial():
 def test_catalog_readers_through_mocked_tfds(tmp_path):
   """Random mock examples from the real TFDS feature specs: the reader and schema path, end to end."""
   with tfds.testing.mock_data(num_examples=3):
-    for read, item_fn in [(benchmarks.read_arc_easy, benchmarks.arc_item),
-                          (benchmarks.read_piqa, benchmarks.piqa_item)]:
-      items = benchmarks.take_items('t', read(str(tmp_path)), item_fn, max_examples=2)
+    for read, item_fn in [(paper_tasks.read_arc_easy, paper_tasks.arc_item),
+                          (paper_tasks.read_piqa, paper_tasks.piqa_item)]:
+      items = paper_tasks.take_items('t', read(str(tmp_path)), item_fn, max_examples=2)
       assert len(items) == 2
       for item in items:
         assert 0 <= item.gold < len(item.requests) and all(isinstance(c, str) for c in item.choice_texts)
 
 
-def test_evaluate_tasks_on_realistic_mocked_examples(tmp_path):
+def test_scores_of_realistic_mocked_examples(tmp_path):
   docs = {
       'ai2_arc': [{'id': 'a', 'question': 'Q1?', 'choices': {'text': ['x', 'yy'], 'label': [0, 1]}, 'answerKey': 0}],
       'piqa': [{'id': 'p', 'goal': 'G?', 'sol1': 'one', 'sol2': 'two', 'label': 1}] * 3,
@@ -113,8 +113,9 @@ def test_evaluate_tasks_on_realistic_mocked_examples(tmp_path):
     return docs[builder.name]
   eval_config, data_config = configs(tmp_path, max_examples=2)
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-    results = perijax.tasks.evaluate_tasks(['arc_easy', 'piqa', 'winogrande'], ByteTokenizer(), uniform_model,
-                                           eval_config, data_config, batch_size=4, seq_len=32)
+    results = {name: perijax.tasks.score_multiple_choice(
+        perijax.tasks.load_task_items(name, eval_config, data_config), ByteTokenizer(), uniform_model,
+        batch_size=4, seq_len=32) for name in ('arc_easy', 'piqa', 'winogrande')}
   # Uniform model: ties go to index 0 (arc gold 0 -> right; piqa gold 1 -> wrong); acc_norm picks the longest choice.
   assert results['arc_easy'] == {'acc': 1.0, 'acc_norm': 0.0, 'n': 1}
   assert results['piqa'] == {'acc': 0.0, 'acc_norm': 0.0, 'n': 2}  # max_examples=2 of 3
@@ -154,43 +155,43 @@ def original_files(tmp_path_factory):
 
 
 def test_hellaswag_builder_round_trip_keeps_fields_and_file_order(original_files):
-  source = benchmarks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])
+  source = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])
   assert len(source) == 2
   assert [int(source[i]['ind']) for i in range(2)] == [24, 92]  # file order, not TFDS's hashed order
   first = source[0]
   assert {'ctx_a', 'ctx_b', 'activity_label', 'endings', 'label'} <= set(first)
-  item = benchmarks.hellaswag_item(first)
+  item = paper_tasks.hellaswag_item(first)
   assert item.requests[0] == ('Roof shingle removal: A man is sitting on a roof. He', ' is using wrap.')
   assert item.gold == 3
-  again = benchmarks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])  # reuses the prepared copy
-  assert benchmarks.as_text(again[1]['ctx_a']) == 'A lady walks to a barbell.'
+  again = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])  # the prepared copy
+  assert paper_tasks.as_text(again[1]['ctx_a']) == 'A lady walks to a barbell.'
 
 
 def test_siqa_builder_reads_the_separate_labels_file(original_files):
-  source = benchmarks.read_siqa(original_files['data_dir'], original_files['siqa'])
-  items = [benchmarks.siqa_item(source[i]) for i in range(len(source))]
+  source = paper_tasks.read_siqa(original_files['data_dir'], original_files['siqa'])
+  items = [paper_tasks.siqa_item(source[i]) for i in range(len(source))]
   assert [item.gold for item in items] == [0, 1]
   assert items[1].requests[1] == ('Q: Jan gave Tracy a gift. How would Tracy feel?\nA:', ' happy')
 
 
 def test_siqa_builder_accepts_inline_labels_and_rejects_bad_ones(tmp_path):
   inline = write_jsonl(tmp_path / 'siqa_inline.jsonl', [dict(SIQA_LINES[0], label='3')])
-  source = benchmarks.read_siqa(str(tmp_path / 'tfds'), inline)
-  assert benchmarks.siqa_item(source[0]).gold == 2
+  source = paper_tasks.read_siqa(str(tmp_path / 'tfds'), inline)
+  assert paper_tasks.siqa_item(source[0]).gold == 2
   bad = write_jsonl(tmp_path / 'siqa_bad.jsonl', [dict(SIQA_LINES[0], label='4')])
   with pytest.raises(ValueError, match='labels are "1", "2" or "3"'):
-    benchmarks.read_siqa(str(tmp_path / 'tfds'), bad)
+    paper_tasks.read_siqa(str(tmp_path / 'tfds'), bad)
   unlabelled = write_jsonl(tmp_path / 'test.jsonl', SIQA_LINES)
   with pytest.raises(FileNotFoundError, match='test-labels.lst'):
-    benchmarks.read_siqa(str(tmp_path / 'tfds'), unlabelled)
+    paper_tasks.read_siqa(str(tmp_path / 'tfds'), unlabelled)
   assert len(list((tmp_path / 'tfds' / 'siqa_original').iterdir())) == 1  # bad files fail before anything is written
 
 
 def test_different_source_files_get_separate_prepared_copies(tmp_path, original_files):
   other = write_jsonl(tmp_path / 'other.jsonl', HELLASWAG_LINES[1:])
   data_dir = str(tmp_path / 'tfds')
-  assert len(benchmarks.read_hellaswag(data_dir, original_files['hellaswag'])) == 2
-  assert len(benchmarks.read_hellaswag(data_dir, other)) == 1
+  assert len(paper_tasks.read_hellaswag(data_dir, original_files['hellaswag'])) == 2
+  assert len(paper_tasks.read_hellaswag(data_dir, other)) == 1
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -204,20 +205,15 @@ def test_unknown_task_names_it_and_lists_the_known():
 def test_missing_jsonl_paths_name_the_config_field(tmp_path):
   eval_config, data_config = configs(tmp_path)
   with pytest.raises(FileNotFoundError, match='config.eval.hellaswag_path'):
-    perijax.tasks.evaluate_tasks(['hellaswag'], ByteTokenizer(), uniform_model, eval_config, data_config,
-                                 batch_size=2, seq_len=16)
+    perijax.tasks.load_task_items('hellaswag', eval_config, data_config)
   eval_config.siqa_path = str(tmp_path / 'nope.jsonl')
   with pytest.raises(FileNotFoundError, match=r"config.eval.siqa_path='.*nope.jsonl' is not a file"):
-    perijax.tasks.evaluate_tasks(['siqa'], ByteTokenizer(), uniform_model, eval_config, data_config,
-                                 batch_size=2, seq_len=16)
+    perijax.tasks.load_task_items('siqa', eval_config, data_config)
 
 
 @pytest.mark.parametrize('task,name,split', [('arc_easy', 'ai2_arc/ARC-Easy', 'test'), ('piqa', 'piqa', 'validation'),
                                              ('winogrande', 'winogrande', 'validation')])
 def test_unprepared_catalog_dataset_names_dataset_split_and_data_dir(tmp_path, task, name, split):
   eval_config, data_config = configs(tmp_path, tasks_data_dir=str(tmp_path / 'empty'))
-  calls = []
   with pytest.raises(FileNotFoundError, match=f"task '{task}': TFDS dataset '{name}' split '{split}' is not prepared"):
-    perijax.tasks.evaluate_tasks([task], ByteTokenizer(), lambda *a: calls.append(a), eval_config, data_config,
-                                 batch_size=2, seq_len=16)
-  assert not calls  # the model never ran
+    perijax.tasks.load_task_items(task, eval_config, data_config)   # before any model runs (Evaluator's order)

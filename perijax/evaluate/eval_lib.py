@@ -1,7 +1,8 @@
 """Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
 
-The command line is `perijax/evaluate.py`; this module does the work. An `Evaluator` is built once per workdir (config,
-tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of steps:
+The command line is the package's `__init__.py`; this module does the work. An `Evaluator` is built once per workdir
+(config, tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of
+steps:
 
     evaluator = Evaluator(workdir, load_run_config(workdir))
     evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
@@ -15,7 +16,6 @@ parameters replicated), so a checkpoint written on a pod slice evaluates on one 
 
 import json
 import math
-import os
 import time
 
 import flax.linen as nn
@@ -30,17 +30,17 @@ from tensorboardX import SummaryWriter
 from perijax import checkpoint as checkpoint_lib
 from perijax import config as config_lib
 from perijax import optimizer as optimizer_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
+from perijax.tasks import lm_eval_results
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
+from perijax.metrics import scalars
 from perijax.precision import Precision
 from perijax.progress import progress
 
-RESULT_KEYS = ('step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', 'tasks')
-EVAL_DIR = 'eval'
-CONFIG_FILE = 'config.json'
 # Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
 OVERRIDABLE = ('eval', 'data', 'mesh')
 
@@ -58,18 +58,28 @@ def _lists_to_tuples(value):
 
 def load_run_config(workdir):
   """WORKDIR/config.json, as written by perijax.train, back into a ConfigDict."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = rundir.config_file(workdir)
+  if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
                             'writes config.json there when it starts)')
   try:
-    with open(path) as f:
-      stored = json.load(f)
+    stored = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise ValueError(f'{path} cannot be read as JSON: {error}') from error
   if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
     raise ValueError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
-  return ml_collections.ConfigDict(_lists_to_tuples(stored))
+  return ml_collections.ConfigDict(_upgrade(_lists_to_tuples(stored)))
+
+
+def _upgrade(stored):
+  """A config.json written before model.init and the norm-γ fields existed, in today's layout, meaning what it meant
+  then (a plain init of std model.init_std; γ from 1, learnable)."""
+  model = stored['model']
+  if 'init_std' in model:
+    model['init'] = {'std': model.pop('init_std'), 'depth_scaled_outputs': False}
+  if 'norm' in model:
+    model['norm'] = {'scale_init': 1.0, 'freeze_out_scale': False, **model['norm']}
+  return stored
 
 
 def apply_overrides(config, overrides):
@@ -96,7 +106,7 @@ def _flat(tree):
 
 def stored_param_metadata(workdir, step):
   """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
-  state_dir = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step), 'state')
+  state_dir = rundir.checkpoint_state(workdir, step)
   try:
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
     params = metadata['params']
@@ -170,9 +180,12 @@ def make_eval_mesh(config, model, devices=None):
 
 def aggregate_stats(per_batch):
   """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| the maximum, float16 overflows summed."""
+  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations the top-k of all batches (their
+  median |x| averaged)."""
   combined = {}
   for name in per_batch[0]:
+    if '_massive_' in name:  # top-k values and where they sit: merged below
+      continue
     values = np.stack([np.asarray(stats[name], np.float64) for stats in per_batch])
     if name.endswith('_max_abs'):
       combined[name] = values.max(axis=0)
@@ -182,6 +195,7 @@ def aggregate_stats(per_batch):
       combined[name] = np.sqrt(np.mean(np.square(values), axis=0))
     else:
       combined[name] = values.mean(axis=0)
+  combined.update(stats_lib.merge_massive(per_batch))
   return combined
 
 
@@ -210,6 +224,8 @@ class Evaluator:
     self.manager = checkpoint_lib.make_manager(workdir, read_only=True)
     # The data and every task's items are loaded now, so a missing dataset fails before any model runs.
     self.task_items = {name: tasks_lib.load_task_items(name, config.eval, config.data) for name in self.task_names}
+    self.task_split_sizes = ({name: tasks_lib.split_size(name, config.eval, config.data) for name in self.task_names}
+                             if config.eval.get('lm_eval_results', True) else {})
     self.eval_batches = pipeline.make_eval_iterator(
         config.data, self.tokenizer, split=config.data.eval_split,
         batch_size=config.eval.batch_size // jax.process_count(), seq_len=config.train.seq_len,
@@ -241,6 +257,7 @@ class Evaluator:
       logits, _ = model.apply({'params': params}, inputs, positions, segment_ids)
       return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
+    self._norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)
     self._loss_and_stats = jax.jit(loss_and_stats, in_shardings=(self.param_shardings, self.batch_sharding),
                                    out_shardings=replicated)
     # Several processes each hold only part of a batch-sharded result; the scorer reads the whole one.
@@ -263,7 +280,7 @@ class Evaluator:
       return restore_params(self.manager, step, self.abstract_params, self.param_shardings)
 
   def evaluate(self, step):
-    """The result of checkpoint `step` (see RESULT_KEYS); writes nothing."""
+    """The result of checkpoint `step` (the keys of `evaluate_params`, plus step); writes nothing."""
     return {'step': int(step), **self.evaluate_params(self.restore(step))}
 
   def evaluate_params(self, params):
@@ -283,7 +300,8 @@ class Evaluator:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
       tasks = {name: tasks_lib.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
-          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name)
+          batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name,
+          packed=self.config.eval.get('packed_scoring', True))
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
     return {
@@ -292,6 +310,7 @@ class Evaluator:
         'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
         'tokens': int(round(tokens)),
         'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
+        'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
         'tasks': tasks,
         'split': self.config.data.eval_split,
         'bytes_per_token': self.bytes_per_token,
@@ -308,27 +327,27 @@ class Evaluator:
 
 # ---- the output -------------------------------------------------------------------------------------------------
 
-def result_path(workdir, step):
-  return os.path.join(workdir, EVAL_DIR, f'step_{step}.json')
+def write_result(workdir, result, lm_eval=None):
+  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only.
 
-
-def write_result(workdir, result):
-  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only."""
+  `lm_eval=(config, task split sizes)` also writes the tasks' scores in lm-evaluation-harness's results format
+  (perijax/tasks/lm_eval_results.py) when config.eval.lm_eval_results is on.
+  """
   if jax.process_index() != 0:
     return
-  path = result_path(workdir, result['step'])
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=2)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
+  path = rundir.eval_result(workdir, result['step'])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.parent / (path.name + '.tmp')
+  temporary.write_text(json.dumps(result, indent=2) + '\n')
+  temporary.replace(path)
+  if lm_eval and result['tasks'] and lm_eval[0].eval.get('lm_eval_results', True):
+    lm_eval_results.write(workdir, result, *lm_eval)
   step = result['step']
-  with SummaryWriter(os.path.join(workdir, EVAL_DIR, 'tensorboard')) as writer:
+  with SummaryWriter(str(rundir.eval_tensorboard(workdir))) as writer:
     for key in ('loss', 'perplexity', 'bits_per_byte'):
       writer.add_scalar(f'eval/{key}', result[key], step)
-    for key, values in result['layers'].items():
-      for layer, value in enumerate(values):
-        writer.add_scalar(f'eval/{key}/layer_{layer:03d}', value, step)
+    for name, value in scalars({**result['layers'], **result.get('norm_scales', {})}).items():
+      writer.add_scalar(f'eval/{name}', value, step)
     for name, scores in result['tasks'].items():
       for metric in ('acc', 'acc_norm'):
         writer.add_scalar(f'tasks/{name}/{metric}', scores[metric], step)

@@ -1,10 +1,12 @@
-"""Evaluates a run's checkpoints, as a process of its own beside (or after) training:
+"""Evaluates a run's checkpoints, as a process of its own beside (or after) training (`eval_lib.py` does the work;
+`__main__.py` runs `main`):
 
     python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
 
 Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
-step, loss, perplexity, bits_per_byte, tokens, layers, tasks (plus split, bytes_per_token, stats_batches, mesh,
-eval_seconds), and TensorBoard scalars under DIR/eval/tensorboard.
+step, loss, perplexity, bits_per_byte, tokens, layers, norm_scales, tasks (plus split, bytes_per_token, stats_batches,
+mesh, eval_seconds), TensorBoard scalars under DIR/eval/tensorboard and (config.eval.lm_eval_results) the task scores in
+lm-evaluation-harness's format, DIR/eval/lm_eval/<run>__step_N/results_<date>.json (perijax/tasks/lm_eval_results.py).
   (no flag)  the latest checkpoint;
   --step=N   checkpoint N (evaluated again if already done);
   --all      every checkpoint without an eval/step_N.json yet;
@@ -24,6 +26,7 @@ tasks, how many batches, the mesh); the model and training fields are the checkp
   layers         per-layer lists of perijax.stats.layer_summary over ALL evaluated batches (variances averaged over
                  batches, max |x| the maximum, float16 overflows summed; padding positions of a packed row included,
                  as in training's statistics);
+  norm_scales    the norms' γ: perijax.stats.scale_summary (in_norm_scale_mean, ... by layer; final_norm_scale_*);
   tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
 Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored
 parameters, an unknown task or field) prints one `error:` line on stderr and exits with status 1, writing nothing.
@@ -38,8 +41,9 @@ import jax
 import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
-from perijax import eval_lib
+from perijax.evaluate import eval_lib
 from perijax import progress as progress_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import tasks as tasks_lib
 
@@ -66,20 +70,19 @@ def log(message):
 
 
 def _evaluated(workdir, step):
-  return os.path.isfile(eval_lib.result_path(workdir, step))
+  return rundir.eval_result(workdir, step).is_file()
 
 
 def list_checkpoints(workdir):
   """The finished checkpoint steps of WORKDIR (Orbax lists only completely written ones)."""
-  directory = checkpoint_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not rundir.checkpoints(workdir).is_dir():
     return []
   return list(checkpoint_lib.make_manager(workdir, read_only=True).all_steps())
 
 
 def prepare(workdir, overrides=()):
   """The run's config with the overrides, checked; raises before anything is built."""
-  if not os.path.isdir(workdir):
+  if not rundir.root(workdir).is_dir():
     raise FileNotFoundError(f'workdir {workdir} does not exist (pass the --workdir of a perijax.train run)')
   config = eval_lib.apply_overrides(eval_lib.load_run_config(workdir), overrides)
   tasks_lib.validate_task_names(config.eval.tasks)
@@ -103,12 +106,12 @@ def choose_steps(workdir, steps, step=None, evaluate_all=False):
 
 def evaluate_and_write(evaluator, step):
   result = evaluator.evaluate(step)
-  eval_lib.write_result(evaluator.workdir, result)
+  eval_lib.write_result(evaluator.workdir, result, lm_eval=(evaluator.config, evaluator.task_split_sizes))
   tasks = '  '.join(f'{name} acc {r["acc"]:.3f} acc_norm {r["acc_norm"]:.3f} (n={r["n"]})'
                     for name, r in result['tasks'].items())
   log(f'step {step}: loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  bits/byte '
       f'{result["bits_per_byte"]:.4f}  tokens {result["tokens"]}  {tasks}  '
-      f'-> {eval_lib.result_path(evaluator.workdir, step)}')
+      f'-> {rundir.eval_result(evaluator.workdir, step)}')
   return result
 
 
@@ -154,7 +157,7 @@ def from_process_0(steps):
 def wait_for_run(workdir, poll_seconds, timeout_seconds):
   """--watch may start before training does: waits for the files perijax.train writes first (tokenizer.json last)."""
   started, said = time.time(), False
-  while not os.path.isfile(os.path.join(workdir, 'tokenizer.json')):
+  while not rundir.tokenizer_file(workdir).is_file():
     if time.time() - started > timeout_seconds:
       raise EvaluationError(f'--watch: {workdir} has no config.json and tokenizer.json after {timeout_seconds:g} s; '
                             'is training running with this --workdir?')
@@ -230,8 +233,3 @@ def main(argv):
     # A failed Orbax restore leaves reads pending on its event loop; a normal exit would print their tracebacks
     # after the error line. Nothing is half-written at this point, so skip interpreter teardown.
     os._exit(1)  # pylint: disable=protected-access
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,107 @@
+"""Reading runs: a workdir's config, metrics.jsonl lines and evals (`load_runs`), and its per-layer statistics lines
+at chosen steps (`chosen_stats`). What `python -m perijax.inspect` and the experiments read.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from perijax import rundir
+
+
+@dataclasses.dataclass
+class RunRecord:
+  """What a workdir recorded: its config (nested dicts), metrics lines (one per step, sorted) and evals by step."""
+  name: str
+  workdir: str
+  config: Dict[str, Any]
+  metrics: List[Dict[str, Any]]
+  evals: Dict[int, Dict[str, Any]]
+
+  @property
+  def planned_steps(self) -> Optional[int]:
+    return self.config.get('train', {}).get('steps')
+
+
+def find_workdirs(paths: Sequence[str]) -> List[str]:
+  """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither."""
+  workdirs = []
+  for path in paths:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f'{path!r} is not a directory; expected a run workdir or a sweep root')
+    if rundir.is_run(path):
+      workdirs.append(path)
+      continue
+    # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
+    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and rundir.is_run(d))
+    listed = []
+    if os.path.exists(os.path.join(path, 'sweep.json')):
+      with open(os.path.join(path, 'sweep.json')) as f:
+        listed = [os.path.join(path, run['name']) for run in json.load(f)['runs']]
+    listed = [d for d in listed if d in children]
+    if not listed and not children:
+      raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
+                              'expected a run workdir or a sweep root')
+    workdirs.extend(listed + [d for d in children if d not in listed])
+  return workdirs
+
+
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
+  """The run's metrics lines (`rundir.metrics_files`), one per step, sorted. A resumed run logs the steps after its
+  checkpoint twice: the later line wins. A torn last line (a killed run) is skipped."""
+  by_step = {}
+  for path in rundir.metrics_files(workdir):
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+      if not text.strip():
+        continue
+      try:
+        line = json.loads(text)
+      except json.JSONDecodeError:
+        print(f'perijax.inspect: skipping unreadable line {number} of {path}', file=sys.stderr)
+        continue
+      if 'step' in line:
+        by_step[int(line['step'])] = line
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
+  config = {}
+  if rundir.config_file(workdir).exists():
+    config = json.loads(rundir.config_file(workdir).read_text())
+  evals = {step: json.loads(path.read_text()) for step, path in rundir.eval_results(workdir).items()}
+  return RunRecord(name or os.path.basename(os.path.normpath(workdir)), workdir, config, read_metrics(workdir), evals)
+
+
+def load_runs(paths: Sequence[str]) -> List[RunRecord]:
+  workdirs = find_workdirs(paths)
+  names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  # Two sweep roots can hold runs of the same name: then say which root each came from.
+  names = [f'{os.path.basename(os.path.dirname(os.path.normpath(w)))}/{n}' if names.count(n) > 1 else n
+           for w, n in zip(workdirs, names)]
+  return [load_run(w, n) for w, n in zip(workdirs, names)]
+
+
+# ---- per-layer stats at chosen steps ---------------------------------------------------------------------------------
+
+def stats_lines(run: RunRecord) -> List[Dict[str, Any]]:
+  """Lines with per-layer stats; a run whose metrics have none falls back on its evals' `layers`."""
+  lines = [line for line in run.metrics if line.get('residual_var')]
+  if lines:
+    return lines
+  return [{'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
+          if run.evals[step].get('layers', {}).get('residual_var')]
+
+
+def chosen_stats(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Optional[Dict[str, Any]]]:
+  """The stats line for each requested step (the last one at or before it), or the first and last by default."""
+  lines = stats_lines(run)
+  if steps is None:
+    return [lines[0], lines[-1]] if lines else [None, None]
+  chosen = []
+  for step in steps:
+    before = [line for line in lines if line['step'] <= step]
+    chosen.append(before[-1] if before else None)
+  return chosen

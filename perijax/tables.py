@@ -1,0 +1,240 @@
+"""Text tables of per-layer statistics: one function per table (`layer_tables`, `increment_table`, `massive_table`,
+`massive_placements`), and the number and column formatting every perijax table shares.
+"""
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from perijax import stats as stats_lib
+from perijax.runs import RunRecord, chosen_stats
+
+LAYER_QUANTITIES = (('residual_var', 'residual variance'), ('max_abs', 'max |x|'),
+                    ('fp16_headroom', 'float16 headroom (max |x| / 65504)'))
+_MAX_TABLE_WIDTH = 120
+
+
+def format_number(value: Any) -> str:
+  """Fixed-point for ordinary magnitudes, scientific otherwise, so columns stay narrow and comparable."""
+  if value is None:
+    return '-'
+  if isinstance(value, (bool, np.bool_)):
+    return 'yes' if value else 'no'
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  value = float(value)
+  if not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  if value == 0:
+    return '0'
+  if 1e-2 <= abs(value) < 1e4:
+    return f'{value:.4g}'
+  return f'{value:.2e}'
+
+
+def format_table(headers: Sequence[Sequence[str]], rows: Sequence[Sequence[str]], keep: int = 1,
+                 unit: int = 1) -> str:
+  """Right-aligned fixed-width columns; header rows then body rows. A table wider than a terminal is cut into blocks
+  of whole `unit`-column groups (e.g. one run's steps), each block repeating the first `keep` columns."""
+  all_rows = [list(map(str, r)) for r in list(headers) + list(rows)]
+  widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
+  units = [list(range(i, min(i + unit, len(widths)))) for i in range(keep, len(widths), unit)]
+  blocks, current = [], list(range(keep))
+  for columns in units:
+    width = sum(widths[i] + 2 for i in current + columns)
+    if len(current) > keep and width > _MAX_TABLE_WIDTH:
+      blocks.append(current)
+      current = list(range(keep))
+    current += columns
+  blocks.append(current)
+  text = []
+  for block in blocks:
+    for n, row in enumerate(all_rows):
+      text.append('  '.join(row[i].rjust(widths[i]) if i >= keep else row[i].ljust(widths[i]) for i in block))
+      if n == len(headers) - 1:
+        text.append('-' * len(text[-1]))
+    text.append('')
+  return '\n'.join(text).rstrip('\n')
+
+
+def _short_labels(runs: Sequence[RunRecord]) -> Tuple[List[str], str]:
+  """Column labels: the run names if short, else #1, #2, ... with a legend."""
+  if all(len(r.name) <= 16 for r in runs):
+    return [r.name for r in runs], ''
+  return [f'#{i}' for i in range(1, len(runs) + 1)], '\n'.join(f'  #{i} = {r.name}' for i, r in enumerate(runs, 1))
+
+
+def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """Per quantity, a table of layers (rows) by run and step (columns)."""
+  labels, legend = _short_labels(runs)
+  chosen = [chosen_stats(run, steps) for run in runs]
+  num_layers = max([len(line['residual_var']) for lines in chosen for line in lines if line] or [0])
+  if not num_layers:
+    return 'no per-layer stats in these runs (metrics lines every train.stats_every steps, or eval `layers`)'
+  header_runs, header_steps = ['layer'], ['']
+  for label, lines in zip(labels, chosen):
+    for i, line in enumerate(lines):
+      header_runs.append(label if i == 0 else '')
+      header_steps.append(f'step {line["step"]}' if line else 'no stats')
+  text = [legend] if legend else []
+  for key, title in LAYER_QUANTITIES:
+    rows = []
+    for layer in range(num_layers):
+      row = [str(layer + 1)]
+      for lines in chosen:
+        for line in lines:
+          values = (line or {}).get(key) or []
+          row.append(format_number(values[layer]) if layer < len(values) else '-')
+      rows.append(row)
+    text += [f'\n{title}', format_table([header_runs, header_steps], rows, unit=max(len(chosen[0]), 1))]
+  return '\n'.join(text)
+
+
+INCREMENT_COLUMNS = (('increment_var', 'ΔVar'), ('delta_var', 'Var(Δ)'), ('cross_cov', '2Cov'))
+
+
+def increment_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """What drives the growth: per sub-layer, Var(x + Δ) - Var(x) = Var(Δ) + 2·Cov(x, Δ) (perijax/stats.py), layers
+  (rows) by run, step and term (columns)."""
+  labels, legend = _short_labels(runs)
+  chosen = [[line for line in chosen_stats(run, steps) if line and line.get('attn_increment_var')] for run in runs]
+  num_layers = max([len(line['attn_increment_var']) for lines in chosen for line in lines] or [0])
+  if not num_layers:
+    return 'no increment statistics in these runs (recorded since per-sub-layer increments were added)'
+  headers = [['layer'], [''], ['']]
+  for label, lines in zip(labels, chosen):
+    for line in lines:
+      for sublayer in ('attn', 'mlp'):
+        for i, (_, title) in enumerate(INCREMENT_COLUMNS):
+          first = sublayer == 'attn' and i == 0
+          headers[0].append(label if first else '')
+          headers[1].append(f'step {line["step"]}' if first else '')
+          headers[2].append(f'{sublayer} {title}')
+  rows = []
+  for layer in range(num_layers):
+    row = [str(layer + 1)]
+    for line in (line for lines in chosen for line in lines):
+      for sublayer in ('attn', 'mlp'):
+        for key, _ in INCREMENT_COLUMNS:
+          values = line.get(f'{sublayer}_{key}') or []
+          value = values[layer] if layer < len(values) else None
+          row.append(format_number(2 * value if key == 'cross_cov' and value is not None else value))
+    rows.append(row)
+  return '\n'.join(([legend] if legend else []) + [format_table(headers, rows, unit=2 * len(INCREMENT_COLUMNS))])
+
+
+def token_texts(run: RunRecord):
+  """id -> its text with the run's recorded tokenizer ('<doc>' for the document boundary), or None without one."""
+  try:
+    from perijax.data import tokenizers  # pylint: disable=g-import-not-at-top  (sentencepiece only when needed)
+    tokenizer = tokenizers.load_tokenizer(run.workdir)
+  except Exception:  # pylint: disable=broad-except  (no tokenizer recorded: ids only)
+    return None
+  return lambda token: tokenizer.decode([token]) if token != tokenizer.eos_id else '<doc>'
+
+
+def _is_delimiter(text: Optional[str]) -> bool:
+  """A document boundary, whitespace or punctuation (Sun et al. 2024 find massive activations there and at the first
+  token)."""
+  return text is not None and (text == '<doc>' or all(not c.isalnum() for c in text))
+
+
+def massive_thresholds(run: RunRecord) -> Tuple[float, float]:
+  train = run.config.get('train', {})
+  return (train.get('massive_abs_threshold', stats_lib.MASSIVE_ABS_THRESHOLD),
+          train.get('massive_ratio_threshold', stats_lib.MASSIVE_RATIO_THRESHOLD))
+
+
+def massive_line(run: RunRecord, steps: Optional[Sequence[int]] = None) -> Optional[Dict[str, Any]]:
+  """The last chosen stats line of `run` that has massive-activation statistics."""
+  lines = [line for line in chosen_stats(run, steps) if line and line.get('massive_residual')]
+  return lines[-1] if lines else None
+
+
+def massive_summary(run: RunRecord, steps: Optional[Sequence[int]] = None) -> Optional[Dict[str, Any]]:
+  """Where a run's massive activations sit at its last chosen step: per tensor, the layers (1-based) with any, and
+  for the residual stream the channels (most frequent first) and the share at the first token and at delimiters."""
+  line = massive_line(run, steps)
+  if line is None:
+    return None
+  abs_threshold, ratio_threshold = massive_thresholds(run)
+  texts = token_texts(run)
+  summary = {'step': line['step'], 'abs_threshold': abs_threshold, 'ratio_threshold': ratio_threshold}
+  for name, _, _ in stats_lib.MASSIVE_TENSORS:
+    counts = stats_lib.massive_flags(line.get(f'massive_{name}') or [], abs_threshold, ratio_threshold)
+    summary[f'{name}_layers'] = [layer + 1 for layer, count in enumerate(counts) if count]
+  places = [(entry['position'][i], entry['channel'][i], entry['token'][i]) for entry in line['massive_residual']
+            for i, (v, r) in enumerate(zip(entry['abs'], entry['ratio'])) if v > abs_threshold and r > ratio_threshold]
+  channels = [channel for _, channel, _ in places]
+  summary['channels'] = sorted(set(channels), key=lambda c: (-channels.count(c), c))
+  summary['massive_entries'] = len(places)
+  summary['first_token_share'] = sum(p == 0 for p, _, _ in places) / len(places) if places else None
+  summary['delimiter_share'] = (sum(_is_delimiter(texts(t)) for _, _, t in places) / len(places)
+                                if places and texts else None)
+  ratios = [r for entry in line['massive_residual'] for r in entry['ratio'][:1]]
+  summary['max_ratio'] = max(ratios) if ratios else None
+  return summary
+
+
+def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
+  """Per layer of one run at its last chosen step: each tensor's largest |x|, its ratio to the median |x| and where it
+  sits (position/channel and token); `*` marks a massive activation (the run's thresholds)."""
+  line = massive_line(run, steps)
+  if line is None:
+    return f'{run.name}: no massive-activation statistics'
+  abs_threshold, ratio_threshold = massive_thresholds(run)
+  texts = token_texts(run)
+  shown = lambda token: str(token) if texts is None else ('<doc>' if texts(token) == '<doc>' else repr(texts(token)))
+  headers = ['layer']
+  for name, _, _ in stats_lib.MASSIVE_TENSORS:
+    headers += [f'{name} |x|', 'ratio', 'at']
+  rows = []
+  for layer in range(len(line['massive_residual'])):
+    row = [str(layer + 1)]
+    for name, _, _ in stats_lib.MASSIVE_TENSORS:
+      entry = (line.get(f'massive_{name}') or [{}] * (layer + 1))[layer]
+      if not entry.get('abs'):
+        row += ['-'] * 3
+        continue
+      value, ratio = entry['abs'][0], entry['ratio'][0]
+      star = '*' if value > abs_threshold and ratio > ratio_threshold else ''
+      row += [format_number(value) + star, format_number(ratio),
+              f'{entry["position"][0]}/{entry["channel"][0]} {shown(entry["token"][0])}']
+    rows.append(row)
+  return (f'{run.name}, step {line["step"]} (* = |x| > {abs_threshold:g} and > {ratio_threshold:g} x median |x|; '
+          'at = position in the document/channel token)\n'
+          + format_table([headers], rows))
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+  """[1, 2, 3, 5] -> '1-3,5'; [] -> 'none'."""
+  ranges = []
+  for layer in layers:
+    if ranges and layer == ranges[-1][1] + 1:
+      ranges[-1][1] = layer
+    else:
+      ranges.append([layer, layer])
+  return ','.join(f'{a}-{b}' if b > a else str(a) for a, b in ranges) or 'none'
+
+
+def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """One row per run: the layers whose stream / sub-layer outputs hold massive activations, their channels, the share
+  at the first token and at delimiters, and the largest ratio to the median |x|, so placements compare at a glance."""
+  headers = ['run', 'placement', 'step', 'residual', 'attn_out', 'mlp_out', 'channels', 'first token', 'delimiters',
+             'max ratio']
+  rows = []
+  for run in runs:
+    summary = massive_summary(run, steps)
+    if summary is None:
+      continue
+    share = lambda value: '-' if value is None else f'{value:.0%}'
+    rows.append([run.name, str(run.config.get('model', {}).get('norm', {}).get('placement', '-')),
+                 str(summary['step'])] + [_layer_ranges(summary[f'{name}_layers'])
+                                          for name, _, _ in stats_lib.MASSIVE_TENSORS]
+                + [','.join(map(str, summary['channels'][:4])) or '-', share(summary['first_token_share']),
+                   share(summary['delimiter_share']), format_number(summary['max_ratio'])])
+  if not rows:
+    return 'no massive-activation statistics in these runs'
+  return 'Where massive activations sit (layers per tensor; channels, first token, delimiters: residual stream)\n' + (
+      format_table([headers], rows, keep=3))
