@@ -70,6 +70,9 @@ def get_config():
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
   train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in perijax/hardware.py
+  train.compilation_cache_dir = '~/.cache/perijax/xla'  # persistent XLA compilation cache: a restart or a rerun of
+                                    # the same config skips compiling; '' = off (JAX_COMPILATION_CACHE_DIR wins if set)
+  train.xla_flags_preset = 'none'   # 'gpu': XLA flags for speed on NVIDIA GPUs (perijax/runtime.py), added to XLA_FLAGS
   train.debug_overflow_step = -1    # test-only hook: multiply the loss by 1e30 at this step to force an overflow
 
   # ---- optimizer ---------------------------------------------------------------------------------------------------
@@ -90,6 +93,10 @@ def get_config():
   mesh.data = -1                    # data-parallel axis size; -1 = all devices the other axes leave
   mesh.fsdp = 1                     # fully-sharded data parallel: shards parameters and optimizer state too
   mesh.tensor = 1                   # tensor parallel: splits heads and MLP width
+  # The three sizes above are per TPU slice (ICI). Over several slices each axis also has a part across slices (DCN,
+  # slower): by default data parallelism across slices, whose gradient all-reduce is once per step.
+  mesh.dcn_data = -1                # slices the data axis spans; -1 = all slices that dcn_fsdp leaves
+  mesh.dcn_fsdp = 1                 # slices the fsdp axis spans (parameter all-gathers cross DCN every layer)
   # Logical axis -> mesh axis (or None = replicated). The model names its axes; this table alone says where they go.
   mesh.logical_axis_rules = (
       ('batch', ('data', 'fsdp')),

@@ -16,6 +16,7 @@ from perijax.norms import NORM_KINDS
 from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
+from perijax.runtime import XLA_FLAGS_PRESETS
 
 MLP_ACTIVATIONS = ('swiglu', 'gelu')
 REMAT = ('none', 'minimal', 'full')
@@ -129,6 +130,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
   if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
     _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
+  dcn = {a: config.mesh.get(a, 1) for a in ('dcn_data', 'dcn_fsdp')}  # absent from configs of older runs
+  for axis, size in dcn.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f'mesh.{axis}', size, 'expected a positive number of slices or -1 (all remaining slices)')
+  if list(dcn.values()).count(-1) > 1:
+    _fail('mesh', dcn, 'at most one of dcn_data, dcn_fsdp may be -1')
+  if 'xla_flags_preset' in config.train:
+    _one_of(config, 'train.xla_flags_preset', tuple(XLA_FLAGS_PRESETS))
+    if not isinstance(config.train.compilation_cache_dir, str):
+      _fail('train.compilation_cache_dir', config.train.compilation_cache_dir, "expected a directory, or '' (off)")
   for field in ('eval.packed_scoring', 'eval.lm_eval_results'):
     if field.split('.')[1] in config.eval:  # absent from the config.json of older runs
       _one_of(config, field, (True, False))

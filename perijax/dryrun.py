@@ -1,14 +1,18 @@
 """Will a config fit on a pod, and how fast will it run? Answered on a CPU laptop, nothing allocated.
 
     python -m perijax.dryrun --config=configs/paper_3_2b.py --devices=256 --config.mesh.fsdp=-1 [--accelerator=h100]
+    python -m perijax.dryrun --config=configs/paper_3_2b.py --topology=v5p-512 [--num_slices=2]
 
-Simulates `--devices` CPU devices, lowers and compiles the real train step (the one `perijax.train` jits, same
+`--topology` (with the `tpu` extra installed: libtpu) compiles with the TPU compiler for that slice's compile-only
+devices (perijax/topology.py), so memory and FLOPs are the TPU's own; without libtpu it says so and simulates as many
+CPU devices. `--devices` simulates CPU devices (`--num_slices` splits them into slices). Either way it lowers and
+compiles the real train step (the one `perijax.train` jits, same
 shardings, same donation) on abstract inputs (`jax.ShapeDtypeStruct`), and prints per-device memory (parameters and
 optimizer state from their shardings; temporaries from XLA's `memory_analysis()`), FLOPs per step (analytic and XLA's
 `cost_analysis()`), how each parameter is sharded, and the step time and tokens/s on `--accelerator` at `--mfu`.
 A config that does not fit names its largest per-device tensors and the meshes of the same devices that would fit.
 
-Caveats: temporaries come from the CPU compiler (its buffer assignment, and it may keep float16 work in float32), so
+Caveats, CPU devices only: temporaries come from the CPU compiler (its buffer assignment, and it may keep float16 work in float32), so
 they approximate, not reproduce, a TPU/GPU compile; XLA's cost analysis counts a scanned layer stack's body once.
 """
 
@@ -33,8 +37,16 @@ def simulate_devices(count):
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
+_TOPOLOGY = None  # --topology, parsed before jax starts: (topology.Topology, whether libtpu compiles for it)
 if __name__ == '__main__' and 'jax' not in sys.modules:
+  from perijax import topology as topology_lib  # imports no jax
   _DEVICES_ARG = _flag_value(sys.argv, 'devices')
+  if _flag_value(sys.argv, 'topology'):
+    try:
+      _TOPOLOGY = topology_lib.prepare(_flag_value(sys.argv, 'topology'), _flag_value(sys.argv, 'num_slices') or '1')
+    except ValueError as e:
+      sys.exit(f'perijax.dryrun: error: {e}')  # the one error line of perijax.cli, before jax (and cli) start
+    _DEVICES_ARG = None if _TOPOLOGY[1] else str(_TOPOLOGY[0].devices)
   if _DEVICES_ARG and _DEVICES_ARG.isdigit() and int(_DEVICES_ARG) > 0:
     simulate_devices(_DEVICES_ARG)
 
@@ -57,6 +69,7 @@ from perijax import hardware  # noqa: E402
 from perijax import optimizer as optimizer_lib  # noqa: E402
 from perijax import params as params_lib  # noqa: E402
 from perijax import sharding as sharding_lib  # noqa: E402
+from perijax import topology as topology_lib  # noqa: E402
 from perijax import train_step as train_step_lib  # noqa: E402
 from perijax.errors import ArgumentError  # noqa: E402
 
@@ -146,8 +159,8 @@ def suggest_meshes(config, devices, budget_bytes, temp_bytes=None, measured_mesh
   rules = sharding_lib.logical_rules(config.mesh)
   fits = []
   for data, fsdp, tensor in mesh_candidates(len(devices)):
-    mesh = jax.make_mesh((data, fsdp, tensor), sharding_lib.MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(data, fsdp, tensor), sharding_lib.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)  # only the shardings' shapes matter here
     try:
       shardings = sharding_lib.shardings_of(boxed, mesh, rules)
       sharding_lib.check_divisible(abstract, shardings, mesh)
@@ -175,8 +188,9 @@ def accelerator_spec(name):
   return {'name': name, 'peak_flops': peak, 'memory_bytes': memory, 'hbm_bytes_per_s': bandwidth}
 
 
-def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
-  """Compiles `config`'s train step for this process's devices and returns the report as a dict (see module doc).
+def dry_run(config, accelerator='h100', mfu=0.4, suggest=True, devices=None, num_slices=None):
+  """Compiles `config`'s train step for `devices` (this process's by default; `num_slices` simulated slices) and
+  returns the report as a dict (see module doc).
 
   Raises ConfigError / ShardingError (one line) for a bad config or a mesh the model cannot be laid out on.
   """
@@ -184,8 +198,8 @@ def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
   spec = accelerator_spec(accelerator)
   if not 0 < mfu <= 1:
     raise ArgumentError(f'--mfu={mfu}: expected a fraction in (0, 1], e.g. 0.4')
-  devices = jax.devices()
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding_lib.make_mesh(config.mesh, devices, num_slices)
   sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
   compiled, abstract_state, shardings, compile_s = compile_train_step(config, mesh)
   memory = compiled.memory_analysis()
@@ -208,7 +222,8 @@ def dry_run(config, accelerator='h100', mfu=0.4, suggest=True):
                  'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
                  'batch_size': config.train.batch_size, 'seq_len': config.train.seq_len, 'grad_accum_steps': accum},
       'parameters': params_lib.count_params(config.model),
-      'devices': len(devices), 'mesh': dict(mesh.shape), 'compile_s': compile_s,
+      'devices': len(devices), 'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
+      'slices': num_slices or sharding_lib.slice_count(devices), 'mesh': dict(mesh.shape), 'compile_s': compile_s,
       'memory_per_device': {
           'params_bytes': state['params_bytes'], 'opt_state_bytes': state['opt_state_bytes'],
           'other_state_bytes': state['other_state_bytes'], 'state_bytes': state_bytes,
@@ -256,15 +271,17 @@ def format_report(report):
       f"dry run: {report['parameters']['total'] / 1e9:.3f}B parameters ({report['parameters']['non_embedding'] / 1e9:.3f}B "
       f"non-embedding), d_model {c['d_model']}, {c['num_layers']} layers, {c['compute_dtype']} compute, "
       f"remat {c['remat']}, scan {c['scan_layers']}",
-      f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} over {report['devices']} simulated "
-      f"devices; batch {c['batch_size']} x {c['seq_len']} (grad accumulation {c['grad_accum_steps']}); "
+      f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} over {report['devices']} "
+      f"{'simulated CPU' if report['platform'] == 'cpu' else report['device_kind']} devices in {report['slices']} "
+      f"slice(s); batch {c['batch_size']} x {c['seq_len']} (grad accumulation {c['grad_accum_steps']}); "
       f"lowered + compiled in {report['compile_s']:.1f} s",
       '', 'memory per device:',
       f"  parameters        {_gib(m['params_bytes'])}   (all devices: {_gib(report['params_global_bytes'])})",
       f"  optimizer state   {_gib(m['opt_state_bytes'])}   (all devices: {_gib(report['opt_state_global_bytes'])})",
       f"  other state       {_gib(m['other_state_bytes'])}",
       f"  arguments (XLA)   {_gib(m['argument_bytes'])}   (state + batch; outputs alias the donated state)",
-      f"  temporaries (XLA) {_gib(m['temp_bytes'])}   (activations, gradients, gathered weights; CPU compile)",
+      f"  temporaries (XLA) {_gib(m['temp_bytes'])}   (activations, gradients, gathered weights; "
+      f"{report['platform'].upper()} compiler)",
       f"  total             {_gib(m['total_bytes'])}   vs {acc['name']} {acc['memory_bytes'] / GIB:.1f} GiB "
       f"({USABLE_MEMORY_FRACTION:.0%} usable): {'FITS' if report['fits'] else 'DOES NOT FIT'}",
       '', 'compute:',
@@ -300,15 +317,16 @@ def format_report(report):
   return '\n'.join(lines)
 
 
-def mesh_hint(config, accelerator):
+def mesh_hint(config, accelerator, devices=None):
   """' (meshes of these devices that would work: ...)' for a mesh the model cannot be laid out on."""
   try:
     budget = accelerator_spec(accelerator)['memory_bytes'] * USABLE_MEMORY_FRACTION
-    meshes = suggest_meshes(config, jax.devices(), budget, limit=3)
+    devices = jax.devices() if devices is None else devices
+    meshes = suggest_meshes(config, devices, budget, limit=3)
   except ValueError:
     return ''
   if not meshes:
-    return f' (no data x fsdp x tensor mesh of {jax.device_count()} devices divides this model and batch)'
+    return f' (no data x fsdp x tensor mesh of {len(devices)} devices divides this model and batch)'
   return ' (meshes of these devices that divide it and whose state fits: ' + ', '.join(
       f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}" for m in meshes) + ')'
 
@@ -320,6 +338,9 @@ def define_flags():
                        lower_bound=1)
   flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
                       'default config.train.accelerator, or h100 if that is cpu.')
+  flags.DEFINE_string('topology', None, 'A Cloud TPU slice to compile for, e.g. v5e-256, v4-128, v5p-512 (needs '
+                      'libtpu: the tpu extra; otherwise simulated CPU devices).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices (joined by DCN: config.mesh.dcn_*) of --topology, or of --devices.')
   flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
   flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
 
@@ -334,10 +355,15 @@ def main(argv):
                         '--xla_force_host_platform_device_count elsewhere')
   config = cli.config()
   accelerator = FLAGS.accelerator or ('h100' if config.train.accelerator == 'cpu' else config.train.accelerator)
+  devices, num_slices = None, FLAGS.num_slices
+  if _TOPOLOGY:
+    accelerator = FLAGS.accelerator or _TOPOLOGY[0].accelerator
+    devices = topology_lib.devices(_TOPOLOGY[0]) if _TOPOLOGY[1] else None
+    num_slices = None if _TOPOLOGY[1] else num_slices  # TPU devices know their slice
   try:
-    report = dry_run(config, accelerator, FLAGS.mfu)
+    report = dry_run(config, accelerator, FLAGS.mfu, devices=devices, num_slices=num_slices)
   except sharding_lib.ShardingError as e:
-    raise sharding_lib.ShardingError(f'{e}{mesh_hint(config, accelerator)}') from None
+    raise sharding_lib.ShardingError(f'{e}{mesh_hint(config, accelerator, devices)}') from None
   print(format_report(report), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

@@ -2,15 +2,18 @@
 
 The model names its axes (`embed`, `heads`, `mlp`, ...); `config.mesh.logical_axis_rules` maps each name onto mesh
 axes `data`, `fsdp`, `tensor`. This module turns that table into `NamedSharding`s and checks, before anything is
-compiled, that every sharded dimension divides evenly.
+compiled, that every sharded dimension divides evenly. Over several TPU slices each mesh axis is a DCN part (across
+slices: `config.mesh.dcn_*`) times an ICI part (within a slice: `config.mesh.data/fsdp/tensor`).
 """
 
 import math
 import os
+import types
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perijax.errors import UserError
@@ -46,16 +49,43 @@ def mesh_shape(mesh_config, device_count):
   return tuple(sizes[axis] for axis in MESH_AXES)
 
 
-def make_mesh(mesh_config, devices=None):
-  """A mesh over all devices of all processes.
+def slice_count(devices):
+  """TPU slices the devices span (a single slice's devices, and CPU/GPU devices, have no slice_index)."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
 
+
+def make_mesh(mesh_config, devices=None, num_slices=None):
+  """A mesh over all devices of all processes; over several slices, a hybrid mesh whose DCN part
+  (`mesh.dcn_data` x `mesh.dcn_fsdp`; data parallel across slices by default) joins per-slice ICI meshes.
+
+  `num_slices` simulates slices on devices that have none (CPU): consecutive devices form a slice.
   Auto axes, not jax.make_mesh's default Explicit ones: Flax's logical partitioning is GSPMD-style, and with Explicit
   axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded").
   """
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = num_slices or slice_count(devices)
+  if len(devices) % slices:
+    raise ShardingError(f'{len(devices)} devices do not split into {slices} slices of equal size')
+  ici = mesh_shape(mesh_config, len(devices) // slices)
+  if slices == 1:
+    return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types, devices=devices)
+  dcn = {'dcn_data': mesh_config.get('dcn_data', -1), 'dcn_fsdp': mesh_config.get('dcn_fsdp', 1)}
+  fixed = math.prod(size for size in dcn.values() if size != -1)
+  dcn = {k: slices // fixed if size == -1 and slices % fixed == 0 else size for k, size in dcn.items()}
+  if math.prod(dcn.values()) != slices:
+    raise ShardingError(f'config.mesh.dcn_data x dcn_fsdp = {dcn} must multiply to the {slices} slices (use -1 '
+                        f'for one of them to fill it)')
+  dcn = (dcn['dcn_data'], dcn['dcn_fsdp'], 1)
+  simulated = slice_count(devices) != slices
+  if simulated:  # tag each device with its slice for create_hybrid_device_mesh, and untag its result
+    per_slice = len(devices) // slices
+    devices = [types.SimpleNamespace(device=d, slice_index=i // per_slice, platform=d.platform,
+                                     device_kind=d.device_kind, id=d.id) for i, d in enumerate(devices)]
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  if simulated:
+    grid = np.vectorize(lambda d: d.device, otypes=[object])(grid)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_rules(mesh_config):

@@ -20,6 +20,7 @@ from perijax import metrics as metrics_lib
 from perijax import optimizer as optimizer_lib
 from perijax import params as params_lib
 from perijax import rundir
+from perijax import runtime
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
@@ -212,6 +213,7 @@ def main(argv):
     raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   config = cli.config()
+  runtime.setup(config.train)  # XLA flags and the compilation cache, before jax starts its backends
   cli.initialize_distributed()
   train(config, flags.FLAGS.workdir, resume_from_intact=flags.FLAGS.resume_from_intact)
 

@@ -1,6 +1,7 @@
 """The pod-scale dry run: real train step compiled for 8 and 64 simulated CPU devices (one subprocess each, since the
 device count is fixed when jax starts), its memory figures against the parameter count, and its errors."""
 
+import importlib.util
 import json
 import math
 import os
@@ -31,8 +32,9 @@ def run_dryrun(tmp_path, devices, *args):
   out = tmp_path / f'dryrun_{devices}.json'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
+  devices_arg = [f'--devices={devices}'] if devices else []
   process = subprocess.run(
-      [sys.executable, '-m', 'perijax.dryrun', '--config=configs/tiny.py', f'--devices={devices}', *SMALL, *args,
+      [sys.executable, '-m', 'perijax.dryrun', '--config=configs/tiny.py', *devices_arg, *SMALL, *args,
        f'--json={out}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   report = json.loads(out.read_text()) if out.exists() else None
   return process, report
@@ -122,3 +124,43 @@ def test_suggested_meshes_fit_the_budget_and_shard_enough():
 def test_unknown_accelerator_is_rejected():
   with pytest.raises(ValueError, match='tpu_v4'):
     dryrun.accelerator_spec('tpu_v9')
+
+
+LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+
+@pytest.mark.skipif(LIBTPU, reason='libtpu is installed: --topology compiles for TPU (next test)')
+def test_topology_without_libtpu_says_so_and_simulates_its_slices(tmp_path):
+  process, report = run_dryrun(tmp_path, None, '--topology=v5e-4', '--num_slices=2', '--config.mesh.data=1',
+                               '--config.mesh.fsdp=-1')
+  assert process.returncode == 0, process.stderr[-2000:]
+  first = process.stderr.strip().splitlines()[0]
+  assert first.startswith('perijax.dryrun: libtpu is not installed') and 'simulating 8 CPU devices' in first
+  # 2 slices x 4 chips: data parallel across the slices (mesh.dcn_data = -1), fsdp over each slice's 4 devices.
+  assert report['devices'] == 8 and report['slices'] == 2 and report['platform'] == 'cpu'
+  assert report['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert report['accelerator']['name'] == 'tpu_v5e'  # the topology's memory and peak, unless --accelerator
+  check_memory_consistent_with_parameter_count(report, fsdp=4)
+
+
+@pytest.mark.skipif(not LIBTPU, reason='needs libtpu (the tpu extra)')
+def test_topology_compiles_with_the_tpu_compiler(tmp_path):
+  process, report = run_dryrun(tmp_path, None, '--topology=v5e-16', '--num_slices=2', '--config.mesh.data=1',
+                               '--config.mesh.fsdp=-1')
+  assert process.returncode == 0, process.stderr[-2000:]
+  assert 'TPU_' not in process.stderr and 'WARNING' not in process.stderr  # libtpu's environment warnings silenced
+  assert report['platform'] == 'tpu' and report['device_kind'] == 'TPU v5 lite'
+  assert report['devices'] == 32 and report['slices'] == 2 and report['mesh'] == {'data': 2, 'fsdp': 16, 'tensor': 1}
+  memory = report['memory_per_device']
+  # TPU buffers are padded to the chip's tiles, so XLA's arguments are at least the state the shardings give.
+  assert memory['argument_bytes'] >= memory['state_bytes'] > 0 and memory['temp_bytes'] > 0
+  assert report['xla_flops_per_device_per_micro_step'] > 0
+  assert 'TPU v5 lite devices in 2 slice(s)' in process.stdout and 'TPU compiler' in process.stdout
+
+
+def test_bad_topology_is_one_line_before_jax_starts(tmp_path):
+  for args, message in ((['--topology=v5e-300'], "--topology='v5e-300'"),
+                        (['--topology=v5e-16', '--num_slices=0'], '--num_slices=0')):
+    process, report = run_dryrun(tmp_path, None, *args)
+    assert process.returncode != 0 and report is None and 'Traceback' not in process.stderr
+    assert process.stderr.strip().splitlines() == [process.stderr.strip()] and message in process.stderr
