@@ -75,8 +75,8 @@ case('config_not_dividing', 'train', r'd_model = 32 is not allowed: expected a m
     lambda ctx: (train_args(ctx, None, '--config.model.num_heads=3'), ctx.run))
 case('batch_not_dividing_the_mesh', 'train', r'batch of 12 sequences .* not divisible by data x fsdp = 8')(
     lambda ctx: (train_args(ctx, None, '--config.train.batch_size=12'), ctx.run))
-case('config_file_missing', 'train', r"--config=configs/nope.py: 'configs/nope.py' is not a file")(
-    lambda ctx: ([f'--workdir={ctx.run}', '--config=configs/nope.py'], ctx.run))
+case('config_file_missing', 'train', r"--config=no_such_config.py: 'no_such_config.py' is not a file")(
+    lambda ctx: ([f'--workdir={ctx.run}', '--config=no_such_config.py'], ctx.run))
 case('config_file_broken', 'params', r'cannot be loaded \(SyntaxError')(
     lambda ctx: ([f'--config={ctx.write("broken.py", "def get_config(:")}'], ctx.run))
 case('config_file_without_get_config', 'params', r"cannot be loaded \(AttributeError.*get_config")(
