@@ -25,7 +25,6 @@ if REPO not in sys.path:  # `python experiments/<name>.py` as well as `python -m
   sys.path.insert(0, REPO)
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging  # pylint: disable=g-import-not-at-top
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -29,7 +29,6 @@ The tasks' average uses each task's acc_norm where it reports one and acc otherw
 import json
 import math
 import re
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
@@ -38,12 +37,11 @@ import numpy as np
 from perijax import cli
 from perijax import growth
 from perijax import instability
-from perijax import rundir
 from perijax import sweep
 from perijax import tables
 from perijax.errors import ArgumentError
 # Re-exported: the names experiments and tests use as perijax.inspect's.
-from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs, read_metrics, stats_lines  # noqa
+from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs  # noqa
 from perijax.tables import format_number, format_table, layer_tables  # noqa
 
 

@@ -9,7 +9,6 @@ import tensorflow_datasets as tfds
 
 import perijax.tasks
 from perijax.tasks import paper_tasks
-from perijax.tasks import builders
 
 
 class ByteTokenizer:

@@ -35,7 +35,6 @@ parameters, an unknown task or field) prints one `perijax.evaluate: error:` line
 writing nothing.
 """
 
-import os
 import time
 
 from absl import flags, logging
