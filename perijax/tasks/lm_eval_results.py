@@ -20,7 +20,7 @@ import time
 
 import jax
 
-LM_EVAL_DIR = os.path.join('eval', 'lm_eval')
+from perijax import rundir
 
 # perijax task -> (lm-eval task name, version, metrics, dataset_path, dataset_name, split, doc_to_text,
 # doc_to_target, doc_to_choice): lm-eval's task YAMLs at 4e7e0d47 (docs/evaluation.md); next_line is perijax's own.
@@ -103,13 +103,13 @@ def results_file(workdir, result, config, split_sizes, model_name=None):
 
 
 def write(workdir, result, config, split_sizes):
-  """WORKDIR/eval/lm_eval/<run>__step_<N>/results_<date>.json (written whole, then renamed); returns its path."""
+  """WORKDIR/eval/lm_eval/<run>__step_<N>/results_<date>.json (written whole, then renamed); returns its path.
+  Through `perijax.rundir`, so an object-store workdir (gs://) works as for eval/step_N.json."""
   contents = results_file(workdir, result, config, split_sizes)
-  directory = os.path.join(workdir, LM_EVAL_DIR, contents['model_name_sanitized'])
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f'results_{datetime.datetime.now().isoformat().replace(":", "-")}.json')
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(contents, f, indent=2, ensure_ascii=False)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
-  return path
+  directory = rundir.eval_dir(workdir) / 'lm_eval' / contents['model_name_sanitized']
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / f'results_{datetime.datetime.now().isoformat().replace(":", "-")}.json'
+  temporary = directory / (path.name + '.tmp')
+  temporary.write_text(json.dumps(contents, indent=2, ensure_ascii=False) + '\n', encoding='utf-8')
+  temporary.replace(path)
+  return str(path)
