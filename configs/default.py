@@ -147,7 +147,7 @@ def get_config():
   evaluation.packed_scoring = True   # several task requests per row, kept apart by segment ids (same scores, faster)
   evaluation.lm_eval_results = True  # also write lm-evaluation-harness's results_<time>.json under WORKDIR/eval/lm_eval
 
-  # ---- Weights & Biases (beside metrics.jsonl and TensorBoard; needs `pip install wandb`) ---------------------------
+  # ---- Weights & Biases (beside metrics.jsonl and TensorBoard) ------------------------------------------------------
   wandb = config.wandb = ml_collections.ConfigDict()
   wandb.enabled = False             # also log training metrics to W&B; run name = workdir name, id kept in the workdir
   wandb.project = 'perijax'         # W&B project

@@ -7,9 +7,9 @@ part_000002.jsonl, ...: each log step rewrites the current part whole (at most P
 after PART_LINES lines or when a resumed run starts. `perijax.rundir.metrics_files` lists them in the order written.
 
 metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, grad_norm_max, loss_scale,
-skipped_steps, spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list by layer): loss,
-grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`), lr is the one the
-line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics steps the
+initial_scale_backoffs, skipped_steps, spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list
+by layer): loss, grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`),
+lr is the one the line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics steps the
 per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom, fp16_overflow,
 attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_* entries, which
 TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
@@ -17,7 +17,7 @@ TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms'
 and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
 left out).
 
-W&B (`pip install wandb`, imported only when enabled): the run is named after the workdir, its id is kept in
+W&B (pinned in requirements.txt, imported only when enabled): the run is named after the workdir, its id is kept in
 WORKDIR/wandb_run_id so a resumed training continues the same W&B run, and its config is the run's config. WANDB_MODE
 and WANDB_DIR in the environment win over config.wandb.mode and the default directory (the workdir), as for any W&B
 program.

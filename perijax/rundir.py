@@ -3,11 +3,13 @@
     config.json              the resolved config (perijax.train)
     tokenizer.json           which tokenizer the run used; tokenizer.model: a copy of its sentencepiece model, if any
     checkpoints/<step>/      Orbax checkpoints (perijax/checkpoint.py)
+    checkpoints_damaged/     steps set aside by --resume_from_intact (perijax/checkpoint.py)
     metrics.jsonl            training metrics, one JSON object per line (a local workdir: appended to)
     metrics/part_<n>.jsonl   the same lines on an object store, which cannot append (perijax/metrics.py)
     tensorboard/             training TensorBoard event files
     wandb_run_id             the W&B run id, so a resumed run continues the same W&B run
     eval/step_<N>.json       perijax.evaluate's result for checkpoint N; eval/tensorboard/ its TensorBoard scalars
+    eval/lm_eval/            task scores in lm-eval's results format (perijax/tasks/lm_eval_results.py)
     train.log, eval.log      perijax.sweep's logs of the commands it ran for the run
 
 Every path is an `etils.epath.Path`, as Orbax's are, so WORKDIR may be local or an object-store URL
