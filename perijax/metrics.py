@@ -11,8 +11,8 @@ initial_scale_backoffs, skipped_steps, spike, spikes, forward_overflows, tokens_
 by layer): loss, grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`),
 lr is the one the line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics
 steps the per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom,
-fp16_overflow, attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_* entries, which
-TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
+fp16_overflow, attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_*
+entries, which TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
 ...; None for a layer without that norm). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard
 and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
 left out).
