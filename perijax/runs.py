@@ -3,11 +3,12 @@ at chosen steps (`chosen_stats`). What `python -m perijax.inspect` and the exper
 """
 
 import dataclasses
-import glob
 import json
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
+
+from etils import epath
 
 from perijax import rundir
 
@@ -27,20 +28,22 @@ class RunRecord:
 
 
 def find_workdirs(paths: Sequence[str]) -> List[str]:
-  """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither."""
+  """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither.
+  Through epath, as `perijax.rundir`, so a gs:// path works too."""
   workdirs = []
   for path in paths:
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
       raise FileNotFoundError(f'{path!r} is not a directory; expected a run workdir or a sweep root')
     if rundir.is_run(path):
       workdirs.append(path)
       continue
     # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
-    children = sorted(d for d in glob.glob(os.path.join(path, '*')) if os.path.isdir(d) and rundir.is_run(d))
+    children = sorted(os.path.join(path, d.name) for d in epath.Path(path).iterdir()
+                      if not d.name.startswith('.') and d.is_dir() and rundir.is_run(d))
     listed = []
-    if os.path.exists(os.path.join(path, 'sweep.json')):
-      with open(os.path.join(path, 'sweep.json')) as f:
-        listed = [os.path.join(path, run['name']) for run in json.load(f)['runs']]
+    sweep_json = epath.Path(path) / 'sweep.json'
+    if sweep_json.exists():
+      listed = [os.path.join(path, run['name']) for run in json.loads(sweep_json.read_text())['runs']]
     listed = [d for d in listed if d in children]
     if not listed and not children:
       raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
