@@ -94,7 +94,9 @@ def check_writable_dir(path, what='--workdir'):
 
 def _tool_name():
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-  return spec.name if spec and spec.name.startswith('perijax') else os.path.basename(sys.argv[0])
+  if spec and spec.name.startswith('perijax'):
+    return spec.name.removesuffix('.__main__')  # python -m perijax.evaluate runs the package's __main__
+  return os.path.basename(sys.argv[0])
 
 
 def fail(message):

@@ -36,6 +36,7 @@ import tarfile
 from typing import Iterator
 
 from absl import flags
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -299,6 +300,7 @@ def prepare(data_dir: str = '', sdist: str = '') -> tfds.core.DatasetBuilder:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every step at INFO; the summary lines below are what matter
   builder = prepare(flags.FLAGS.data_dir, flags.FLAGS.sdist)
   for split in ('train', 'validation', 'test'):
     source = builder.as_data_source(split=split)
