@@ -5,7 +5,9 @@ Steps are timed the way the trainer runs them: the step jitted with the state's 
 dispatched back to back, with one `block_until_ready` at the end of the timed window (the host never waits inside it).
 """
 
+import collections
 import functools
+import re
 import tempfile
 import time
 
@@ -37,22 +39,29 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       self.state, shardings = train_step_lib.create_train_state(config, self.model, self.optimizer, self.mesh)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
-    self.step_fn = train_step_lib.jit_train_step(config, self.model, self.optimizer, shardings, self.batch_sharding)
+    # The trainer's two step functions: plain, and with per-layer statistics (jit is lazy: each compiles when first
+    # called or lowered, so the statistics one costs nothing unless a measurement uses it).
+    self.step_fns = {collect: train_step_lib.jit_train_step(config, self.model, self.optimizer, shardings,
+                                                            self.batch_sharding, collect) for collect in (False, True)}
 
-  def step(self, batch):
+  def step(self, batch, collect_stats=False):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      self.state, metrics = self.step_fn(self.state, batch)
+      self.state, metrics = self.step_fns[collect_stats](self.state, batch)
     return metrics
+
+  def lower(self, batch, collect_stats=False):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.step_fns[collect_stats].lower(self.state, batch)
 
   def put(self, local_batch):
     return sharding_lib.global_batch_from_local(local_batch, self.batch_sharding)
 
-  def run(self, next_batch, steps, every=None, on_every=None):
+  def run(self, next_batch, steps, every=None, on_every=None, collect_stats=False):
     """Seconds per step over `steps` steps fed by `next_batch()`; `on_every(trainer, i)` after every `every`-th."""
     jax.block_until_ready(self.state)
     start = time.perf_counter()
     for i in range(1, steps + 1):
-      self.step(next_batch())
+      self.step(next_batch(), collect_stats)
       if every and i % every == 0:
         on_every(self, i)
     jax.block_until_ready(self.state)
@@ -99,6 +108,16 @@ def speed_row(config, step_s, peak_flops=None, step_s_median=None):
   return with_mfu(row, peak_flops) if peak_flops else row
 
 
+def interleaved_rounds(timers, rounds):
+  """[[seconds per step of each round] per timer]: the `timers` (callables returning seconds per step) take turns for
+  `rounds` rounds, so a slow patch of a shared machine hits every one alike."""
+  times = [[] for _ in timers]
+  for _ in range(rounds):
+    for i, timer in enumerate(timers):
+      times[i].append(timer())
+  return times
+
+
 def train_speeds(configs, steps, rounds=2, warmup=2, peak_flops=None):
   """[{step_s, step_s_median, tokens_per_s, model_flops_per_s, mfu}] per config, on one device.
 
@@ -110,10 +129,8 @@ def train_speeds(configs, steps, rounds=2, warmup=2, peak_flops=None):
   batches = [t.put(synthetic_batch(t.config)) for t in trainers]
   for trainer, batch in zip(trainers, batches):
     trainer.run(lambda b=batch: b, warmup)  # the first step compiles
-  times = [[] for _ in configs]
-  for _ in range(rounds):
-    for i, (trainer, batch) in enumerate(zip(trainers, batches)):
-      times[i].append(trainer.run(lambda b=batch: b, steps))
+  times = interleaved_rounds([functools.partial(trainer.run, lambda b=batch: b, steps)
+                              for trainer, batch in zip(trainers, batches)], rounds)
   return [speed_row(config, min(t), peak_flops, float(np.median(t))) for config, t in zip(configs, times)]
 
 
@@ -181,3 +198,41 @@ def checkpoint_stall(config, every, rounds=4, warmup=2):
     manager.close()
   return {'no_checkpoint_step_s': without, 'checkpoint_step_s': with_saves, 'every': every, 'rounds': rounds,
           'save_call_s': sum(blocking) / len(blocking), 'stall': with_saves / without - 1}
+
+
+def program_cost(lowered):
+  """XLA's FLOPs and bytes of a lowered step once compiled, and how many of each StableHLO op its program has."""
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per computation
+  ops = collections.Counter(re.findall(r'= ([a-z_]+\.[a-z_.]+)', lowered.as_text()))  # every op that makes a value
+  return {'flops': cost.get('flops'), 'bytes_accessed': cost.get('bytes accessed'), 'ops': sum(ops.values()),
+          'top_k': ops['chlo.top_k'], 'op_counts': ops}
+
+
+def stats_cost(config, steps=3, rounds=12, warmup=2):
+  """What per-layer statistics cost: the trainer's plain step against its statistics step (`collect_stats=True`,
+  run every `config.train.stats_every` steps), same state, same batch.
+
+  Programs: XLA's FLOPs and bytes accessed of each compiled step, their StableHLO op counts, the ops the statistics
+  add (`ops_added`: op -> extra count) and `plain_ops_beyond_stats`, the op kinds the plain step has more of (0 when
+  its program is contained in the statistics one); the plain step has no `top_k` (the massive-activation search).
+  Times: rounds of `steps` steps take turns, each side keeps its fastest round (median in `*_median`); `extra` is the
+  statistics step's extra time, `amortised` = extra / stats_every, what statistics add to a run's average step.
+  """
+  trainer = trainer_for(config)
+  batch = trainer.put(synthetic_batch(config))
+  plain, stats = (program_cost(trainer.lower(batch, collect)) for collect in (False, True))
+  plain_ops, stats_ops = plain.pop('op_counts'), stats.pop('op_counts')
+  for collect in (False, True):
+    trainer.run(lambda: batch, warmup, collect_stats=collect)  # compiled above; the first steps settle allocations
+  plain_times, stats_times = interleaved_rounds(
+      [functools.partial(trainer.run, lambda: batch, steps, collect_stats=collect) for collect in (False, True)], rounds)
+  extra = min(stats_times) / min(plain_times) - 1
+  every = config.train.stats_every
+  return {'plain': plain, 'stats': stats, 'flops_ratio': stats['flops'] / plain['flops'],
+          'ops_added': dict(sorted((stats_ops - plain_ops).items())),
+          'plain_ops_beyond_stats': len(plain_ops - stats_ops),
+          'plain_step_s': min(plain_times), 'stats_step_s': min(stats_times),
+          'plain_step_s_median': float(np.median(plain_times)), 'stats_step_s_median': float(np.median(stats_times)),
+          'extra': extra, 'extra_median': float(np.median(stats_times) / np.median(plain_times) - 1),
+          'stats_every': every, 'amortised': extra / every, 'steps': steps, 'rounds': rounds}
