@@ -7,7 +7,8 @@
 CPU sections: the dense matmul rate of this machine (MFU's denominator); train tokens/s and MFU per placement and
 dtype at d_model 512; the performance variants (remat policy, scan over layers) on the same config; compile time at
 4 vs 48 layers with and without scan; the input pipeline's rate; the stall from feeding steps through the pipeline
-and from asynchronous checkpointing. Each target of the issues is checked in `targets`.
+and from asynchronous checkpointing; what the per-layer statistics step costs over the plain step (`stats_cost`).
+Each target of the issues is checked in `targets`.
 On Linux the CPU run re-executes itself once with perijax/hardware.py's CPU_GLIBC_TUNABLES (`--no_malloc_tuning`
 measures without them; they are recorded in the JSON's meta).
 GPU section: MFU of paper_400m (seq 2048) in bfloat16 and in float16 with dynamic loss scaling, against the accelerator
@@ -43,11 +44,11 @@ SIZES = {
     'full': dict(d_model=512, layers=4, seq_len=256, batch=4, steps=3, rounds=12, placements=PLACEMENTS,
                  dtypes=('float32', 'bfloat16'), variants=VARIANTS, compile_d_model=128, compile_depths=(4, 48),
                  compile_scan=(True, False), matmul=1024, pipeline_s=5.0, stall_steps=60, checkpoint_every=100,
-                 checkpoint_rounds=4),
+                 checkpoint_rounds=4, stats_steps=3, stats_rounds=12),
     'smoke': dict(d_model=32, layers=1, seq_len=32, batch=4, steps=2, rounds=1, placements=('pre', 'peri'),
                   dtypes=('float32',), variants=(), compile_d_model=32, compile_depths=(1, 2), compile_scan=(True,),
                   matmul=128, pipeline_s=0.5, stall_steps=4, checkpoint_every=2,
-                  checkpoint_rounds=2),
+                  checkpoint_rounds=2, stats_steps=1, stats_rounds=1),
 }
 TARGETS = {  # name: (value key, comparison, threshold, source)
     'peri_over_pre_step_time': ('<=', 1.03, 'training issue / issue 7'),
@@ -124,6 +125,9 @@ def cpu_sections(sizes, data_dir, log):
   results['checkpoint_stall'] = train_speed.checkpoint_stall(stall_config, s['checkpoint_every'],
                                                                 s['checkpoint_rounds'])
   log(f"checkpoint every {s['checkpoint_every']} steps: stall {results['checkpoint_stall']['stall']:+.1%}")
+  results['stats_cost'] = train_speed.stats_cost(stall_config, s['stats_steps'], s['stats_rounds'])
+  log(f"statistics step: {results['stats_cost']['extra']:+.1%} step time, "
+      f"{results['stats_cost']['amortised']:+.2%} amortised")
   results['targets'] = check_targets(results, sizes)
   return results
 
@@ -204,6 +208,11 @@ def table(results):
     add(f"compile, {r['layers']} layers, scan {r['scan_layers']}", f"{r['seconds']:.1f} s")
   if 'tokens_per_s' in results.get('pipeline', {}):
     add('input pipeline rate', f"{results['pipeline']['tokens_per_s']:,.0f} tokens/s")
+  if 'stats_cost' in results:
+    cost = results['stats_cost']
+    add('statistics step vs plain step: step time, FLOPs (XLA), top_k ops in the plain step',
+        f"{cost['extra']:+.1%}, x{cost['flops_ratio']:.3f}, {cost['plain']['top_k']}")
+    add(f"statistics amortised over stats_every={cost['stats_every']} steps", f"{cost['amortised']:+.2%} step time")
   for name, check in results.get('targets', {}).items():
     value = '—' if check['value'] is None else f"{check['value']:.3f}"
     verdict = 'n/a' if check['met'] is None else 'met' if check['met'] else 'NOT met'

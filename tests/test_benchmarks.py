@@ -33,7 +33,7 @@ def test_smoke_writes_every_section(smoke):
   assert results['meta']['mode'] == 'smoke'
   if platform.system() == 'Linux':  # the CPU run restarts itself with the malloc tunables unless some are already set
     assert results['meta']['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', hardware.CPU_GLIBC_TUNABLES)
-  assert {'matmul_flops', 'train', 'compile_s', 'pipeline', 'pipeline_stall', 'checkpoint_stall',
+  assert {'matmul_flops', 'train', 'compile_s', 'pipeline', 'pipeline_stall', 'checkpoint_stall', 'stats_cost',
           'targets'} <= set(results)
   assert {(r['placement'], r['dtype']) for r in results['train']} == {('pre', 'float32'), ('peri', 'float32')}
   assert 'error' not in results['pipeline'] and results['pipeline']['tokens_per_s'] > 0
@@ -96,3 +96,24 @@ def test_gpu_section_runs_its_two_dtypes_on_a_toy_config():
     assert row['tokens_per_s'] == pytest.approx(2 * 16 / row['step_s'])
     assert row['mfu'] == pytest.approx(row['model_flops_per_s'] / 989e12)
   assert set(results['targets']) == {'mfu_400m_bfloat16', 'mfu_400m_float16'}
+
+
+def test_stats_cost_compares_the_plain_step_with_the_statistics_step():
+  """The plain step's program has none of the statistics: fewer FLOPs, no top_k, no op kind more often than the
+  statistics step; the timing fields agree with each other and reach the printed table."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import run  # pylint: disable=import-outside-toplevel
+  import train_speed  # pylint: disable=import-outside-toplevel
+  config = run.bench_config(d_model=32, layers=1, seq_len=16, batch=2)
+  config.model.update(vocab_size=64, mlp_dim=64)
+  config.train.stats_every = 25
+  cost = json.loads(json.dumps(train_speed.stats_cost(config, steps=1, rounds=2, warmup=1)))  # what the JSON holds
+  plain, stats = cost['plain'], cost['stats']
+  assert plain['top_k'] == 0 and stats['top_k'] >= 1 and cost['ops_added']['chlo.top_k'] == stats['top_k']
+  assert 0 < plain['flops'] < stats['flops'] and cost['flops_ratio'] == pytest.approx(stats['flops'] / plain['flops'])
+  assert plain['ops'] < stats['ops'] and cost['plain_ops_beyond_stats'] == 0
+  assert plain['ops'] + sum(cost['ops_added'].values()) == stats['ops']
+  assert cost['extra'] == pytest.approx(cost['stats_step_s'] / cost['plain_step_s'] - 1)
+  assert cost['stats_every'] == 25 and cost['amortised'] == pytest.approx(cost['extra'] / 25)
+  assert cost['rounds'] == 2 and cost['plain_step_s'] > 0 and cost['stats_step_s'] > 0
+  assert 'statistics amortised over stats_every=25 steps' in run.table({'stats_cost': cost})
