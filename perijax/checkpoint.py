@@ -27,7 +27,6 @@ from perijax.errors import UserError
 
 
 MANIFEST = 'checksums.json'
-DAMAGED_DIR = 'checkpoints_damaged'   # in the workdir: steps set aside by --resume_from_intact, kept, never deleted
 _BLOCK = 1 << 20
 # Orbax rewrites these as it renames a finished step into place (commit time): bookkeeping, not data.
 _REWRITTEN_AT_RENAME = ('_CHECKPOINT_METADATA', 'commit_success.txt')
@@ -172,12 +171,13 @@ def resume_step(manager, workdir, resume_from_intact=False):
               if chosen is not None else 'no intact checkpoint remains; rerun with --resume_from_intact to start '
               'afresh')
     raise DamagedCheckpointError(f'{damage}; {newest} (damaged steps are moved to '
-                                 f'{os.path.join(os.path.abspath(workdir), DAMAGED_DIR)}, not deleted)')
+                                 f'{rundir.damaged_checkpoints(workdir)}, not deleted)')
   if set_aside and jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, DAMAGED_DIR), exist_ok=True)
+    damaged_dir = str(rundir.damaged_checkpoints(workdir))  # local: checksums are only checked on local stores
+    os.makedirs(damaged_dir, exist_ok=True)
     for step, error in set_aside:
-      print(f'{error}; moved to {DAMAGED_DIR}/{step}', flush=True)
-      target = os.path.join(workdir, DAMAGED_DIR, str(step))
+      print(f'{error}; moved to {damaged_dir}/{step}', flush=True)
+      target = os.path.join(damaged_dir, str(step))
       while os.path.exists(target):  # the same step set aside before: keep both
         target += '_'
       shutil.move(os.path.join(str(manager.directory), str(step)), target)

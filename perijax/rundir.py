@@ -45,6 +45,10 @@ def checkpoints(workdir) -> epath.Path:
   return root(workdir) / 'checkpoints'
 
 
+def damaged_checkpoints(workdir) -> epath.Path:
+  return root(workdir) / 'checkpoints_damaged'
+
+
 def checkpoint_state(workdir, step) -> epath.Path:
   return checkpoints(workdir) / str(step) / 'state'
 
