@@ -129,11 +129,18 @@ def plot(runs, records, rows, path):
   points = sorted({(row['lr'], row['num_layers']) for row in rows})
   placements = list(dict.fromkeys(row['placement'] for row in rows))
   width = 0.8 / max(len(placements), 1)
+  finite = [r['worst_fp16_headroom'] for r in rows if r['worst_fp16_headroom'] not in (None, float('inf'))]
+  overflow_bar = max(finite + [1.0]) * 4
   for i, placement in enumerate(placements):
-    values = [next((r['worst_fp16_headroom'] for r in rows if r['placement'] == placement and
-                    (r['lr'], r['num_layers']) == point), None) or np.nan for point in points]
-    headroom_ax.bar(np.arange(len(points)) + i * width, values, width, label=placement,
-                   color=plots.placement_color(placement))
+    values = np.array([next((r['worst_fp16_headroom'] for r in rows if r['placement'] == placement and
+                             (r['lr'], r['num_layers']) == point), None) or np.nan for point in points])
+    # An overflowed run's headroom is infinite, which a log axis cannot draw: a hatched bar to the top, marked inf.
+    overflowed = np.isinf(values)
+    x = np.arange(len(points)) + i * width
+    headroom_ax.bar(x, np.where(overflowed, overflow_bar, values), width, label=placement,
+                    color=plots.placement_color(placement), hatch=[('//' if o else '') for o in overflowed])
+    for position in x[overflowed]:
+      headroom_ax.text(position, overflow_bar, 'inf', ha='center', va='bottom', fontsize=7)
   headroom_ax.axhline(1.0, color='k', linestyle=':', label='float16 max (65504)')
   headroom_ax.set_xticks(np.arange(len(points)) + width * (len(placements) - 1) / 2,
                          [f'lr {lr:g}\n{depth} layers' for lr, depth in points], fontsize=7)
