@@ -64,6 +64,7 @@ def summarize(runs, records):
     final_var = np.mean([line['residual_var'] for line in last_stats], axis=0)
     rows.append({
         'placement': placement, 'n_seeds': len(members),
+        'per_seed_final_loss': [s['final_loss'] for s in summaries],
         'final_loss': inspect_lib.mean_std([s['final_loss'] for s in summaries]),
         'eval_loss': inspect_lib.mean_std([s['eval_loss'] for s in summaries]),
         'diverged': sum(s['diverged'] for s in summaries),
@@ -113,6 +114,9 @@ def main(argv):
   data = {'settings': {**common.settings(setup, grid, FLAGS.seeds, FLAGS.root),
                        'wall_seconds': round(time.time() - start)},
           'toy_example': toy_example(), 'init': init_rows, 'training': rows}
+  by_placement = {row['placement']: row['per_seed_final_loss'] for row in rows}
+  if set(PLACEMENTS) <= set(by_placement):
+    data['final_loss_peri_vs_pre_post'] = common.compare(by_placement['peri'], by_placement['pre_post'])
   plot(init_rows, rows, os.path.join(FLAGS.results, f'{NAME}.png'))
   print(f'toy example: {data["toy_example"]}')
   for row in init_rows:
@@ -122,6 +126,8 @@ def main(argv):
     print(f'trained {row["placement"]:>8}: final loss {inspect_lib.format_mean_std(row["final_loss"])}, eval loss '
           f'{inspect_lib.format_mean_std(row["eval_loss"])}, diverged {row["diverged"]}/{row["n_seeds"]}, final '
           f'residual var {np.round(row["final_residual_var"], 3).tolist()}')
+  if 'final_loss_peri_vs_pre_post' in data:
+    print('final loss:', common.compare_text('peri', 'pre_post', data['final_loss_peri_vs_pre_post']))
   print('wrote', common.write_json(FLAGS.results, NAME, data))
 
 
