@@ -211,9 +211,10 @@ def subprocess_run_command(argv: Sequence[str], log_path: str) -> int:
 
 def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> None:
   path = os.path.join(root, 'sweep.json')
-  with open(path + '.tmp', 'w') as f:
+  tmp_path = f'{path}.{os.getpid()}.tmp'   # per process: two sweeps sharing a root must not rename each other's file
+  with open(tmp_path, 'w') as f:
     json.dump({**header, 'runs': [r.to_dict() for r in runs]}, f, indent=1, default=str)
-  os.replace(path + '.tmp', path)   # a sweep killed mid-write leaves the previous sweep.json whole
+  os.replace(tmp_path, path)   # a sweep killed mid-write leaves the previous sweep.json whole
 
 
 def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
