@@ -33,7 +33,7 @@ from ml_collections.config_flags import config_flags  # pylint: disable=g-import
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
-from perijax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+from perijax import report as report_lib  # pylint: disable=g-import-not-at-top
 from perijax import rundir  # pylint: disable=g-import-not-at-top
 from perijax import instability  # pylint: disable=g-import-not-at-top
 from perijax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
@@ -103,7 +103,7 @@ def plan(setup: Setup, grid: Sequence[Tuple[str, Sequence[Any]]], seeds: int, ro
 def train_runs(setup: Setup, runs: Sequence[sweep.Run], root: str, evaluate: bool = False,
                log: Callable[[str], None] = print) -> None:
   """Trains (and with `evaluate`, evaluates) each run not done yet: `perijax.sweep`'s runner, one `perijax.train`
-  process after another, recorded in ROOT/sweep.json for `perijax.inspect`. Raises if a run failed."""
+  process after another, recorded in ROOT/sweep.json for `perijax.report`. Raises if a run failed."""
   runs = sweep.run_sweep(runs, root, setup.config_arg, setup.fixed, log=log, evaluate=evaluate)
   failed = [run for run in runs if run.status in ('failed', 'eval_failed')]
   if failed:
@@ -124,12 +124,12 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
   return True
 
 
-def load_records(runs: Sequence[sweep.Run]) -> List[inspect_lib.RunRecord]:
-  return [inspect_lib.load_run(run.workdir, run.name) for run in runs]
+def load_records(runs: Sequence[sweep.Run]) -> List[report_lib.RunRecord]:
+  return [report_lib.load_run(run.workdir, run.name) for run in runs]
 
 
-def by_group(runs: Sequence[sweep.Run], records: Sequence[inspect_lib.RunRecord],
-             fields: Sequence[str]) -> Dict[Tuple[Any, ...], List[inspect_lib.RunRecord]]:
+def by_group(runs: Sequence[sweep.Run], records: Sequence[report_lib.RunRecord],
+             fields: Sequence[str]) -> Dict[Tuple[Any, ...], List[report_lib.RunRecord]]:
   """Records grouped by the values of `fields` (every swept field but the seed), in grid order."""
   groups = {}
   for run, record in zip(runs, records):
@@ -223,10 +223,10 @@ def finite_or_none(value):
 # ---- seeds and spread ----------------------------------------------------------------------------------------------
 
 def compare(a: Sequence[Any], b: Sequence[Any]) -> Dict[str, Any]:
-  """Two sets of per-seed values: each as mean ± std (perijax.inspect.mean_std: sample std over the finite values),
+  """Two sets of per-seed values: each as mean ± std (perijax.report.mean_std: sample std over the finite values),
   the difference of the means, and whether it exceeds the seed spread: |mean_a - mean_b| > std_a + std_b, i.e. the
   two ±1-std bands do not overlap (None when a side has fewer than 2 finite seeds, which gives no spread)."""
-  a_cell, b_cell = inspect_lib.mean_std(a), inspect_lib.mean_std(b)
+  a_cell, b_cell = report_lib.mean_std(a), report_lib.mean_std(b)
   difference = (a_cell['mean'] - b_cell['mean'] if a_cell['mean'] is not None and b_cell['mean'] is not None
                 else None)
   exceeds = None
@@ -237,11 +237,11 @@ def compare(a: Sequence[Any], b: Sequence[Any]) -> Dict[str, Any]:
 
 def compare_text(name_a: str, name_b: str, comparison: Dict[str, Any]) -> str:
   verdict = {True: 'exceeds the seed spread', False: 'within the seed spread', None: 'spread unknown (< 2 seeds)'}
-  return (f'{name_a} {inspect_lib.format_mean_std(comparison["a"])} vs {name_b} '
-          f'{inspect_lib.format_mean_std(comparison["b"])}: {verdict[comparison["exceeds_seed_spread"]]}')
+  return (f'{name_a} {report_lib.format_mean_std(comparison["a"])} vs {name_b} '
+          f'{report_lib.format_mean_std(comparison["b"])}: {verdict[comparison["exceeds_seed_spread"]]}')
 
 
-def divergence(record: inspect_lib.RunRecord) -> instability.Divergence:
+def divergence(record: report_lib.RunRecord) -> instability.Divergence:
   """perijax/instability.py's rule on a run's logged losses, with the run's own parameters."""
   lines = [line for line in record.metrics if line.get('loss') is not None]
   return instability.run_diverged([line['loss'] for line in lines], [line['step'] for line in lines], record.config)

@@ -31,7 +31,7 @@ from absl import flags
 import numpy as np
 
 from experiments import common
-from perijax import inspect as inspect_lib
+from perijax import report as report_lib
 from perijax import plots
 
 NAME = 'fp16_stability'
@@ -58,13 +58,13 @@ def grid_from(setup, placements, lrs, depths):
 
 def summarize(runs, records):
   """One row per (placement, lr, depth): every column as mean ± std over seeds, and the diverged count (by
-  perijax/instability.py's rule, which perijax.inspect.summarize_run applies)."""
+  perijax/instability.py's rule, which perijax.report.summarize_run applies)."""
   rows = []
   for key, members in common.by_group(runs, records, GROUP_FIELDS).items():
-    summaries = [inspect_lib.summarize_run(record) for record in members]
+    summaries = [report_lib.summarize_run(record) for record in members]
     row = dict(zip(('placement', 'lr', 'num_layers'), key))
     row['per_seed'] = {column: [s[column] for s in summaries] for column in COLUMNS}
-    row.update({column: inspect_lib.mean_std([s[column] for s in summaries]) for column in COLUMNS})
+    row.update({column: report_lib.mean_std([s[column] for s in summaries]) for column in COLUMNS})
     row['worst_fp16_headroom'] = max((s['max_fp16_headroom'] for s in summaries
                                       if s['max_fp16_headroom'] is not None), default=None)
     row['diverged'] = sum(s['diverged'] for s in summaries)
@@ -117,10 +117,10 @@ def checks(rows):
 def table(rows):
   headers = ['placement', 'lr', 'layers', 'seeds'] + list(COLUMNS) + ['worst headroom', 'diverged']
   body = [[row['placement'], f'{row["lr"]:g}', str(row['num_layers']), str(row['n_seeds'])] +
-          [inspect_lib.format_mean_std(row[c]) for c in COLUMNS] +
-          [inspect_lib.format_number(row['worst_fp16_headroom']), f'{row["diverged"]}/{row["n_seeds"]}']
+          [report_lib.format_mean_std(row[c]) for c in COLUMNS] +
+          [report_lib.format_number(row['worst_fp16_headroom']), f'{row["diverged"]}/{row["n_seeds"]}']
           for row in rows]
-  return inspect_lib.format_table([headers], body)
+  return report_lib.format_table([headers], body)
 
 
 def plot(runs, records, rows, path):
@@ -179,7 +179,7 @@ def main(argv):
   data = {'settings': {**common.settings(setup, grid, FLAGS.seeds, FLAGS.root),
                        'wall_seconds': round(time.time() - start)},
           'groups': rows, 'checks': checks(rows),
-          'runs': [{'run': run.name, **inspect_lib.summarize_run(record)} for run, record in zip(runs, records)]}
+          'runs': [{'run': run.name, **report_lib.summarize_run(record)} for run, record in zip(runs, records)]}
   plot(runs, records, rows, os.path.join(FLAGS.results, f'{NAME}.png'))
   print(table(rows))
   for point in data['checks'].get('per_point', []):

@@ -122,9 +122,9 @@ def summarize(runs, records):
     l_init = float(np.mean(inits)) if inits else math.inf
     per_seed = np.minimum(np.asarray(row['final_loss_per_seed'], np.float64), l_init)   # [lrs, seeds]
     row['l_init'] = l_init
-    row['final_loss'] = [common.inspect_lib.mean_std(losses) for losses in per_seed]
+    row['final_loss'] = [common.report_lib.mean_std(losses) for losses in per_seed]
     row['sensitivity_per_seed'] = [sensitivity(per_seed[:, s], l_init) for s in range(per_seed.shape[1])]
-    row['sensitivity'] = common.inspect_lib.mean_std(row['sensitivity_per_seed'])
+    row['sensitivity'] = common.report_lib.mean_std(row['sensitivity_per_seed'])
     row['best_lr'] = row['lrs'][int(np.argmin(per_seed.mean(1)))]
     row['final_loss_per_seed'] = [[common.finite_or_none(v) for v in losses] for losses in row['final_loss_per_seed']]
     logit_maxima = [max(v) for v in row['attn_logit_max'] if v]
@@ -172,7 +172,7 @@ def plot(rows, path):
       std = np.asarray([c['std'] or 0.0 for c in row['final_loss']])
       style = '--' if row['compute_dtype'] == 'float16' else ':' if row['qk_norm'] else '-'
       ax.plot(row['lrs'], mean, style, marker='o', color=color_of(row['variant'], index),
-              label=f'{row["variant"]} (sens. {common.inspect_lib.format_mean_std(row["sensitivity"])})')
+              label=f'{row["variant"]} (sens. {common.report_lib.format_mean_std(row["sensitivity"])})')
       ax.fill_between(row['lrs'], mean - std, mean + std, color=color_of(row['variant'], index), alpha=0.15)
     ax.axhline(np.mean([r['l_init'] for r in rows if r['num_layers'] == depth]), color='k', linestyle=':',
                linewidth=0.8, label='L_init')
@@ -196,12 +196,12 @@ def table(rows):
   headers = ['variant', 'layers'] + [f'lr {lr:.2g}' for lr in lrs] + ['sensitivity', 'diverged', 'max logit']
   body = []
   for row in rows:
-    cells = {lr: common.inspect_lib.format_mean_std(cell) for lr, cell in zip(row['lrs'], row['final_loss'])}
+    cells = {lr: common.report_lib.format_mean_std(cell) for lr, cell in zip(row['lrs'], row['final_loss'])}
     body.append([row['variant'], str(row['num_layers'])] + [cells.get(lr, '-') for lr in lrs] +
-                [common.inspect_lib.format_mean_std(row['sensitivity']),
+                [common.report_lib.format_mean_std(row['sensitivity']),
                  f'{sum(row["diverged"])}/{row["n_seeds"] * len(row["lrs"])}',
-                 common.inspect_lib.format_number(row['largest_attn_logit'])])
-  return common.inspect_lib.format_table([headers], body, keep=2)
+                 common.report_lib.format_number(row['largest_attn_logit'])])
+  return common.report_lib.format_table([headers], body, keep=2)
 
 
 def define_flags():

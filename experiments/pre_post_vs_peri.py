@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
-from perijax import inspect as inspect_lib
+from perijax import report as report_lib
 from perijax import plots
 
 NAME = 'pre_post_vs_peri'
@@ -58,15 +58,15 @@ def init_profiles(setup, batch_size):
 def summarize(runs, records):
   rows = []
   for (placement,), members in common.by_group(runs, records, ('model.norm.placement',)).items():
-    summaries = [inspect_lib.summarize_run(record) for record in members]
+    summaries = [report_lib.summarize_run(record) for record in members]
     last_stats = [[line for line in record.metrics if line.get('residual_var')][-1] for record in members]
     grad_lines = [[line for line in record.metrics if line.get('layer_grad_norm')] for record in members]
     final_var = np.mean([line['residual_var'] for line in last_stats], axis=0)
     rows.append({
         'placement': placement, 'n_seeds': len(members),
         'per_seed_final_loss': [s['final_loss'] for s in summaries],
-        'final_loss': inspect_lib.mean_std([s['final_loss'] for s in summaries]),
-        'eval_loss': inspect_lib.mean_std([s['eval_loss'] for s in summaries]),
+        'final_loss': report_lib.mean_std([s['final_loss'] for s in summaries]),
+        'eval_loss': report_lib.mean_std([s['eval_loss'] for s in summaries]),
         'diverged': sum(s['diverged'] for s in summaries),
         'final_residual_var': final_var.tolist(), 'final_fit': growth.fit_growth(final_var).to_dict(),
         'final_layer_grad_norm': np.mean([lines[-1]['layer_grad_norm'] for lines in grad_lines], axis=0).tolist(),
@@ -123,8 +123,8 @@ def main(argv):
     print(f'at init {row["placement"]:>8}: residual var {np.round(row["residual_var"], 3).tolist()} '
           f'({row["fit"]["verdict"]})')
   for row in rows:
-    print(f'trained {row["placement"]:>8}: final loss {inspect_lib.format_mean_std(row["final_loss"])}, eval loss '
-          f'{inspect_lib.format_mean_std(row["eval_loss"])}, diverged {row["diverged"]}/{row["n_seeds"]}, final '
+    print(f'trained {row["placement"]:>8}: final loss {report_lib.format_mean_std(row["final_loss"])}, eval loss '
+          f'{report_lib.format_mean_std(row["eval_loss"])}, diverged {row["diverged"]}/{row["n_seeds"]}, final '
           f'residual var {np.round(row["final_residual_var"], 3).tolist()}')
   if 'final_loss_peri_vs_pre_post' in data:
     print('final loss:', common.compare_text('peri', 'pre_post', data['final_loss_peri_vs_pre_post']))

@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
-from perijax import inspect as inspect_lib
+from perijax import report as report_lib
 from perijax import plots
 
 NAME = 'variance_law'
@@ -139,7 +139,7 @@ def verdict(scale_rows, training_rows):
   # log10 of the largest per-layer growth since init, per seed: a diverged seed (no finite growth) counts as inf.
   log_growth = {p: [math.log10(r['max_growth_over_training']) if r['max_growth_over_training'] else math.inf
                     for r in rows] for p, rows in trained.items()}
-  checks['log10_max_growth_over_training'] = {p: inspect_lib.mean_std(v) for p, v in log_growth.items()}
+  checks['log10_max_growth_over_training'] = {p: report_lib.mean_std(v) for p, v in log_growth.items()}
   if 'pre' in trained and 'peri' in trained:
     comparison = common.compare(log_growth['pre'], log_growth['peri'])
     checks['pre_vs_peri_log10_growth'] = comparison
@@ -239,8 +239,8 @@ def report(data):
   lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
   for row in data['training']:
     lines.append(f'  {row["run"]}: first {row["fit_first"]["verdict"]}, last {fit_text(row["fit_last"])}, max growth '
-                 f'{inspect_lib.format_number(row["max_growth_over_training"])}x, final loss '
-                 f'{inspect_lib.format_number(row["final_loss"])}')
+                 f'{report_lib.format_number(row["max_growth_over_training"])}x, final loss '
+                 f'{report_lib.format_number(row["final_loss"])}')
   lines.append('training: growth law across seeds per placement (init -> end)')
   for placement, fits in data.get('group_fits', {}).items():
     if fits:

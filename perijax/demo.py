@@ -6,7 +6,7 @@ evaluation script, compared side by side.
 
 One `perijax.sweep` grid over `model.norm.placement`: each run is `python -m perijax.train` then
 `python -m perijax.evaluate` in a process of its own, in ROOT/placement=<name>/, and a run already evaluated is
-skipped (run the command again after an interruption and it picks up where it stopped). Then the `perijax.inspect`
+skipped (run the command again after an interruption and it picks up where it stopped). Then the `perijax.report`
 report is printed (per-layer residual variance, max |x| and float16 headroom by layer; the growth-law fit of variance
 against depth; the Table-1 comparison of losses, task accuracies and stability counts), and written with its plots:
 ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
@@ -24,7 +24,7 @@ from ml_collections.config_flags import config_flags
 
 from perijax import cli
 from perijax import config as config_lib
-from perijax import inspect as inspect_lib
+from perijax import report as report_lib
 from perijax import rundir
 from perijax import sweep
 from perijax.errors import ArgumentError
@@ -58,9 +58,9 @@ def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, A
   """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
   # Named by placement alone ('pre', 'peri', 'post'): short table columns and plot legends.
-  records = [inspect_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
+  records = [report_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
              if rundir.metrics_files(run.workdir)]
-  text, data = inspect_lib.report(records)
+  text, data = report_lib.report(records)
   data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))
   with open(os.path.join(root, 'report.txt'), 'w') as f:
     f.write(text + '\n')

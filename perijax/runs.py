@@ -1,5 +1,5 @@
 """Reading runs: a workdir's config, metrics.jsonl lines and evals (`load_runs`), and its per-layer statistics lines
-at chosen steps (`chosen_stats`). What `python -m perijax.inspect` and the experiments read.
+at chosen steps (`chosen_stats`). What `python -m perijax.report` and the experiments read.
 """
 
 import dataclasses
@@ -63,7 +63,7 @@ def read_metrics(workdir: str) -> List[Dict[str, Any]]:
       try:
         line = json.loads(text)
       except json.JSONDecodeError:
-        print(f'perijax.inspect: skipping unreadable line {number} of {path}', file=sys.stderr)
+        print(f'perijax.report: skipping unreadable line {number} of {path}', file=sys.stderr)
         continue
       if 'step' in line:
         by_step[int(line['step'])] = line

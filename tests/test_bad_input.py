@@ -122,7 +122,7 @@ case('tokenizer_file_broken', 'train', r'is not a readable SentencePiece model')
                             f'--config.data.tokenizer_path={ctx.write("junk.model", "not a model")}'), ctx.run))
 case('corpus_sdist_missing', 'data.corpus', r'sdist /nonexistent.tar.gz does not exist')(
     lambda ctx: (['--sdist=/nonexistent.tar.gz', f'--data_dir={ctx.tmp / "corpus"}'], ctx.run))
-# ---- sweep, dryrun, inspect ----
+# ---- sweep, dryrun, report ----
 case('sweep_no_seeds', 'sweep', r'--seeds=0: need at least 1 seed')(
     lambda ctx: (['--config=configs/tiny.py', f'--root={ctx.tmp / "sweep"}', '--seeds=0', '--print'], ctx.run))
 case('sweep_without_values', 'sweep', r"--sweep='model.norm.placement': expected FIELD=VALUE")(
@@ -132,7 +132,7 @@ case('dryrun_zero_devices', 'dryrun', r'flag --devices=0: 0 is not a positive in
     lambda ctx: (['--config=configs/tiny.py', '--devices=0'], ctx.run))
 case('dryrun_bad_mfu', 'dryrun', r'--mfu=2.0: expected a fraction in \(0, 1\]')(
     lambda ctx: (['--config=configs/tiny.py', '--devices=8', '--mfu=2'], ctx.run))
-case('inspect_not_a_run', 'inspect', r'is not a directory; expected a run workdir or a sweep root')(
+case('report_not_a_run', 'report', r'is not a directory; expected a run workdir or a sweep root')(
     lambda ctx: ([str(ctx.tmp / 'nowhere')], ctx.run))
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import default, tiny
 from perijax.evaluate import eval_lib
-from perijax import inspect as inspect_lib
+from perijax import report as report_lib
 from perijax import metrics
 from perijax import model as model_lib
 from perijax import optimizer as optimizer_lib
@@ -261,7 +261,7 @@ def test_logit_max_is_traced_only_on_statistics_steps():
 
 # ---- where the numbers go ---------------------------------------------------------------------------------------
 
-def test_inspect_shows_the_gamma_table_per_run(tmp_path):
+def test_report_shows_the_gamma_table_per_run(tmp_path):
   workdir = tmp_path / 'peri'
   workdir.mkdir()
   line = {'step': 20, 'loss': 2.0, 'residual_var': [1.0, 2.0],
@@ -269,7 +269,7 @@ def test_inspect_shows_the_gamma_table_per_run(tmp_path):
           'out_norm_scale_mean': [None, 3.0], 'out_norm_scale_min': [None, 2.5], 'out_norm_scale_max': [None, 3.5],
           'final_norm_scale_mean': 1.125, 'final_norm_scale_min': 0.875, 'final_norm_scale_max': 1.5}
   (workdir / 'metrics.jsonl').write_text(json.dumps(line) + '\n')
-  text = inspect_lib.scale_tables([inspect_lib.load_run(str(workdir))])
+  text = report_lib.scale_tables([report_lib.load_run(str(workdir))])
   assert 'peri (step 20)' in text and 'input norms' in text and 'output norms' in text
   rows = [row.split() for row in text.splitlines()]
   assert ['1', '1.5', '[0.5,', '2]', '-'] in rows

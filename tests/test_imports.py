@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'perijax'
 # Modules that build the model or its numerics must not know about training, evaluation, reporting or commands.
 LOWER = ('perijax.norms', 'perijax.placement', 'perijax.model', 'perijax.precision', 'perijax.stats')
 HIGHER = ('perijax.train', 'perijax.evaluate', 'perijax.sweep', 'perijax.demo', 'perijax.dryrun', 'perijax.report',
-          'perijax.inspect', 'perijax.cli')
+          'perijax.cli')
 
 
 def module_name(path: pathlib.Path) -> str:

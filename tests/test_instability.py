@@ -11,7 +11,7 @@ import pytest
 from configs import default
 from configs import tiny
 from perijax import config as config_lib
-from perijax import inspect as perijax_inspect
+from perijax import report as report_lib
 from perijax import instability
 from perijax import train as train_lib
 
@@ -111,16 +111,16 @@ def test_bad_rule_fields_are_one_clear_error(field, value, allowed):
     config_lib.validate(config)
 
 
-def test_inspect_uses_the_rule(tmp_path):
+def test_report_uses_the_rule(tmp_path):
   def record(losses, config=None):
     metrics = [{'step': 10 * (i + 1), 'loss': loss} for i, loss in enumerate(losses)]
-    return perijax_inspect.RunRecord('r', str(tmp_path), config or {'train': {'steps': 10 * len(losses)}}, metrics, {})
+    return report_lib.RunRecord('r', str(tmp_path), config or {'train': {'steps': 10 * len(losses)}}, metrics, {})
 
   learned_then_lost = [5.7, 4.0, 3.0, 2.5, 2.2, 2.1] + [5.5] * 8   # final 5.5 < first 5.7
-  summary = perijax_inspect.summarize_run(record(learned_then_lost))
+  summary = report_lib.summarize_run(record(learned_then_lost))
   assert summary['diverged'] and summary['diverged_at'] == 70
-  assert not perijax_inspect.summarize_run(record([5.7, 4.0, 3.0, 6.0, 3.0, 2.9, 2.8]))['diverged']  # one spike
-  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0]))['diverged']
+  assert not report_lib.summarize_run(record([5.7, 4.0, 3.0, 6.0, 3.0, 2.9, 2.8]))['diverged']  # one spike
+  assert report_lib.summarize_run(record([5.0, math.inf, 4.0]))['diverged']
 
 
 @pytest.mark.slow
@@ -150,4 +150,4 @@ def test_float16_backoffs_while_the_scale_searches_are_apart_from_settled_skips(
   # Step 1's gradients overflowed (the scale was still searching): its per-layer norms say so.
   assert not all(map(math.isfinite, lines[1]['layer_grad_norm']))
   assert all(map(math.isfinite, last['layer_grad_norm']))
-  assert not perijax_inspect.summarize_run(perijax_inspect.load_run(str(tmp_path)))['diverged']
+  assert not report_lib.summarize_run(report_lib.load_run(str(tmp_path)))['diverged']

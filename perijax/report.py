@@ -1,6 +1,6 @@
 r"""Per-layer variance summaries, the growth-law fit, plots and a Table-1-style comparison of one or many runs.
 
-    python -m perijax.inspect DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
+    python -m perijax.report DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
 
 A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (the runs its sweep.json lists, in
 grid order, then any other workdir under it, e.g. an earlier grid's). Printed, in order:
@@ -40,7 +40,7 @@ from perijax import instability
 from perijax import sweep
 from perijax import tables
 from perijax.errors import ArgumentError
-# Re-exported: the names experiments and tests use as perijax.inspect's.
+# Re-exported: the names experiments and tests use as perijax.report's.
 from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs  # noqa
 from perijax.tables import format_number, format_table, layer_tables  # noqa
 
@@ -310,7 +310,7 @@ def define_flags():
 
 def main(argv):
   if len(argv) < 2:
-    raise ArgumentError('give at least one run workdir or sweep root: python -m perijax.inspect DIR [DIR ...]')
+    raise ArgumentError('give at least one run workdir or sweep root: python -m perijax.report DIR [DIR ...]')
   try:
     steps = [int(s) for s in FLAGS.steps] if FLAGS.steps else None
   except ValueError:

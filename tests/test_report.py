@@ -1,4 +1,4 @@
-"""perijax.inspect on small recorded workdirs (written here; no training): tables, fits, Table 1, plots, CLI."""
+"""perijax.report on small recorded workdirs (written here; no training): tables, fits, Table 1, plots, CLI."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from perijax import growth
-from perijax import inspect as perijax_inspect
+from perijax import report as report_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_LAYERS = 4
@@ -91,12 +91,12 @@ def sweep_root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(sweep_root):
-  return perijax_inspect.load_runs([str(sweep_root)])
+  return report_lib.load_runs([str(sweep_root)])
 
 
 def test_sweep_root_expands_to_its_runs_and_single_workdirs_work_too(sweep_root, runs):
   assert [r.name for r in runs] == [f'placement={p},seed={s}' for p in ('pre', 'peri') for s in range(3)]
-  single = perijax_inspect.load_runs([str(sweep_root / 'placement=peri,seed=0')])
+  single = report_lib.load_runs([str(sweep_root / 'placement=peri,seed=0')])
   assert [r.name for r in single] == ['placement=peri,seed=0']
 
 
@@ -106,15 +106,15 @@ def test_sweep_root_lists_its_grid_first_then_other_runs(tmp_path):
     (tmp_path / name / 'metrics.jsonl').write_text('{"step": 0, "loss": 1.0}\n')
   (tmp_path / 'not_a_run').mkdir()
   (tmp_path / 'sweep.json').write_text(json.dumps({'runs': [{'name': 'c'}, {'name': 'b'}, {'name': 'unstarted'}]}))
-  found = perijax_inspect.find_workdirs([str(tmp_path)])
+  found = report_lib.find_workdirs([str(tmp_path)])
   assert [pathlib.Path(p).name for p in found] == ['c', 'b', 'a']
 
 
 def test_a_path_that_is_not_a_run_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a directory'):
-    perijax_inspect.find_workdirs([str(tmp_path / 'missing')])
+    report_lib.find_workdirs([str(tmp_path / 'missing')])
   with pytest.raises(FileNotFoundError, match='expected a run workdir or a sweep root'):
-    perijax_inspect.find_workdirs([str(tmp_path)])
+    report_lib.find_workdirs([str(tmp_path)])
 
 
 def test_resumed_duplicates_keep_the_later_line_and_a_torn_line_is_skipped(runs):
@@ -124,7 +124,7 @@ def test_resumed_duplicates_keep_the_later_line_and_a_torn_line_is_skipped(runs)
 
 
 def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
-  text = perijax_inspect.layer_tables(runs[:1] + runs[3:4])
+  text = report_lib.layer_tables(runs[:1] + runs[3:4])
   variance_block = text.split('residual variance')[1].split('max |x|')[0]
   rows = {line.split()[0]: line.split() for line in variance_block.strip().splitlines()[3:]}
   assert '#1 = placement=pre,seed=0' in text and '#2 = placement=peri,seed=0' in text
@@ -138,24 +138,24 @@ def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
 
 
 def test_requested_steps_use_the_last_stats_at_or_before_each(runs):
-  chosen = perijax_inspect.chosen_stats(runs[0], [10, 39, 1000])
+  chosen = report_lib.chosen_stats(runs[0], [10, 39, 1000])
   assert [line['step'] for line in chosen] == [0, 20, 40]
-  assert perijax_inspect.chosen_stats(runs[0], [-5]) == [None]
+  assert report_lib.chosen_stats(runs[0], [-5]) == [None]
 
 
 def test_growth_fit_per_run_matches_the_pure_fit(runs):
-  fits = perijax_inspect.growth_fits(runs[0])
+  fits = report_lib.growth_fits(runs[0])
   assert [f['step'] for f in fits] == [0, 40]
   reference = growth.fit_growth(residual_var('pre', 40)).to_dict()
   assert fits[1] == {'step': 40, **reference}
   assert fits[1]['verdict'] == 'exponential'
   assert fits[1]['laws']['exponential']['params'] == pytest.approx({'a': 0.1, 'r': 0.7})
-  peri_fit = perijax_inspect.growth_fits(runs[3])[1]
+  peri_fit = report_lib.growth_fits(runs[3])[1]
   assert peri_fit['verdict'] == 'linear' and peri_fit['laws']['linear']['params'] == pytest.approx({'a': 1, 'b': 0.5})
 
 
 def test_growth_fit_across_seeds_uses_every_seed_of_a_configuration(runs):
-  fits = perijax_inspect.group_growth_fits(runs[3:])   # peri, seeds 0-2
+  fits = report_lib.group_growth_fits(runs[3:])   # peri, seeds 0-2
   assert [f['steps'] for f in fits] == [[0, 0, 0], [40, 40, 40]]
   reference = growth.fit_growth([residual_var('peri', 40)] * 3).to_dict()
   assert fits[1] == {'steps': [40, 40, 40], **reference} and reference['num_seeds'] == 3
@@ -174,7 +174,7 @@ def table_cells(table):
 
 
 def test_growth_table_shows_each_law_its_delta_aic_and_the_verdict(runs):
-  cells = table_cells(perijax_inspect.growth_table(runs[:1] + runs[3:]))
+  cells = table_cells(report_lib.growth_table(runs[:1] + runs[3:]))
   pre_last = cells['placement=pre,seed=0', '40']
   fit = growth.fit_growth(residual_var('pre', 40))
   assert pre_last['verdict'] == 'exponential' and pre_last['ΔAIC exp'] == '0.0'
@@ -184,14 +184,14 @@ def test_growth_table_shows_each_law_its_delta_aic_and_the_verdict(runs):
   assert float(pre_last['Var L/Var 1']) == pytest.approx(math.exp(0.7 * 3), rel=1e-3)
   peri_seeds = cells['placement=peri (3 seeds)', '40']
   assert peri_seeds['verdict'] == 'linear' and peri_seeds['linear'] == '1 + 0.5·l' and peri_seeds['layers'] == '4'
-  tied = perijax_inspect._growth_row('flat', '0', growth.fit_growth([2.0] * 4).to_dict())
+  tied = report_lib._growth_row('flat', '0', growth.fit_growth([2.0] * 4).to_dict())
   assert tied[3] == 'inconclusive (linear, power, exponential)'
-  unfit = perijax_inspect._growth_row('diverged', '0', growth.fit_growth([1.0, math.inf, 2.0]).to_dict())
+  unfit = report_lib._growth_row('diverged', '0', growth.fit_growth([1.0, math.inf, 2.0]).to_dict())
   assert unfit[3] == '- (1 non-finite value(s) (overflow or divergence); no fit)'
 
 
 def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
-  healthy = perijax_inspect.summarize_run(runs[0])
+  healthy = report_lib.summarize_run(runs[0])
   assert healthy['final_loss'] == pytest.approx(3.0)
   assert healthy['diverged'] is False and healthy['finished'] is True
   assert healthy['spikes'] == 1 and healthy['skipped_steps'] == 0
@@ -199,24 +199,24 @@ def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
   assert healthy['eval_loss'] == pytest.approx(3.5)
   assert healthy['avg'] == pytest.approx((0.40 + 0.5) / 2)       # acc_norm where reported, acc for winogrande
   assert healthy['avg_acc'] == pytest.approx((0.30 + 0.5) / 2)
-  assert perijax_inspect.summarize_run(runs[2])['diverged'] is True   # final loss NaN
+  assert report_lib.summarize_run(runs[2])['diverged'] is True   # final loss NaN
 
   def record(losses, planned):
     metrics = [{'step': 10 * i, 'loss': loss} for i, loss in enumerate(losses)]
-    return perijax_inspect.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
+    return report_lib.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
 
   # perijax/instability.py's rule (tested there on curves of known answer): any non-finite loss, or a smoothed loss
   # held above its running minimum; not "final above first".
-  assert perijax_inspect.summarize_run(record([5.0, math.inf, 4.0], planned=20))['diverged'] is True   # non-finite
-  assert perijax_inspect.summarize_run(record([5.0, 6.0, 5.5], planned=20))['diverged'] is False   # too short
-  assert perijax_inspect.summarize_run(record([5.0, 2.0] + [4.9] * 8, planned=100))['diverged'] is True   # lost it
-  assert perijax_inspect.summarize_run(record([5.0, 4.0], planned=100))['diverged'] is False   # still running
+  assert report_lib.summarize_run(record([5.0, math.inf, 4.0], planned=20))['diverged'] is True   # non-finite
+  assert report_lib.summarize_run(record([5.0, 6.0, 5.5], planned=20))['diverged'] is False   # too short
+  assert report_lib.summarize_run(record([5.0, 2.0] + [4.9] * 8, planned=100))['diverged'] is True   # lost it
+  assert report_lib.summarize_run(record([5.0, 4.0], planned=100))['diverged'] is False   # still running
 
 
 def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
-  groups = perijax_inspect.group_runs(runs)
+  groups = report_lib.group_runs(runs)
   assert [(label, len(members)) for label, members in groups] == [('placement=pre', 3), ('placement=peri', 3)]
-  rows = perijax_inspect.aggregate(groups)
+  rows = report_lib.aggregate(groups)
   pre, peri = rows
   peri_losses = [FINAL_LOSS['peri', s] for s in range(3)]
   assert peri['columns']['final_loss']['mean'] == pytest.approx(np.mean(peri_losses))
@@ -231,7 +231,7 @@ def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
   assert pre['columns']['spikes']['mean'] == pytest.approx(2.0)   # seeds 0..2 plus one each for pre
   assert (pre['diverged'], peri['diverged'], pre['n_seeds']) == (1, 0, 3)
 
-  text = perijax_inspect.table1(rows)
+  text = report_lib.table1(rows)
   peri_line = next(line for line in text.splitlines() if line.startswith('placement=peri '))
   assert f'{np.mean(peri_losses):.4g} ± {np.std(peri_losses, ddof=1):.4g}' in peri_line
   pre_line = next(line for line in text.splitlines() if line.startswith('placement=pre ') and '/3' in line)
@@ -241,23 +241,23 @@ def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
 
 
 def test_runs_without_config_group_by_name_without_seed(tmp_path):
-  records = [perijax_inspect.RunRecord(f'lr=0.001,seed={s}', str(tmp_path), {}, [{'step': 0, 'loss': 1.0 + s}], {})
+  records = [report_lib.RunRecord(f'lr=0.001,seed={s}', str(tmp_path), {}, [{'step': 0, 'loss': 1.0 + s}], {})
              for s in range(2)]
-  groups = perijax_inspect.group_runs(records)
+  groups = report_lib.group_runs(records)
   assert [(label, len(m)) for label, m in groups] == [('lr=0.001', 2)]
 
 
 def test_number_format_is_fixed_point_or_scientific():
-  assert perijax_inspect.format_number(1.5) == '1.5'
-  assert perijax_inspect.format_number(12345.6) == '1.23e+04'
-  assert perijax_inspect.format_number(0.00056) == '5.60e-04'
-  assert perijax_inspect.format_number(float('nan')) == 'nan'
-  assert perijax_inspect.format_number(None) == '-'
-  assert perijax_inspect.format_number(7) == '7'
+  assert report_lib.format_number(1.5) == '1.5'
+  assert report_lib.format_number(12345.6) == '1.23e+04'
+  assert report_lib.format_number(0.00056) == '5.60e-04'
+  assert report_lib.format_number(float('nan')) == 'nan'
+  assert report_lib.format_number(None) == '-'
+  assert report_lib.format_number(7) == '7'
 
 
 def test_increment_table_shows_each_sub_layer_term(runs):
-  text = perijax_inspect.tables.increment_table(runs[:1])
+  text = report_lib.tables.increment_table(runs[:1])
   lines = text.splitlines()
   assert [re.split(r'\s{2,}', line.strip()) for line in lines if 'ΔVar' in line] == [
       ['attn ΔVar', 'attn Var(Δ)', 'attn 2Cov', 'mlp ΔVar', 'mlp Var(Δ)', 'mlp 2Cov']] * 2   # steps 0 and 40
@@ -265,20 +265,20 @@ def test_increment_table_shows_each_sub_layer_term(runs):
   (attn_delta, attn_cov), (mlp_delta, mlp_cov) = increments(3)['attn'], increments(3)['mlp']
   expected = [attn_delta + 2 * attn_cov, attn_delta, 2 * attn_cov, mlp_delta + 2 * mlp_cov, mlp_delta, 2 * mlp_cov]
   assert row[0] == '3' and [float(v) for v in row[1:7]] == pytest.approx(expected, rel=1e-3)
-  old = perijax_inspect.RunRecord('old', '.', {}, [{'step': 0, 'residual_var': [1.0]}], {})
-  assert perijax_inspect.tables.increment_table([old]).startswith('no increment statistics')
+  old = report_lib.RunRecord('old', '.', {}, [{'step': 0, 'residual_var': [1.0]}], {})
+  assert report_lib.tables.increment_table([old]).startswith('no increment statistics')
 
 
 def test_massive_table_marks_massive_layers_and_where_they_sit(runs):
-  pre = perijax_inspect.tables.massive_table(runs[0])
+  pre = report_lib.tables.massive_table(runs[0])
   assert len(pre.split('\n\n')) == 1   # one block: fits a terminal
   rows = {line.split()[0]: line for line in pre.splitlines()[3:]}
   assert 'step 40' in pre.splitlines()[0] and '> 100 and > 1000 x median' in pre.splitlines()[0]
   assert rows['4'].split()[1:4] == ['2000*', '2.00e+04', '0/5']        # 500 x 4 = 20000 x the median 0.1
   assert '0/5 <doc>' in rows['4']
   assert '*' not in rows['2'] and rows['2'].split()[1] == '5'
-  assert '*' not in perijax_inspect.tables.massive_table(runs[3]).split('\n', 1)[1]    # peri: below the title
-  tables = perijax_inspect.tables
+  assert '*' not in report_lib.tables.massive_table(runs[3]).split('\n', 1)[1]    # peri: below the title
+  tables = report_lib.tables
   pre_summary, peri_summary = tables.massive_summary(runs[0]), tables.massive_summary(runs[3])
   assert pre_summary['residual_layers'] == [3, 4] and pre_summary['attn_out_layers'] == []
   assert pre_summary['channels'] == [5] and pre_summary['massive_entries'] == 2
@@ -291,9 +291,9 @@ def test_massive_table_marks_massive_layers_and_where_they_sit(runs):
 
 
 def test_massive_thresholds_come_from_the_run_config(runs):
-  strict = perijax_inspect.RunRecord('strict', runs[0].workdir, {'train': {'massive_abs_threshold': 1800.0}},
+  strict = report_lib.RunRecord('strict', runs[0].workdir, {'train': {'massive_abs_threshold': 1800.0}},
                                      runs[0].metrics, {})
-  assert perijax_inspect.tables.massive_summary(strict)['residual_layers'] == [4]   # 2000 > 1800, 1500 is not
+  assert report_lib.tables.massive_summary(strict)['residual_layers'] == [4]   # 2000 > 1800, 1500 is not
 
 
 def test_plots_are_valid_pngs(runs, tmp_path):
@@ -311,7 +311,7 @@ def test_plots_are_valid_pngs(runs, tmp_path):
 
 def test_cli_prints_tables_and_writes_json(sweep_root, tmp_path):
   out = tmp_path / 'report.json'
-  result = subprocess.run([sys.executable, '-m', 'perijax.inspect', str(sweep_root), f'--json={out}'],
+  result = subprocess.run([sys.executable, '-m', 'perijax.report', str(sweep_root), f'--json={out}'],
                           cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
   assert 'Table 1 (quality)' in result.stdout and 'Growth of residual variance' in result.stdout
   data = json.loads(out.read_text())
@@ -347,7 +347,7 @@ def test_every_line_is_labelled_and_a_placement_has_one_colour_in_every_figure(r
 
 
 def test_cli_prints_increments_and_massive_activations(sweep_root):
-  result = subprocess.run([sys.executable, '-m', 'perijax.inspect', str(sweep_root / 'placement=pre,seed=0')],
+  result = subprocess.run([sys.executable, '-m', 'perijax.report', str(sweep_root / 'placement=pre,seed=0')],
                           cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
   assert 'What drives the growth' in result.stdout and 'attn Var(Δ)' in result.stdout
   assert 'Massive activations' in result.stdout and '0/5 <doc>' in result.stdout
