@@ -33,9 +33,10 @@ from ml_collections.config_flags import config_flags  # pylint: disable=g-import
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
+from perijax import instability  # pylint: disable=g-import-not-at-top
 from perijax import report as report_lib  # pylint: disable=g-import-not-at-top
 from perijax import rundir  # pylint: disable=g-import-not-at-top
-from perijax import instability  # pylint: disable=g-import-not-at-top
+from perijax import runs as runs_lib  # pylint: disable=g-import-not-at-top
 from perijax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from perijax import stats as stats_lib  # pylint: disable=g-import-not-at-top
 from perijax import sweep  # pylint: disable=g-import-not-at-top
@@ -124,12 +125,12 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
   return True
 
 
-def load_records(runs: Sequence[sweep.Run]) -> List[report_lib.RunRecord]:
-  return [report_lib.load_run(run.workdir, run.name) for run in runs]
+def load_records(runs: Sequence[sweep.Run]) -> List[runs_lib.RunRecord]:
+  return [runs_lib.load_run(run.workdir, run.name) for run in runs]
 
 
-def by_group(runs: Sequence[sweep.Run], records: Sequence[report_lib.RunRecord],
-             fields: Sequence[str]) -> Dict[Tuple[Any, ...], List[report_lib.RunRecord]]:
+def by_group(runs: Sequence[sweep.Run], records: Sequence[runs_lib.RunRecord],
+             fields: Sequence[str]) -> Dict[Tuple[Any, ...], List[runs_lib.RunRecord]]:
   """Records grouped by the values of `fields` (every swept field but the seed), in grid order."""
   groups = {}
   for run, record in zip(runs, records):
@@ -241,7 +242,7 @@ def compare_text(name_a: str, name_b: str, comparison: Dict[str, Any]) -> str:
           f'{report_lib.format_mean_std(comparison["b"])}: {verdict[comparison["exceeds_seed_spread"]]}')
 
 
-def divergence(record: report_lib.RunRecord) -> instability.Divergence:
+def divergence(record: runs_lib.RunRecord) -> instability.Divergence:
   """perijax/instability.py's rule on a run's logged losses, with the run's own parameters."""
   lines = [line for line in record.metrics if line.get('loss') is not None]
   return instability.run_diverged([line['loss'] for line in lines], [line['step'] for line in lines], record.config)

@@ -31,8 +31,9 @@ from absl import flags
 import numpy as np
 
 from experiments import common
-from perijax import report as report_lib
 from perijax import plots
+from perijax import report as report_lib
+from perijax import tables
 
 NAME = 'fp16_stability'
 SMALL = {'model.num_layers': 2, 'model.d_model': 64, 'model.compute_dtype': 'float16',
@@ -118,9 +119,9 @@ def table(rows):
   headers = ['placement', 'lr', 'layers', 'seeds'] + list(COLUMNS) + ['worst headroom', 'diverged']
   body = [[row['placement'], f'{row["lr"]:g}', str(row['num_layers']), str(row['n_seeds'])] +
           [report_lib.format_mean_std(row[c]) for c in COLUMNS] +
-          [report_lib.format_number(row['worst_fp16_headroom']), f'{row["diverged"]}/{row["n_seeds"]}']
+          [tables.format_number(row['worst_fp16_headroom']), f'{row["diverged"]}/{row["n_seeds"]}']
           for row in rows]
-  return report_lib.format_table([headers], body)
+  return tables.format_table([headers], body)
 
 
 def plot(runs, records, rows, path):

@@ -42,6 +42,7 @@ import numpy as np
 
 from experiments import common
 from perijax import plots
+from perijax import tables
 
 NAME = 'lr_sensitivity'
 SMALL = {'model.d_model': 64, 'model.num_heads': 4, 'model.softmax_in_float32': False, 'train.steps': 200,
@@ -200,8 +201,8 @@ def table(rows):
     body.append([row['variant'], str(row['num_layers'])] + [cells.get(lr, '-') for lr in lrs] +
                 [common.report_lib.format_mean_std(row['sensitivity']),
                  f'{sum(row["diverged"])}/{row["n_seeds"] * len(row["lrs"])}',
-                 common.report_lib.format_number(row['largest_attn_logit'])])
-  return common.report_lib.format_table([headers], body, keep=2)
+                 tables.format_number(row['largest_attn_logit'])])
+  return tables.format_table([headers], body, keep=2)
 
 
 def define_flags():

@@ -22,8 +22,8 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
-from perijax import report as report_lib
 from perijax import plots
+from perijax import report as report_lib
 
 NAME = 'pre_post_vs_peri'
 SMALL = {'model.num_layers': 8, 'train.steps': 150, 'train.batch_size': 8, 'train.seq_len': 128,

@@ -32,8 +32,9 @@ import numpy as np
 
 from experiments import common
 from perijax import growth
-from perijax import report as report_lib
 from perijax import plots
+from perijax import report as report_lib
+from perijax import tables
 
 NAME = 'variance_law'
 SMALL = {'model.num_layers': 16, 'model.d_model': 64, 'model.num_heads': 4, 'train.steps': 1000,
@@ -239,8 +240,8 @@ def report(data):
   lines.append('training: growth law at init (step 0) and the last stats step; max over layers of Var(last)/Var(init)')
   for row in data['training']:
     lines.append(f'  {row["run"]}: first {row["fit_first"]["verdict"]}, last {fit_text(row["fit_last"])}, max growth '
-                 f'{report_lib.format_number(row["max_growth_over_training"])}x, final loss '
-                 f'{report_lib.format_number(row["final_loss"])}')
+                 f'{tables.format_number(row["max_growth_over_training"])}x, final loss '
+                 f'{tables.format_number(row["final_loss"])}')
   lines.append('training: growth law across seeds per placement (init -> end)')
   for placement, fits in data.get('group_fits', {}).items():
     if fits:

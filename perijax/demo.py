@@ -26,6 +26,7 @@ from perijax import cli
 from perijax import config as config_lib
 from perijax import report as report_lib
 from perijax import rundir
+from perijax import runs as runs_lib
 from perijax import sweep
 from perijax.errors import ArgumentError
 
@@ -58,7 +59,7 @@ def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, A
   """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
   # Named by placement alone ('pre', 'peri', 'post'): short table columns and plot legends.
-  records = [report_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
+  records = [runs_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs
              if rundir.metrics_files(run.workdir)]
   text, data = report_lib.report(records)
   data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))

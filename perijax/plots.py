@@ -1,9 +1,7 @@
 """PNG plots of one or many runs: variance per layer over training (curves and a layer x step heatmap), gradient norm
 per layer, loss, loss scale, massive activations. Every line is labelled; a placement has the same colour in every
 figure (PLACEMENT_COLORS, which the experiments' figures use too), runs of one placement differ in line style.
-
-Each function takes runs that have `.name`, `.metrics` (the metrics.jsonl lines, sorted by step) and `.evals`
-({step: eval json}), and writes one PNG. Matplotlib runs headless (Agg): no display is needed on a pod or in CI.
+Each function takes perijax.runs.RunRecords and writes one PNG; matplotlib runs headless (Agg), as on a pod or in CI.
 """
 
 import math
@@ -43,17 +41,12 @@ def placement_color(placement):
   return PLACEMENT_COLORS.get(placement, _OTHER_COLORS[0])
 
 
-def run_placement(run):
-  return (getattr(run, 'config', None) or {}).get('model', {}).get('norm', {}).get('placement')
-
-
 def _colors(runs):
   """Per run, its placement's colour and a line style that tells apart runs of the same placement (seeds, lrs)."""
   styles, seen = [], {}
   for run in runs:
-    placement = run_placement(run)
-    index = seen[placement] = seen.get(placement, -1) + 1
-    color = placement_color(placement) if placement in PLACEMENT_COLORS else _OTHER_COLORS[index % len(_OTHER_COLORS)]
+    index = seen[run.placement] = seen.get(run.placement, -1) + 1
+    color = PLACEMENT_COLORS.get(run.placement, _OTHER_COLORS[index % len(_OTHER_COLORS)])
     styles.append({'color': color, 'linestyle': LINESTYLES[index % len(LINESTYLES)]})
   return styles
 
@@ -132,16 +125,15 @@ def plot_layer_grad_norm(runs: Sequence, path: str) -> str:
     if not lines:
       continue
     any_data = True
-    last = np.asarray(lines[-1]['layer_grad_norm'], dtype=np.float64)
-    last_ax.plot(range(1, last.size + 1), _positive(last), marker='o', **style,
+    last = lines[-1]['layer_grad_norm']
+    last_ax.plot(range(1, len(last) + 1), _positive(last), marker='o', **style,
                  label=f'{run.name} (step {lines[-1]["step"]})')
-    width = max(len(line['layer_grad_norm']) for line in lines)
-    stacked = np.full((len(lines), width), np.nan)
+    stacked = np.full((len(lines), max(len(line['layer_grad_norm']) for line in lines)), np.nan)
     for i, line in enumerate(lines):
       stacked[i, :len(line['layer_grad_norm'])] = _positive(line['layer_grad_norm'])
     with np.errstate(all='ignore'):
       mean = np.nanmean(stacked, axis=0) if np.isfinite(stacked).any() else stacked[0]
-    mean_ax.plot(range(1, width + 1), mean, marker='o', **style, label=run.name)
+    mean_ax.plot(range(1, stacked.shape[1] + 1), mean, marker='o', **style, label=run.name)
   for ax, title in ((last_ax, 'at the last logged step'), (mean_ax, 'mean over logged steps')):
     ax.set_title(f'gradient norm per layer, {title}', fontsize=9)
     _layer_axis(ax)
@@ -193,20 +185,6 @@ def plot_loss_scale(runs: Sequence, path: str) -> str:
   return save_figure(fig, path)
 
 
-def write_plots(runs: Sequence, out_dir: str) -> List[str]:
-  """Writes every plot of `runs` (overlaid where that reads well) into `out_dir`; returns the paths."""
-  if not runs:
-    raise ValueError('no runs to plot')
-  return [
-      plot_residual_variance(runs, os.path.join(out_dir, 'residual_variance.png')),
-      plot_layer_grad_norm(runs, os.path.join(out_dir, 'layer_grad_norm.png')),
-      plot_loss(runs, os.path.join(out_dir, 'loss.png')),
-      plot_loss_scale(runs, os.path.join(out_dir, 'loss_scale.png')),
-      plot_variance_heatmap(runs, os.path.join(out_dir, 'residual_variance_heatmap.png')),
-      plot_massive_activations(runs, os.path.join(out_dir, 'massive_activations.png')),
-  ]
-
-
 def plot_variance_heatmap(runs: Sequence, path: str) -> str:
   """One panel per run: log10 residual variance, layer (rows) by stats step (columns)."""
   fig, axes = _panels(len(runs))
@@ -248,11 +226,9 @@ def plot_massive_activations(runs: Sequence, path: str) -> str:
     for name, linestyle, marker in MASSIVE_STYLES:
       entries = lines[-1].get(f'massive_{name}') or []
       layers = range(1, len(entries) + 1)
-      label = f'{run.name} {name} (step {lines[-1]["step"]})'
-      abs_ax.plot(layers, _positive([e['abs'][0] for e in entries]), color=style['color'], linestyle=linestyle,
-                  marker=marker, label=label)
-      ratio_ax.plot(layers, _positive([e['ratio'][0] for e in entries]), color=style['color'], linestyle=linestyle,
-                    marker=marker, label=label)
+      for ax, key in ((abs_ax, 'abs'), (ratio_ax, 'ratio')):
+        ax.plot(layers, _positive([e[key][0] for e in entries]), color=style['color'], linestyle=linestyle,
+                marker=marker, label=f'{run.name} {name} (step {lines[-1]["step"]})')
   for ax, title, index in ((abs_ax, 'largest |x| per layer', 0), (ratio_ax, 'largest |x| / median |x|', 1)):
     ax.set_title(title, fontsize=9)
     _layer_axis(ax)
@@ -266,3 +242,12 @@ def plot_massive_activations(runs: Sequence, path: str) -> str:
   fig.suptitle('Massive activations (Sun et al. 2024)')
   return save_figure(fig, path)
 
+
+def write_plots(runs: Sequence, out_dir: str) -> List[str]:
+  """Writes every plot of `runs` (overlaid where that reads well) into `out_dir`; returns the paths."""
+  if not runs:
+    raise ValueError('no runs to plot')
+  plots = {'residual_variance': plot_residual_variance, 'layer_grad_norm': plot_layer_grad_norm, 'loss': plot_loss,
+           'loss_scale': plot_loss_scale, 'residual_variance_heatmap': plot_variance_heatmap,
+           'massive_activations': plot_massive_activations}
+  return [plot(runs, os.path.join(out_dir, f'{name}.png')) for name, plot in plots.items()]

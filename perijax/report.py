@@ -1,29 +1,14 @@
-r"""Per-layer variance summaries, the growth-law fit, plots and a Table-1-style comparison of one or many runs.
+r"""The report on one or many runs: per-layer tables (residual variance, max |x|, float16 headroom, the norms' γ),
+growth-law fits of variance with depth, the increment decomposition, massive activations and Table 1; --plots writes
+the figures of perijax/plots.py, --json every number.
 
     python -m perijax.report DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
 
-A DIR is a run's workdir (it has config.json or metrics.jsonl) or a sweep root (the runs its sweep.json lists, in
-grid order, then any other workdir under it, e.g. an earlier grid's). Printed, in order:
-  1. per quantity (residual variance, max |x|, float16 headroom = max |x| / 65504), a table layer by run at the chosen
-     steps: by default each run's first and last step with per-layer stats; with --steps, for each requested step the
-     last stats step at or before it (a run that ended early shows its last); then per run the norms' scales γ
-     by layer and kind of norm at the last chosen step (mean [min, max]), where the run logged them;
-  2. per run and chosen step, the growth law of residual variance with depth (perijax/growth.py: linear, power or
-     exponential, compared by AIC, else inconclusive), then per configuration the same across its seeds;
-  3. what drives the growth: per sub-layer and layer, Var(x + Δ) - Var(x), Var(Δ) and 2·Cov(x, Δ)
-     (perijax/tables.py);
-  4. massive activations (Sun et al. 2024): per run at its last chosen step, each layer's largest |x| in the residual
-     stream and in each sub-layer's output, its ratio to the median |x| and where it sits (position in the document /
-     channel, token), `*` where massive by the run's train.massive_abs_threshold and massive_ratio_threshold; then one
-     row per run comparing placements: the layers with massive activations, their channels, the share at the first
-     token and at delimiters (document boundary, whitespace, punctuation), the largest ratio;
-  5. Table 1: runs that differ only in `train.seed` are grouped; each column is mean ± sample std (ddof=1) over the
-     seeds whose value is finite (`*` marks a column where some seed's value was not finite), with n_seeds and
-     `diverged k/n`.
-
-Diverged: perijax/instability.py's rule on the logged training losses (a non-finite loss, or a smoothed loss above
-its running minimum by train.divergence_margin for train.divergence_steps steps), with the run's own parameters.
-The tasks' average uses each task's acc_norm where it reports one and acc otherwise (winogrande has only acc).
+A DIR is a run's workdir or a sweep root (perijax/runs.py). The README ("Experiments, sweeps and inspection") says
+what each section shows. Table 1 groups the runs that differ only in `train.seed`; each column is mean ± sample std
+(ddof=1) over the seeds whose value is finite (`*` where some seed's was not), with `diverged k/n` by
+perijax/instability.py's rule (the run's own parameters). The tasks' average uses each task's acc_norm where it
+reports one and acc otherwise (winogrande has only acc).
 """
 
 import json
@@ -40,61 +25,26 @@ from perijax import instability
 from perijax import sweep
 from perijax import tables
 from perijax.errors import ArgumentError
-# Re-exported: the names experiments and tests use as perijax.report's.
-from perijax.runs import RunRecord, chosen_stats, find_workdirs, load_run, load_runs  # noqa
-from perijax.tables import format_number, format_table, layer_tables  # noqa
+from perijax.runs import RunRecord, chosen_stats, load_runs
+from perijax.tables import format_number, format_table
 
 
-SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
-               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
-
-
-def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
-  """Per run, the norms' γ (perijax.stats.scale_summary) at the last chosen step: layers (rows) by kind of norm,
-  each cell mean [min, max]; the final and embedding norms in rows of their own."""
-  text = []
-  for run in runs:
-    line = chosen_stats(run, steps)[-1] or {}
-    if not any(key.endswith('_scale_mean') for key in line) and run.evals:  # evaluation alone logged them
-      evaluated = run.evals.get(line.get('step')) or run.evals[max(run.evals)]
-      line = {'step': evaluated['step'], **evaluated.get('norm_scales', {})}
-
-    def cell(kind, layer=None):
-      values = [line[f'{kind}_scale_{name}'] for name in ('mean', 'min', 'max')]
-      values = values if layer is None else [value[layer] for value in values]
-      return '-' if values[0] is None else '{} [{}, {}]'.format(*map(format_number, values))
-
-    per_layer = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), list)]
-    whole = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), float)]
-    if not per_layer and not whole:
-      continue
-    depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
-    rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
-    rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
-    headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
-    text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
-  return '\n'.join(text)
+def _variance(line: Dict[str, Any]) -> List[float]:
+  return [math.nan if v is None else v for v in line['residual_var']]
 
 
 def growth_fits(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
   """The growth-law fits of residual variance against layer index at each chosen step (docs/paper.md, claim 1)."""
-  fits = []
-  for line in chosen_stats(run, steps):
-    if line is not None:
-      variance = [math.nan if v is None else v for v in line['residual_var']]
-      fits.append({'step': line['step'], **growth.fit_growth(variance).to_dict()})
-  return fits
+  return [{'step': line['step'], **growth.fit_growth(_variance(line)).to_dict()}
+          for line in chosen_stats(run, steps) if line is not None]
 
 
 def group_growth_fits(members: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
   """The same fits across the seeds of one configuration ([seeds, layers]: the law of the per-layer geometric mean,
   intervals over seeds), at each chosen step where every seed has stats with the same number of layers."""
-  fits = []
-  for lines in zip(*[chosen_stats(run, steps) for run in members]):
-    if all(line is not None for line in lines) and len({len(line['residual_var']) for line in lines}) == 1:
-      variance = [[math.nan if v is None else v for v in line['residual_var']] for line in lines]
-      fits.append({'steps': [line['step'] for line in lines], **growth.fit_growth(variance).to_dict()})
-  return fits
+  return [{'steps': [line['step'] for line in lines], **growth.fit_growth([_variance(l) for l in lines]).to_dict()}
+          for lines in zip(*[chosen_stats(run, steps) for run in members])
+          if all(lines) and len({len(line['residual_var']) for line in lines}) == 1]
 
 
 def _growth_row(name: str, step: str, fit: Dict[str, Any]) -> List[str]:
@@ -127,38 +77,32 @@ def _last(run: RunRecord, key: str, default=None):
   return values[-1] if values else default
 
 
-def _finite(value) -> bool:
-  return value is not None and math.isfinite(float(value))
-
-
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
-  """The numbers Table 1 compares, for one run; the divergence rule is in the module docstring."""
+  """The numbers Table 1 compares, for one run."""
   logged = [line for line in run.metrics if line.get('loss') is not None]
   losses = [float(line['loss']) for line in logged]
-  last_step = run.metrics[-1]['step'] if run.metrics else 0
-  planned = run.planned_steps
-  final_loss = losses[-1] if losses else None
   divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
-  spikes = _last(run, 'spikes', sum(bool(line.get('spike')) for line in run.metrics))
-  fp16_overflows = sum(sum(v for v in line.get('fp16_overflow') or [] if _finite(v)) for line in run.metrics)
   headroom = [v for line in run.metrics for v in line.get('fp16_headroom') or [] if v is not None]
   summary = {
-      'name': run.name, 'workdir': run.workdir, 'last_step': last_step, 'planned_steps': planned,
-      'finished': planned is not None and planned in run.evals,
-      'initial_loss': losses[0] if losses else None, 'final_loss': final_loss, 'diverged': divergence.diverged,
-      'diverged_at': divergence.step, 'initial_scale_backoffs': _last(run, 'initial_scale_backoffs', 0),
-      'spikes': spikes, 'fp16_overflows': fp16_overflows, 'forward_overflows': _last(run, 'forward_overflows', 0),
-      'skipped_steps': _last(run, 'skipped_steps', 0), 'max_fp16_headroom': max(headroom) if headroom else None,
+      'name': run.name, 'workdir': run.workdir, 'last_step': run.metrics[-1]['step'] if run.metrics else 0,
+      'planned_steps': run.planned_steps, 'finished': run.planned_steps is not None and run.planned_steps in run.evals,
+      'initial_loss': losses[0] if losses else None, 'final_loss': losses[-1] if losses else None,
+      'diverged': divergence.diverged, 'diverged_at': divergence.step,
+      'initial_scale_backoffs': _last(run, 'initial_scale_backoffs', 0),
+      'spikes': _last(run, 'spikes', sum(bool(line.get('spike')) for line in run.metrics)),
+      'fp16_overflows': sum(v for line in run.metrics for v in line.get('fp16_overflow') or []
+                            if v is not None and math.isfinite(v)),
+      'forward_overflows': _last(run, 'forward_overflows', 0), 'skipped_steps': _last(run, 'skipped_steps', 0),
+      'max_fp16_headroom': max(headroom) if headroom else None,
       'eval_step': None, 'eval_loss': None, 'tasks': {}, 'avg_acc': None, 'avg': None,
   }
   if run.evals:
     step = max(run.evals)
-    final_eval = run.evals[step]
-    tasks = final_eval.get('tasks') or {}
+    tasks = run.evals[step].get('tasks') or {}
     preferred = [t.get('acc_norm') if t.get('acc_norm') is not None else t.get('acc') for t in tasks.values()]
     accs = [t.get('acc') for t in tasks.values()]
     summary.update(
-        eval_step=step, eval_loss=final_eval.get('loss'),
+        eval_step=step, eval_loss=run.evals[step].get('loss'),
         tasks={name: {'acc': t.get('acc'), 'acc_norm': t.get('acc_norm')} for name, t in tasks.items()},
         avg_acc=float(np.mean(accs)) if accs and None not in accs else None,
         avg=float(np.mean(preferred)) if preferred and None not in preferred else None)
@@ -166,44 +110,38 @@ def summarize_run(run: RunRecord) -> Dict[str, Any]:
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+  """{'train': {'seed': 0}} -> {'train.seed': 0}."""
+  return {flat_key: flat_value for key, value in tree.items()
+          for flat_key, flat_value in (_flatten(value, f'{prefix}{key}.') if isinstance(value, dict)
+                                       else {f'{prefix}{key}': value}).items()}
+
+
+def _without_seed(name: str) -> str:
+  return re.sub(r',?seed=\d+', '', name).strip(',')
 
 
 def group_runs(runs: Sequence[RunRecord]) -> List[Tuple[str, List[RunRecord]]]:
-  """Runs that differ only in `train.seed` form a group, labelled by the config fields that tell groups apart."""
-  keys, groups = [], {}
+  """Runs that differ only in `train.seed` form a group, labelled by the config fields that tell groups apart (runs
+  without a config.json: by their name without its seed)."""
+  groups = {}   # key -> (the config without its seed, or None; the members), in the order first seen
   for run in runs:
-    if run.config:
-      config = {k: v for k, v in _flatten(run.config).items() if k != sweep.SEED_FIELD}
-      key = json.dumps(config, sort_keys=True, default=str)
-    else:   # no config.json: fall back on the run name without its seed
-      key = re.sub(r',?seed=\d+', '', run.name)
-      config = None
-    if key not in groups:
-      keys.append(key)
-      groups[key] = (config, [])
-    groups[key][1].append(run)
-  configs = [groups[k][0] for k in keys]
+    config = {k: v for k, v in _flatten(run.config).items() if k != sweep.SEED_FIELD} if run.config else None
+    key = _without_seed(run.name) if config is None else json.dumps(config, sort_keys=True, default=str)
+    groups.setdefault(key, (config, []))[1].append(run)
+  configs = [config for config, _ in groups.values()]
   differing = []
-  if len(keys) > 1 and all(c is not None for c in configs):
-    fields = sorted(set().union(*configs))
-    differing = [f for f in fields if len({json.dumps(c.get(f), default=str) for c in configs}) > 1]
+  if len(configs) > 1 and None not in configs:
+    differing = [field for field in sorted(set().union(*configs))
+                 if len({json.dumps(c.get(field), default=str) for c in configs}) > 1]
   names = sweep.short_names(differing)
   labelled = []
-  for key in keys:
-    config, members = groups[key]
-    if config is not None and differing:
-      label = ','.join(f'{names[f]}={config.get(f)}' for f in differing)
-    elif config is None:
+  for key, (config, members) in groups.items():
+    if config is None:
       label = key or 'run'
+    elif differing:
+      label = ','.join(f'{names[f]}={config.get(f)}' for f in differing)
     else:
-      label = re.sub(r',?seed=\d+', '', members[0].name).strip(',') or members[0].name
+      label = _without_seed(members[0].name) or members[0].name
     labelled.append((label, members))
   return labelled
 
@@ -227,9 +165,8 @@ def aggregate(groups: Sequence[Tuple[str, List[RunRecord]]]) -> List[Dict[str, A
     columns = {key: mean_std([s[key] for s in summaries]) for key in
                ('final_loss', 'eval_loss', 'avg_acc', 'avg', 'spikes', 'fp16_overflows', 'forward_overflows',
                 'skipped_steps')}
-    for task in task_names:
-      for metric in ('acc', 'acc_norm'):
-        columns[f'{task}/{metric}'] = mean_std([s['tasks'].get(task, {}).get(metric) for s in summaries])
+    columns.update({f'{task}/{metric}': mean_std([s['tasks'].get(task, {}).get(metric) for s in summaries])
+                    for task in task_names for metric in ('acc', 'acc_norm')})
     rows.append({'group': label, 'runs': [s['name'] for s in summaries], 'n_seeds': len(members),
                  'diverged': sum(s['diverged'] for s in summaries), 'finished': sum(s['finished'] for s in summaries),
                  'columns': columns, 'task_names': task_names})
@@ -272,10 +209,11 @@ def table1(rows: Sequence[Dict[str, Any]]) -> str:
 
 def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> Tuple[str, Dict[str, Any]]:
   """The whole terminal report and its machine-readable twin."""
-  rows = aggregate(group_runs(runs))
+  groups = group_runs(runs)
+  rows = aggregate(groups)
   text = '\n'.join([
-      'Per-layer statistics of the residual stream', layer_tables(runs, steps),
-      "\nNorm scales γ by layer: mean [min, max]", scale_tables(runs, steps) or 'no norm scales logged',
+      'Per-layer statistics of the residual stream', tables.layer_tables(runs, steps),
+      "\nNorm scales γ by layer: mean [min, max]", tables.scale_tables(runs, steps) or 'no norm scales logged',
       '\nGrowth of residual variance with depth: laws fitted in log space, ΔAIC to the best; a law wins by ΔAIC >= '
       f'{growth.MARGIN:g} (see perijax/growth.py)',
       growth_table(runs, steps),
@@ -293,7 +231,7 @@ def report(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> 
                for run in runs],
       'growth_groups': [{'group': label, 'runs': [run.name for run in members],
                          'fits': group_growth_fits(members, steps)}
-                        for label, members in group_runs(runs) if len(members) > 1],
+                        for label, members in groups if len(members) > 1],
       'table1': rows,
   }
   return text, data

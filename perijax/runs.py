@@ -26,6 +26,10 @@ class RunRecord:
   def planned_steps(self) -> Optional[int]:
     return self.config.get('train', {}).get('steps')
 
+  @property
+  def placement(self) -> Optional[str]:
+    return self.config.get('model', {}).get('norm', {}).get('placement')
+
 
 def find_workdirs(paths: Sequence[str]) -> List[str]:
   """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither.
@@ -40,12 +44,11 @@ def find_workdirs(paths: Sequence[str]) -> List[str]:
     # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
     children = sorted(os.path.join(path, d.name) for d in epath.Path(path).iterdir()
                       if not d.name.startswith('.') and d.is_dir() and rundir.is_run(d))
-    listed = []
     sweep_json = epath.Path(path) / 'sweep.json'
-    if sweep_json.exists():
-      listed = [os.path.join(path, run['name']) for run in json.loads(sweep_json.read_text())['runs']]
+    listed = ([os.path.join(path, run['name']) for run in json.loads(sweep_json.read_text())['runs']]
+              if sweep_json.exists() else [])
     listed = [d for d in listed if d in children]
-    if not listed and not children:
+    if not children:
       raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
                               'expected a run workdir or a sweep root')
     workdirs.extend(listed + [d for d in children if d not in listed])
@@ -63,7 +66,7 @@ def read_metrics(workdir: str) -> List[Dict[str, Any]]:
       try:
         line = json.loads(text)
       except json.JSONDecodeError:
-        print(f'perijax.report: skipping unreadable line {number} of {path}', file=sys.stderr)
+        print(f'perijax.runs: skipping unreadable line {number} of {path}', file=sys.stderr)
         continue
       if 'step' in line:
         by_step[int(line['step'])] = line
@@ -92,10 +95,8 @@ def load_runs(paths: Sequence[str]) -> List[RunRecord]:
 def stats_lines(run: RunRecord) -> List[Dict[str, Any]]:
   """Lines with per-layer stats; a run whose metrics have none falls back on its evals' `layers`."""
   lines = [line for line in run.metrics if line.get('residual_var')]
-  if lines:
-    return lines
-  return [{'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
-          if run.evals[step].get('layers', {}).get('residual_var')]
+  return lines or [{'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
+                   if run.evals[step].get('layers', {}).get('residual_var')]
 
 
 def chosen_stats(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Optional[Dict[str, Any]]]:
@@ -103,8 +104,4 @@ def chosen_stats(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[
   lines = stats_lines(run)
   if steps is None:
     return [lines[0], lines[-1]] if lines else [None, None]
-  chosen = []
-  for step in steps:
-    before = [line for line in lines if line['step'] <= step]
-    chosen.append(before[-1] if before else None)
-  return chosen
+  return [next((line for line in reversed(lines) if line['step'] <= step), None) for step in steps]

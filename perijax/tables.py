@@ -1,5 +1,5 @@
-"""Text tables of per-layer statistics: one function per table (`layer_tables`, `increment_table`, `massive_table`,
-`massive_placements`), and the number and column formatting every perijax table shares.
+"""Text tables of per-layer statistics: one function per table (`layer_tables`, `scale_tables`, `increment_table`,
+`massive_table`, `massive_placements`), and the number and column formatting every perijax table shares.
 """
 
 import math
@@ -19,8 +19,6 @@ def format_number(value: Any) -> str:
   """Fixed-point for ordinary magnitudes, scientific otherwise, so columns stay narrow and comparable."""
   if value is None:
     return '-'
-  if isinstance(value, (bool, np.bool_)):
-    return 'yes' if value else 'no'
   if isinstance(value, (int, np.integer)):
     return str(int(value))
   value = float(value)
@@ -65,6 +63,11 @@ def _short_labels(runs: Sequence[RunRecord]) -> Tuple[List[str], str]:
   return [f'#{i}' for i in range(1, len(runs) + 1)], '\n'.join(f'  #{i} = {r.name}' for i, r in enumerate(runs, 1))
 
 
+def _at(values: Optional[Sequence[Any]], layer: int) -> Any:
+  """values[layer], or None where the line lacks it (a shallower run, an older log)."""
+  return values[layer] if values and layer < len(values) else None
+
+
 def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
   """Per quantity, a table of layers (rows) by run and step (columns)."""
   labels, legend = _short_labels(runs)
@@ -72,22 +75,44 @@ def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
   num_layers = max([len(line['residual_var']) for lines in chosen for line in lines if line] or [0])
   if not num_layers:
     return 'no per-layer stats in these runs (metrics lines every train.stats_every steps, or eval `layers`)'
-  header_runs, header_steps = ['layer'], ['']
-  for label, lines in zip(labels, chosen):
-    for i, line in enumerate(lines):
-      header_runs.append(label if i == 0 else '')
-      header_steps.append(f'step {line["step"]}' if line else 'no stats')
+  header_runs = ['layer'] + [label if i == 0 else '' for label, lines in zip(labels, chosen) for i in range(len(lines))]
+  header_steps = [''] + [f'step {line["step"]}' if line else 'no stats' for lines in chosen for line in lines]
   text = [legend] if legend else []
   for key, title in LAYER_QUANTITIES:
-    rows = []
-    for layer in range(num_layers):
-      row = [str(layer + 1)]
-      for lines in chosen:
-        for line in lines:
-          values = (line or {}).get(key) or []
-          row.append(format_number(values[layer]) if layer < len(values) else '-')
-      rows.append(row)
+    rows = [[str(layer + 1)] + [format_number(_at((line or {}).get(key), layer)) for lines in chosen for line in lines]
+            for layer in range(num_layers)]
     text += [f'\n{title}', format_table([header_runs, header_steps], rows, unit=max(len(chosen[0]), 1))]
+  return '\n'.join(text)
+
+
+SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
+               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
+
+
+def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
+  """Per run, the norms' γ (perijax.stats.scale_summary) at the last chosen step: layers (rows) by kind of norm,
+  each cell mean [min, max]; the final and embedding norms in rows of their own."""
+  text = []
+  for run in runs:
+    line = chosen_stats(run, steps)[-1] or {}
+    if not any(key.endswith('_scale_mean') for key in line) and run.evals:  # evaluation alone logged them
+      evaluated = run.evals.get(line.get('step')) or run.evals[max(run.evals)]
+      line = {'step': evaluated['step'], **evaluated.get('norm_scales', {})}
+
+    def cell(kind, layer=None):
+      values = [line[f'{kind}_scale_{name}'] for name in ('mean', 'min', 'max')]
+      values = values if layer is None else [value[layer] for value in values]
+      return '-' if values[0] is None else '{} [{}, {}]'.format(*map(format_number, values))
+
+    per_layer = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), list)]
+    whole = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), float)]
+    if not per_layer and not whole:
+      continue
+    depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
+    rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
+    rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
+    headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
+    text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
   return '\n'.join(text)
 
 
@@ -102,26 +127,24 @@ def increment_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = 
   num_layers = max([len(line['attn_increment_var']) for lines in chosen for line in lines] or [0])
   if not num_layers:
     return 'no increment statistics in these runs (recorded since per-sub-layer increments were added)'
+  terms = [(f'{sublayer}_{key}', f'{sublayer} {title}')
+           for sublayer in ('attn', 'mlp') for key, title in INCREMENT_COLUMNS]
+  blank = [''] * (len(terms) - 1)
   headers = [['layer'], [''], ['']]
   for label, lines in zip(labels, chosen):
     for line in lines:
-      for sublayer in ('attn', 'mlp'):
-        for i, (_, title) in enumerate(INCREMENT_COLUMNS):
-          first = sublayer == 'attn' and i == 0
-          headers[0].append(label if first else '')
-          headers[1].append(f'step {line["step"]}' if first else '')
-          headers[2].append(f'{sublayer} {title}')
+      headers[0] += [label] + blank
+      headers[1] += [f'step {line["step"]}'] + blank
+      headers[2] += [title for _, title in terms]
   rows = []
   for layer in range(num_layers):
     row = [str(layer + 1)]
     for line in (line for lines in chosen for line in lines):
-      for sublayer in ('attn', 'mlp'):
-        for key, _ in INCREMENT_COLUMNS:
-          values = line.get(f'{sublayer}_{key}') or []
-          value = values[layer] if layer < len(values) else None
-          row.append(format_number(2 * value if key == 'cross_cov' and value is not None else value))
+      for key, _ in terms:
+        value = _at(line.get(key), layer)
+        row.append(format_number(2 * value if key.endswith('cross_cov') and value is not None else value))
     rows.append(row)
-  return '\n'.join(([legend] if legend else []) + [format_table(headers, rows, unit=2 * len(INCREMENT_COLUMNS))])
+  return '\n'.join(([legend] if legend else []) + [format_table(headers, rows, unit=len(terms))])
 
 
 def token_texts(run: RunRecord):
@@ -167,14 +190,13 @@ def massive_summary(run: RunRecord, steps: Optional[Sequence[int]] = None) -> Op
   places = [(entry['position'][i], entry['channel'][i], entry['token'][i]) for entry in line['massive_residual']
             for i, (v, r) in enumerate(zip(entry['abs'], entry['ratio'])) if v > abs_threshold and r > ratio_threshold]
   channels = [channel for _, channel, _ in places]
-  summary['channels'] = sorted(set(channels), key=lambda c: (-channels.count(c), c))
-  summary['massive_entries'] = len(places)
-  summary['first_token_share'] = sum(p == 0 for p, _, _ in places) / len(places) if places else None
-  summary['delimiter_share'] = (sum(_is_delimiter(texts(t)) for _, _, t in places) / len(places)
-                                if places and texts else None)
   ratios = [r for entry in line['massive_residual'] for r in entry['ratio'][:1]]
-  summary['max_ratio'] = max(ratios) if ratios else None
-  return summary
+  return {**summary, 'channels': sorted(set(channels), key=lambda c: (-channels.count(c), c)),
+          'massive_entries': len(places),
+          'first_token_share': sum(p == 0 for p, _, _ in places) / len(places) if places else None,
+          'delimiter_share': (sum(_is_delimiter(texts(t)) for _, _, t in places) / len(places)
+                              if places and texts else None),
+          'max_ratio': max(ratios) if ratios else None}
 
 
 def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
@@ -186,9 +208,7 @@ def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
   abs_threshold, ratio_threshold = massive_thresholds(run)
   texts = token_texts(run)
   shown = lambda token: str(token) if texts is None else ('<doc>' if texts(token) == '<doc>' else repr(texts(token)))
-  headers = ['layer']
-  for name, _, _ in stats_lib.MASSIVE_TENSORS:
-    headers += [f'{name} |x|', 'ratio', 'at']
+  headers = ['layer'] + [title for name, _, _ in stats_lib.MASSIVE_TENSORS for title in (f'{name} |x|', 'ratio', 'at')]
   rows = []
   for layer in range(len(line['massive_residual'])):
     row = [str(layer + 1)]
@@ -229,7 +249,7 @@ def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]]
     if summary is None:
       continue
     share = lambda value: '-' if value is None else f'{value:.0%}'
-    rows.append([run.name, str(run.config.get('model', {}).get('norm', {}).get('placement', '-')),
+    rows.append([run.name, str(run.placement or '-'),
                  str(summary['step'])] + [_layer_ranges(summary[f'{name}_layers'])
                                           for name, _, _ in stats_lib.MASSIVE_TENSORS]
                 + [','.join(map(str, summary['channels'][:4])) or '-', share(summary['first_token_share']),

@@ -13,11 +13,12 @@ import pytest
 
 from configs import default, tiny
 from perijax.evaluate import eval_lib
-from perijax import report as report_lib
 from perijax import metrics
 from perijax import model as model_lib
 from perijax import optimizer as optimizer_lib
+from perijax import runs as runs_lib
 from perijax import stats as stats_lib
+from perijax import tables
 from perijax import train as train_lib
 from perijax import train_step as train_step_lib
 from perijax.placement import layer_placements
@@ -269,7 +270,7 @@ def test_report_shows_the_gamma_table_per_run(tmp_path):
           'out_norm_scale_mean': [None, 3.0], 'out_norm_scale_min': [None, 2.5], 'out_norm_scale_max': [None, 3.5],
           'final_norm_scale_mean': 1.125, 'final_norm_scale_min': 0.875, 'final_norm_scale_max': 1.5}
   (workdir / 'metrics.jsonl').write_text(json.dumps(line) + '\n')
-  text = report_lib.scale_tables([report_lib.load_run(str(workdir))])
+  text = tables.scale_tables([runs_lib.load_run(str(workdir))])
   assert 'peri (step 20)' in text and 'input norms' in text and 'output norms' in text
   rows = [row.split() for row in text.splitlines()]
   assert ['1', '1.5', '[0.5,', '2]', '-'] in rows

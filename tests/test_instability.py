@@ -11,8 +11,9 @@ import pytest
 from configs import default
 from configs import tiny
 from perijax import config as config_lib
-from perijax import report as report_lib
 from perijax import instability
+from perijax import report as report_lib
+from perijax import runs as runs_lib
 from perijax import train as train_lib
 
 STEPS = np.arange(1, 401)
@@ -114,7 +115,7 @@ def test_bad_rule_fields_are_one_clear_error(field, value, allowed):
 def test_report_uses_the_rule(tmp_path):
   def record(losses, config=None):
     metrics = [{'step': 10 * (i + 1), 'loss': loss} for i, loss in enumerate(losses)]
-    return report_lib.RunRecord('r', str(tmp_path), config or {'train': {'steps': 10 * len(losses)}}, metrics, {})
+    return runs_lib.RunRecord('r', str(tmp_path), config or {'train': {'steps': 10 * len(losses)}}, metrics, {})
 
   learned_then_lost = [5.7, 4.0, 3.0, 2.5, 2.2, 2.1] + [5.5] * 8   # final 5.5 < first 5.7
   summary = report_lib.summarize_run(record(learned_then_lost))
@@ -150,4 +151,4 @@ def test_float16_backoffs_while_the_scale_searches_are_apart_from_settled_skips(
   # Step 1's gradients overflowed (the scale was still searching): its per-layer norms say so.
   assert not all(map(math.isfinite, lines[1]['layer_grad_norm']))
   assert all(map(math.isfinite, last['layer_grad_norm']))
-  assert not report_lib.summarize_run(report_lib.load_run(str(tmp_path)))['diverged']
+  assert not report_lib.summarize_run(runs_lib.load_run(str(tmp_path)))['diverged']

@@ -12,6 +12,8 @@ import pytest
 
 from perijax import growth
 from perijax import report as report_lib
+from perijax import runs as runs_lib
+from perijax import tables
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_LAYERS = 4
@@ -91,12 +93,12 @@ def sweep_root(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def runs(sweep_root):
-  return report_lib.load_runs([str(sweep_root)])
+  return runs_lib.load_runs([str(sweep_root)])
 
 
 def test_sweep_root_expands_to_its_runs_and_single_workdirs_work_too(sweep_root, runs):
   assert [r.name for r in runs] == [f'placement={p},seed={s}' for p in ('pre', 'peri') for s in range(3)]
-  single = report_lib.load_runs([str(sweep_root / 'placement=peri,seed=0')])
+  single = runs_lib.load_runs([str(sweep_root / 'placement=peri,seed=0')])
   assert [r.name for r in single] == ['placement=peri,seed=0']
 
 
@@ -106,15 +108,15 @@ def test_sweep_root_lists_its_grid_first_then_other_runs(tmp_path):
     (tmp_path / name / 'metrics.jsonl').write_text('{"step": 0, "loss": 1.0}\n')
   (tmp_path / 'not_a_run').mkdir()
   (tmp_path / 'sweep.json').write_text(json.dumps({'runs': [{'name': 'c'}, {'name': 'b'}, {'name': 'unstarted'}]}))
-  found = report_lib.find_workdirs([str(tmp_path)])
+  found = runs_lib.find_workdirs([str(tmp_path)])
   assert [pathlib.Path(p).name for p in found] == ['c', 'b', 'a']
 
 
 def test_a_path_that_is_not_a_run_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a directory'):
-    report_lib.find_workdirs([str(tmp_path / 'missing')])
+    runs_lib.find_workdirs([str(tmp_path / 'missing')])
   with pytest.raises(FileNotFoundError, match='expected a run workdir or a sweep root'):
-    report_lib.find_workdirs([str(tmp_path)])
+    runs_lib.find_workdirs([str(tmp_path)])
 
 
 def test_resumed_duplicates_keep_the_later_line_and_a_torn_line_is_skipped(runs):
@@ -124,7 +126,7 @@ def test_resumed_duplicates_keep_the_later_line_and_a_torn_line_is_skipped(runs)
 
 
 def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
-  text = report_lib.layer_tables(runs[:1] + runs[3:4])
+  text = tables.layer_tables(runs[:1] + runs[3:4])
   variance_block = text.split('residual variance')[1].split('max |x|')[0]
   rows = {line.split()[0]: line.split() for line in variance_block.strip().splitlines()[3:]}
   assert '#1 = placement=pre,seed=0' in text and '#2 = placement=peri,seed=0' in text
@@ -138,9 +140,9 @@ def test_layer_table_shows_first_and_last_stats_steps_layer_by_run(runs):
 
 
 def test_requested_steps_use_the_last_stats_at_or_before_each(runs):
-  chosen = report_lib.chosen_stats(runs[0], [10, 39, 1000])
+  chosen = runs_lib.chosen_stats(runs[0], [10, 39, 1000])
   assert [line['step'] for line in chosen] == [0, 20, 40]
-  assert report_lib.chosen_stats(runs[0], [-5]) == [None]
+  assert runs_lib.chosen_stats(runs[0], [-5]) == [None]
 
 
 def test_growth_fit_per_run_matches_the_pure_fit(runs):
@@ -203,7 +205,7 @@ def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
 
   def record(losses, planned):
     metrics = [{'step': 10 * i, 'loss': loss} for i, loss in enumerate(losses)]
-    return report_lib.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
+    return runs_lib.RunRecord('r', str(tmp_path), {'train': {'steps': planned}}, metrics, {})
 
   # perijax/instability.py's rule (tested there on curves of known answer): any non-finite loss, or a smoothed loss
   # held above its running minimum; not "final above first".
@@ -241,23 +243,23 @@ def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
 
 
 def test_runs_without_config_group_by_name_without_seed(tmp_path):
-  records = [report_lib.RunRecord(f'lr=0.001,seed={s}', str(tmp_path), {}, [{'step': 0, 'loss': 1.0 + s}], {})
+  records = [runs_lib.RunRecord(f'lr=0.001,seed={s}', str(tmp_path), {}, [{'step': 0, 'loss': 1.0 + s}], {})
              for s in range(2)]
   groups = report_lib.group_runs(records)
   assert [(label, len(m)) for label, m in groups] == [('lr=0.001', 2)]
 
 
 def test_number_format_is_fixed_point_or_scientific():
-  assert report_lib.format_number(1.5) == '1.5'
-  assert report_lib.format_number(12345.6) == '1.23e+04'
-  assert report_lib.format_number(0.00056) == '5.60e-04'
-  assert report_lib.format_number(float('nan')) == 'nan'
-  assert report_lib.format_number(None) == '-'
-  assert report_lib.format_number(7) == '7'
+  assert tables.format_number(1.5) == '1.5'
+  assert tables.format_number(12345.6) == '1.23e+04'
+  assert tables.format_number(0.00056) == '5.60e-04'
+  assert tables.format_number(float('nan')) == 'nan'
+  assert tables.format_number(None) == '-'
+  assert tables.format_number(7) == '7'
 
 
 def test_increment_table_shows_each_sub_layer_term(runs):
-  text = report_lib.tables.increment_table(runs[:1])
+  text = tables.increment_table(runs[:1])
   lines = text.splitlines()
   assert [re.split(r'\s{2,}', line.strip()) for line in lines if 'ΔVar' in line] == [
       ['attn ΔVar', 'attn Var(Δ)', 'attn 2Cov', 'mlp ΔVar', 'mlp Var(Δ)', 'mlp 2Cov']] * 2   # steps 0 and 40
@@ -265,20 +267,19 @@ def test_increment_table_shows_each_sub_layer_term(runs):
   (attn_delta, attn_cov), (mlp_delta, mlp_cov) = increments(3)['attn'], increments(3)['mlp']
   expected = [attn_delta + 2 * attn_cov, attn_delta, 2 * attn_cov, mlp_delta + 2 * mlp_cov, mlp_delta, 2 * mlp_cov]
   assert row[0] == '3' and [float(v) for v in row[1:7]] == pytest.approx(expected, rel=1e-3)
-  old = report_lib.RunRecord('old', '.', {}, [{'step': 0, 'residual_var': [1.0]}], {})
-  assert report_lib.tables.increment_table([old]).startswith('no increment statistics')
+  old = runs_lib.RunRecord('old', '.', {}, [{'step': 0, 'residual_var': [1.0]}], {})
+  assert tables.increment_table([old]).startswith('no increment statistics')
 
 
 def test_massive_table_marks_massive_layers_and_where_they_sit(runs):
-  pre = report_lib.tables.massive_table(runs[0])
+  pre = tables.massive_table(runs[0])
   assert len(pre.split('\n\n')) == 1   # one block: fits a terminal
   rows = {line.split()[0]: line for line in pre.splitlines()[3:]}
   assert 'step 40' in pre.splitlines()[0] and '> 100 and > 1000 x median' in pre.splitlines()[0]
   assert rows['4'].split()[1:4] == ['2000*', '2.00e+04', '0/5']        # 500 x 4 = 20000 x the median 0.1
   assert '0/5 <doc>' in rows['4']
   assert '*' not in rows['2'] and rows['2'].split()[1] == '5'
-  assert '*' not in report_lib.tables.massive_table(runs[3]).split('\n', 1)[1]    # peri: below the title
-  tables = report_lib.tables
+  assert '*' not in tables.massive_table(runs[3]).split('\n', 1)[1]    # peri: below the title
   pre_summary, peri_summary = tables.massive_summary(runs[0]), tables.massive_summary(runs[3])
   assert pre_summary['residual_layers'] == [3, 4] and pre_summary['attn_out_layers'] == []
   assert pre_summary['channels'] == [5] and pre_summary['massive_entries'] == 2
@@ -291,9 +292,9 @@ def test_massive_table_marks_massive_layers_and_where_they_sit(runs):
 
 
 def test_massive_thresholds_come_from_the_run_config(runs):
-  strict = report_lib.RunRecord('strict', runs[0].workdir, {'train': {'massive_abs_threshold': 1800.0}},
+  strict = runs_lib.RunRecord('strict', runs[0].workdir, {'train': {'massive_abs_threshold': 1800.0}},
                                      runs[0].metrics, {})
-  assert report_lib.tables.massive_summary(strict)['residual_layers'] == [4]   # 2000 > 1800, 1500 is not
+  assert tables.massive_summary(strict)['residual_layers'] == [4]   # 2000 > 1800, 1500 is not
 
 
 def test_plots_are_valid_pngs(runs, tmp_path):

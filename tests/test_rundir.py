@@ -7,9 +7,9 @@ import pytest
 
 from configs import default
 from perijax import evaluate
-from perijax import report as report_lib
 from perijax import metrics
 from perijax import rundir
+from perijax import runs as runs_lib
 from perijax import train
 
 
@@ -62,7 +62,7 @@ def test_training_and_evaluation_on_a_workdir_that_refuses_appends(object_store,
   assert sorted(parts) == ['part_000001.jsonl', 'part_000002.jsonl', 'part_000003.jsonl']  # 4 + 2 lines, then 2
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
   assert [len(rundir.metrics_part(workdir, n).read_text().splitlines()) for n in (1, 2, 3)] == [4, 2, 2]
-  run = report_lib.load_run(workdir)
+  run = runs_lib.load_run(workdir)
   assert [line['step'] for line in run.metrics] == list(range(1, 9))
   assert run.config['train']['steps'] == 8 and list(run.evals) == [8]
   assert json.loads(rundir.eval_result(workdir, 8).read_text())['loss'] == pytest.approx(result['loss'])
