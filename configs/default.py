@@ -73,7 +73,6 @@ def get_config():
   train.compilation_cache_dir = '~/.cache/perijax/xla'  # persistent XLA compilation cache: a restart or a rerun of
                                     # the same config skips compiling; '' = off (JAX_COMPILATION_CACHE_DIR wins if set)
   train.xla_flags_preset = 'none'   # 'gpu': XLA flags for speed on NVIDIA GPUs (perijax/runtime.py), added to XLA_FLAGS
-  train.debug_overflow_step = -1    # test-only hook: multiply the loss by 1e30 at this step to force an overflow
 
   # ---- optimizer ---------------------------------------------------------------------------------------------------
   optimizer = config.optimizer = ml_collections.ConfigDict()

@@ -1,12 +1,10 @@
 """Orbax checkpoints of a run: the train state and the data iterator, saved together, restorable onto any mesh.
 
 WORKDIR/checkpoints/<step>/ holds three items: `state` (params, optimizer state, loss-scale state, step and the run's
-counters), `data` (the grain iterator's position, one file per process) and `config` (the run's resolved config, JSON). Orbax writes each checkpoint into a
-temporary directory and renames it only once complete, so a crash mid-save never leaves something that looks finished.
-Once a save is complete (after Orbax finalizes it; for asynchronous saves in its post-finalization callback),
-process 0 writes `<step>/checksums.json`: the size and CRC-32 of every file of the step. A step without it is an
-unfinished save; resuming (resume_step) and evaluating verify every file against it, so a truncated, missing or
-corrupted file is reported with its step and path (DamagedCheckpointError) and never restored.
+counters), `data` (the grain iterator's position, one file per process) and `config` (the run's resolved config,
+JSON). Orbax renames a step into place only once complete; then process 0 writes `<step>/checksums.json` (`Manager`),
+the size and CRC-32 of every file. A step without it is an unfinished save; resuming (resume_step) and evaluating
+verify every file against it and report damage with its step and path (DamagedCheckpointError), never restoring it.
 There is no RNG state to keep: nothing in a step is random (no dropout), the initialisation comes from
 config.train.seed and the data order from the iterator state.
 """
@@ -22,9 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from perijax import rundir
-
 from perijax.errors import UserError
-
 
 MANIFEST = 'checksums.json'
 _BLOCK = 1 << 20
@@ -64,10 +60,6 @@ def _checksums(step_dir):
   return dict(sorted(sums.items()))
 
 
-def _local(directory):
-  return '://' not in str(directory)  # gs:// and other remote stores: Orbax's own guarantees only
-
-
 def write_manifest(step_dir):
   temporary = os.path.join(step_dir, MANIFEST + '.tmp')
   with open(temporary, 'w') as f:
@@ -77,9 +69,9 @@ def write_manifest(step_dir):
 
 def verify(directory, step):
   """Raises DamagedCheckpointError (IncompleteCheckpointError: no manifest) naming the step, its path and the file."""
-  step_dir = os.path.join(str(directory), str(step))
-  if not _local(directory):
+  if not rundir.is_local(directory):  # gs:// and other remote stores: Orbax's own guarantees only
     return
+  step_dir = os.path.join(str(directory), str(step))
   manifest = os.path.join(step_dir, MANIFEST)
   if not os.path.isfile(manifest):
     if not glob.glob(os.path.join(glob.escape(str(directory)), '*', MANIFEST)):
@@ -132,7 +124,7 @@ class Manager(ocp.CheckpointManager):
 
   def _seal(self):
     step, self._unsealed = self._unsealed, None
-    if step is None or jax.process_index() != 0 or not _local(self.directory):
+    if step is None or jax.process_index() != 0 or not rundir.is_local(self.directory):
       return
     final = os.path.join(str(self.directory), str(step))
     temporary = sorted(glob.glob(glob.escape(final) + '.orbax-checkpoint-tmp*'))
@@ -155,9 +147,8 @@ def resume_step(manager, workdir, resume_from_intact=False):
   Newer steps whose save never finished are set aside; a damaged newer step stops with an error naming it and the
   newest intact one, unless `resume_from_intact`. Steps set aside move to WORKDIR/checkpoints_damaged/ (kept).
   """
-  steps, set_aside, damage = sorted(manager.all_steps(), reverse=True), [], None
-  chosen = None
-  for step in steps:
+  chosen, set_aside, damage = None, [], None
+  for step in sorted(manager.all_steps(), reverse=True):
     try:
       verify(manager.directory, step)
       chosen = step

@@ -1,26 +1,13 @@
 """Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, Weights & Biases if config.wandb.enabled,
-and a console line. Process 0 only.
+and a console line. Process 0 only. The keys of a line and what they mean: README.md, "Metrics".
 
 A local metrics.jsonl is appended to (a resumed run continues it). An object store (a gs:// workdir) cannot append, and
 rewriting one growing file would cost more each window, so there the lines go to WORKDIR/metrics/part_000001.jsonl,
 part_000002.jsonl, ...: each log step rewrites the current part whole (at most PART_LINES lines), and a new part starts
 after PART_LINES lines or when a resumed run starts. `perijax.rundir.metrics_files` lists them in the order written.
-
-metrics.jsonl has one JSON object per line. Keys tools rely on: step, loss, lr, grad_norm, grad_norm_max, loss_scale,
-initial_scale_backoffs, skipped_steps, spike, spikes, forward_overflows, tokens_per_sec, mfu, layer_grad_norm (a list
-by layer): loss, grad_norm and layer_grad_norm are means over the steps since the previous line (`window_summary`),
-lr is the one the line's step applied (optax's schedule count: skipped steps do not advance it); and on statistics
-steps the per-layer lists of `perijax.stats.layer_summary` (residual_var, residual_rms, max_abs, fp16_headroom,
-fp16_overflow, attn_out_var, mlp_out_var, attn_logit_max, attn_/mlp_increment_var, delta_var, cross_cov; massive_*
-entries, which TensorBoard and W&B do not get) and of `perijax.stats.scale_summary` (the norms' γ: in_norm_scale_mean,
-...; None for a layer without that norm). Non-finite numbers are written as NaN/Infinity (Python's json). TensorBoard
-and W&B get the same numbers as scalars: a per-layer list `key` becomes `key/layer_000`, `key/layer_001`, ... (None
-left out).
-
-W&B (pinned in requirements.txt, imported only when enabled): the run is named after the workdir, its id is kept in
-WORKDIR/wandb_run_id so a resumed training continues the same W&B run, and its config is the run's config. WANDB_MODE
-and WANDB_DIR in the environment win over config.wandb.mode and the default directory (the workdir), as for any W&B
-program.
+TensorBoard and W&B get the same numbers as scalars (`scalars`). W&B (imported only when enabled) names the run after
+the workdir and keeps its id in WORKDIR/wandb_run_id, so a resumed training continues the same W&B run; WANDB_MODE and
+WANDB_DIR in the environment win over config.wandb.mode and the default directory (the workdir).
 """
 
 import json
@@ -72,12 +59,9 @@ class MetricsWriter:
   """Writes metrics lines (appended to metrics.jsonl, or part files on an object store) and the same numbers to
   TensorBoard and, if `config.wandb.enabled`, to W&B."""
 
-  def __init__(self, workdir, total_steps, enabled=None, config=None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.total_steps = total_steps
-    self.started = time.time()
-    self.first_step = None
-    self.wandb_run = None
+  def __init__(self, workdir, total_steps, config):
+    self.enabled = jax.process_index() == 0
+    self.total_steps, self.started, self.first_step, self.wandb_run = total_steps, time.time(), None, None
     self.workdir, self.jsonl, self.part, self.part_lines = workdir, None, None, []
     if self.enabled:
       if rundir.is_local(workdir):
@@ -86,7 +70,7 @@ class MetricsWriter:
         self.part = len(rundir.metrics_files(workdir))
         rundir.metrics_dir(workdir).mkdir(parents=True, exist_ok=True)
       self.tensorboard = SummaryWriter(str(rundir.tensorboard(workdir)))
-      if config is not None and 'wandb' in config and config.wandb.enabled:
+      if config.wandb.enabled:
         self.wandb_run = start_wandb_run(workdir, config)
 
   def write(self, step, record):

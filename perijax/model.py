@@ -5,6 +5,7 @@ the device mesh. The placement itself lives in `placement.residual_sublayer`; th
 """
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -26,10 +27,6 @@ REMAT_POLICIES = {
 
 def head_dim(model_config):
   return model_config.head_dim or model_config.d_model // model_config.num_heads
-
-
-def num_kv_heads(model_config):
-  return model_config.num_kv_heads or model_config.num_heads
 
 
 def mlp_dim(model_config):
@@ -67,13 +64,6 @@ def rope(x, positions, theta):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(segment_ids):
-  """Tokens attend only within their own packed document; causality is added by the attention call."""
-  if segment_ids is None:
-    return None
-  return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-
-
 def einsum_attention(q, k, v, mask, dtype):
   """Causal attention written out, with logits and softmax in `dtype`.
 
@@ -84,8 +74,7 @@ def einsum_attention(q, k, v, mask, dtype):
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   logits = jnp.einsum('btnh,bsnh->bnts', q.astype(dtype), k.astype(dtype)) / jnp.sqrt(q.shape[-1]).astype(dtype)
-  length = q.shape[1]
-  allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  allowed = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))[None, None]
   if mask is not None:
     allowed = allowed & mask
   logits = jnp.where(allowed, logits, jnp.finfo(dtype).min)
@@ -102,7 +91,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
-    heads, kv_heads, dim = cfg.num_heads, num_kv_heads(cfg), head_dim(cfg)
+    heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
     # nn.Einsum rather than DenseGeneral: its kernel is created in its final shape, so the logical axes apply at init.
     def projection(shape, equation, axes, name, std=cfg.init.std):
       return nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
@@ -110,9 +99,9 @@ class Attention(nn.Module):
     d, (batch, length) = cfg.d_model, x.shape[:2]
     tokens = flatten_tokens(x)
     unflatten = lambda a: a.reshape(batch, length, *a.shape[1:])
-    q = unflatten(projection((d, heads, dim), 'md,dnh->mnh', ('embed', 'heads', 'head_dim'), 'query')(tokens))
-    k = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'key')(tokens))
-    v = unflatten(projection((d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'), 'value')(tokens))
+    q, k, v = (unflatten(projection((d, n, dim), 'md,dnh->mnh', ('embed', axis, 'head_dim'), name)(tokens))
+               for n, axis, name in ((heads, 'heads', 'query'), (kv_heads, 'kv_heads', 'key'),
+                                     (kv_heads, 'kv_heads', 'value')))
     if cfg.norm.qk_norm:  # per head before RoPE, one [head_dim] scale for all heads (Qwen3/Gemma 3; OLMo 2: whole q/k)
       qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim',
                                   scale_init=cfg.norm.scale_init)
@@ -120,7 +109,8 @@ class Attention(nn.Module):
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     logit_max = stats_lib.max_attention_logit(q, k, segment_ids) if self.collect_stats else None
-    mask = attention_mask(segment_ids)
+    # Tokens attend only within their own packed document; causality is added by the attention call.
+    mask = None if segment_ids is None else segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     if p.softmax == jnp.float32 and cfg.attention_impl != 'einsum':
       if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
         # XLA:CPU cannot compile the gradient of a float16 x float16 -> float32 dot; the logits are float32 anyway,
@@ -144,17 +134,16 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, p = self.config, self.precision
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=p.compute, param_dtype=p.param)
-    width = mlp_dim(cfg)
+    dense = lambda width, std, axes, name: nn.Dense(width, use_bias=False, dtype=p.compute, param_dtype=p.param,
+                                                    kernel_init=dense_init(std, axes), name=name)
     batch_shape, x = x.shape[:-1], flatten_tokens(x)
+    up = dense(mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'up')
     if cfg.mlp_activation == 'swiglu':
-      gate = dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='gate')(x)
-      up = dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='up')(x)
-      h = nn.silu(gate) * up
+      h = nn.silu(dense(mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'gate')(x)) * up(x)
     else:
-      h = nn.gelu(dense(width, kernel_init=dense_init(cfg.init.std, ('embed', 'mlp')), name='up')(x))
+      h = nn.gelu(up(x))
     h = nn.with_logical_constraint(h, ('batch', 'mlp'))
-    out = dense(cfg.d_model, kernel_init=dense_init(output_init_std(cfg), ('mlp', 'embed')), name='down')(h)
+    out = dense(cfg.d_model, output_init_std(cfg), ('mlp', 'embed'), 'down')(h)
     return out.reshape(*batch_shape, cfg.d_model)
 
 
@@ -185,21 +174,18 @@ class Layer(nn.Module):
       logit_max.append(largest)
       return out
 
-    attn_in = x
-    x, attn_out = placement_lib.residual_sublayer(self.placement, x, attend, norm_maker('attention'))
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-    # Statistics are traced only on statistics steps, over real tokens (padding has segment id 0).
-    sublayer_stats = lambda residual, out, residual_in: stats_lib.sublayer_stats(
-        residual, out, residual_in, stats_lib.token_mask(segment_ids, residual.shape), self.massive_k)
-    attn_stats = sublayer_stats(x, attn_out, attn_in) if self.collect_stats else None
-    mlp_in = x
-    x, mlp_out = placement_lib.residual_sublayer(self.placement, x, mlp, norm_maker('mlp'))
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    sublayer_stats = []
+    for name, sublayer in (('attention', attend), ('mlp', mlp)):
+      residual_in = x
+      x, out = placement_lib.residual_sublayer(self.placement, x, sublayer, norm_maker(name))
+      x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+      if self.collect_stats:  # traced only on statistics steps, over real tokens (padding has segment id 0)
+        sublayer_stats.append(stats_lib.sublayer_stats(x, out, residual_in, stats_lib.token_mask(segment_ids, x.shape),
+                                                       self.massive_k))
     if not self.collect_stats:
       return x, None
-    mlp_stats = sublayer_stats(x, mlp_out, mlp_in)
     # [2] per statistic: index 0 after attention, 1 after the MLP; the attention logit is the attention's alone.
-    stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_stats, mlp_stats)
+    stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), *sublayer_stats)
     return x, {**stats, 'attention_logit_max_abs': logit_max[0]}
 
 
@@ -232,9 +218,8 @@ class Transformer(nn.Module):
     placements = placement_lib.layer_placements(cfg.norm, cfg.num_layers)
     layer_stats, layer_index = [], 0
     for group, (placement, count) in enumerate(runs_of_equal(placements)):
-      layer = Layer
-      if cfg.remat != 'none':
-        layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      layer = Layer if cfg.remat == 'none' else nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat],
+                                                         prevent_cse=not cfg.scan_layers)
       if cfg.scan_layers:  # one compiled layer body, looped `count` times: compile time does not grow with depth
         stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=count,
@@ -257,21 +242,14 @@ class Transformer(nn.Module):
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=p.compute, param_dtype=p.param,
                         kernel_init=dense_init(cfg.init.std, ('embed', 'vocab')), name='lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
-    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if collect_stats else None
-    if collect_stats:
-      stats = stats_lib.locate_tokens(stats, inputs, positions)
-    return logits, stats
+    if not collect_stats:
+      return logits, None
+    return logits, stats_lib.locate_tokens(jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats), inputs, positions)
 
 
 def runs_of_equal(items):
   """[a, a, b] -> [(a, 2), (b, 1)]: layers of one placement are scanned together."""
-  runs = []
-  for item in items:
-    if runs and runs[-1][0] == item:
-      runs[-1] = (item, runs[-1][1] + 1)
-    else:
-      runs.append((item, 1))
-  return runs
+  return [(item, len(list(run))) for item, run in itertools.groupby(items)]
 
 
 def grad_norms(grads):

@@ -21,9 +21,6 @@ MASSIVE_RATIO_THRESHOLD = 1000.0  # ... and > 1000 x the median |x| (runs whose 
 # (summary name, model stats prefix, sub-layer index): the stream after the layer, each sub-layer's raw output.
 MASSIVE_TENSORS = (('residual', 'residual', 1), ('attn_out', 'output', 0), ('mlp_out', 'output', 1))
 
-# Per-tensor statistics, in the order the model stacks them.
-TENSOR_STATS = ('var', 'rms', 'max_abs', 'fp16_overflow')
-
 
 def token_mask(segment_ids, shape):
   """1 for a real token, 0 for padding (segment id 0); without segment ids every token is real."""
@@ -40,7 +37,7 @@ def _token_mean(per_token, mask):
 def tensor_stats(x, mask=None):
   """Variance over the hidden dim (averaged over tokens), RMS, max |x| and the count of float16 overflows."""
   x = x.astype(jnp.float32)
-  mask = jnp.ones(x.shape[:-1], jnp.float32) if mask is None else mask
+  mask = token_mask(None, x.shape) if mask is None else mask
   real = mask[..., None] > 0
   magnitude = jnp.abs(x)
   return {
@@ -100,18 +97,14 @@ def massive_stats(x, mask, k):
           'massive_channel': per_token_channel.reshape(-1)[flat], 'median_abs': median_abs(magnitude, real)}
 
 
-def sublayer_stats(residual, raw_output, residual_in=None, mask=None, massive_k=0):
-  """Statistics after one sub-layer: `residual_*` for the stream, `output_*` for F's raw output, over the real tokens
-  of `mask`; with `residual_in` (the stream entering the sub-layer) its increment decomposition; with massive_k > 0
-  the k largest |x| of both tensors."""
-  mask = token_mask(None, residual.shape) if mask is None else mask
-  stats = {f'residual_{k}': v for k, v in tensor_stats(residual, mask).items()}
-  stats.update({f'output_{k}': v for k, v in tensor_stats(raw_output, mask).items()})
-  if residual_in is not None:
-    stats.update(increment_stats(residual_in, residual, mask))
-  if massive_k:
-    for prefix, tensor in (('residual', residual), ('output', raw_output)):
-      stats.update({f'{prefix}_{k}': v for k, v in massive_stats(tensor, mask, massive_k).items()})
+def sublayer_stats(residual, raw_output, residual_in, mask, massive_k):
+  """Statistics after one sub-layer over the real tokens of `mask`: `residual_*` for the stream, `output_*` for F's
+  raw output (each with its massive_k largest |x|), and the increment decomposition against `residual_in`, the stream
+  entering the sub-layer."""
+  stats = increment_stats(residual_in, residual, mask)
+  for prefix, tensor in (('residual', residual), ('output', raw_output)):
+    both = {**tensor_stats(tensor, mask), **massive_stats(tensor, mask, massive_k)}
+    stats.update({f'{prefix}_{k}': v for k, v in both.items()})
   return stats
 
 
@@ -127,21 +120,11 @@ def locate_tokens(stats, inputs, positions):
 
 
 def layer_summary(stats):
-  """Turns the model's stats ({name: [num_layers, 2 sub-layers (attention, mlp)]}) into per-layer lists.
-
-  These are the names metrics.jsonl and eval/step_N.json use:
-    residual_var, residual_rms: of the residual stream after the layer (after its MLP sub-layer);
-    max_abs: the largest |x| of the layer's residual states and raw sub-layer outputs;
-    fp16_headroom: max_abs / 65504 (> 1 means the value would not fit in float16);
-    fp16_overflow: elements of those tensors past float16's range or non-finite;
-    attn_out_var, mlp_out_var: variance of the raw attention / MLP output before any output norm;
-    attn_logit_max: the largest |q·k/√head_dim| of the layer's attention (`max_attention_logit`);
-    attn_increment_var, attn_delta_var, attn_cross_cov (and mlp_*): Var(x + Δ) - Var(x), Var(Δ) and Cov(x, Δ) of
-      the sub-layer (increment = delta_var + 2 cross_cov; see `increment_stats`);
-    massive_residual, massive_attn_out, massive_mlp_out: per layer {abs, ratio, token, position, channel: the k
-      largest |x| of the stream after the layer / of the raw sub-layer output, largest first, their ratio to the
-      median |x|, token id, position in the document and channel; median: the median |x|}.
-  """
+  """Turns the model's stats ({name: [num_layers, 2 sub-layers (attention, mlp)]}) into the per-layer lists that
+  metrics.jsonl and eval/step_N.json hold (README.md, "Metrics" and "Per-layer statistics", says what each is):
+  residual_var and residual_rms after the layer's MLP sub-layer, max_abs and fp16_overflow over its residual states
+  and raw sub-layer outputs, attn_/mlp_ out_var, increment_var, delta_var, cross_cov, attn_logit_max, and
+  massive_residual, massive_attn_out, massive_mlp_out (`massive_entries`)."""
   s = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
   max_abs = np.maximum(s['residual_max_abs'], s['output_max_abs']).max(axis=1)
   summary = {

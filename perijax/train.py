@@ -25,7 +25,6 @@ from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
-from perijax.metrics import MetricsWriter
 
 
 def make_data_iterator(config, tokenizer, micro_batch):
@@ -71,24 +70,11 @@ class Preemption:
   def __init__(self):
     self.requested = False
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
+      signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, 'requested', True))
 
   def reached(self, manager, step):
     """Called once per step by every process, with the same step: True on all of them at the same step."""
-    if jax.process_count() == 1:
-      return self.requested
-    return manager.reached_preemption(step)
-
-
-def write_run_files(config, workdir, tokenizer):
-  if jax.process_index() != 0:
-    return
-  rundir.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
-  tokenizers.save_tokenizer(tokenizer, workdir)
+    return self.requested if jax.process_count() == 1 else manager.reached_preemption(step)
 
 
 def train(config, workdir, devices=None, resume_from_intact=False):
@@ -122,7 +108,9 @@ def train(config, workdir, devices=None, resume_from_intact=False):
       state = checkpoint_lib.restore(manager, latest, abstract_state, state_shardings, data_iterator)
       if jax.process_index() == 0:
         print(f'resuming from the checkpoint at step {latest} in {checkpoint_lib.checkpoint_dir(workdir)}', flush=True)
-  write_run_files(config, workdir, tokenizer)
+  if jax.process_index() == 0:
+    rundir.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
+    tokenizers.save_tokenizer(tokenizer, workdir)
 
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   step_fns = {collect: train_step_lib.jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect)
@@ -132,14 +120,13 @@ def train(config, workdir, devices=None, resume_from_intact=False):
 
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
-  peak = hardware.peak_flops(config.train.accelerator)
-  if config.train.accelerator != 'cpu':  # table peaks are per device; the CPU rate is measured for the whole host
-    peak *= jax.device_count()
+  # Table peaks are per device; the CPU rate is measured for the whole host.
+  peak = hardware.peak_flops(config.train.accelerator) * (1 if config.train.accelerator == 'cpu' else jax.device_count())
   schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.steps)
-  writer = MetricsWriter(workdir, config.train.steps, config=config)
+  writer = metrics_lib.MetricsWriter(workdir, config.train.steps, config)
   preemption = Preemption()
   step = int(state.step) // accum
-  window_start, window_step, last_overflows = None, step, int(state.forward_overflows)
+  window_start, window_step, last_overflows, preempted = None, step, int(state.forward_overflows), False
   window, pending, compiled = [], [], set()  # device values of the steps since the last line; a line not yet written
 
   def write_line(logged_step, metrics, steps, scales):
@@ -150,10 +137,8 @@ def train(config, workdir, devices=None, resume_from_intact=False):
     tokens_per_sec = tokens_per_step * (logged_step - window_step) / elapsed if logged_step > window_step else 0.0
     record = {
         **metrics_lib.window_summary(steps), 'lr': float(schedule(int(metrics['schedule_count']))),
-        'loss_scale': float(metrics['loss_scale']), 'skipped_steps': int(metrics['skipped_steps']),
-        'initial_scale_backoffs': int(metrics['initial_scale_backoffs']),
-        'spike': bool(metrics['spike']), 'spikes': int(metrics['spikes']),
-        'forward_overflows': int(metrics['forward_overflows']),
+        'loss_scale': float(metrics['loss_scale']), 'spike': bool(metrics['spike']),
+        **{counter: int(metrics[counter]) for counter in train_step_lib.COUNTERS},
         'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
     }
     if 'stats' in metrics:
@@ -190,20 +175,15 @@ def train(config, workdir, devices=None, resume_from_intact=False):
         pending, window = [(step, metrics, window, scales)], []
       if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
         checkpoint_lib.save(manager, step, state, data_iterator, config)
-      if preemption.reached(manager, step):
-        if manager.latest_step() != step:
-          checkpoint_lib.save(manager, step, state, data_iterator, config)
-        if pending:
-          write_line(*pending.pop())
-        manager.wait_until_finished()
-        print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)  # every host's log says so
-        writer.close()
-        return state
+      if preempted := preemption.reached(manager, step):
+        break
   if pending:
     write_line(*pending.pop())
-  if manager.latest_step() != step:
+  if manager.latest_step() != step:  # the final checkpoint, or the preempted step's
     checkpoint_lib.save(manager, step, state, data_iterator, config)
   manager.wait_until_finished()
+  if preempted:
+    print(f'preempted: saved the checkpoint at step {step}; exiting', flush=True)  # every host's log says so
   writer.close()
   return state
 

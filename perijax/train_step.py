@@ -28,11 +28,15 @@ class TrainState:
   opt_state: Any
   loss_scale: DynamicScale | None  # float16 only: flax's dynamic loss scale, checkpointed with the rest
   grad_norm_history: jax.Array   # last `spike_window` global gradient norms (NaN = not yet seen), for spike detection
+  # The run's counters (COUNTERS), each also in every step's metrics:
   skipped_steps: jax.Array       # steps whose gradients were not finite once the loss scale had settled (skipped)
   initial_scale_backoffs: jax.Array  # float16: non-finite steps before the first finite one (the scale searching down
                                      # from train.initial_loss_scale), counted apart from skipped_steps
   forward_overflows: jax.Array   # steps whose loss itself was not finite (the forward pass overflowed)
   spikes: jax.Array              # gradient-norm spikes (see `train_step`)
+
+
+COUNTERS = ('skipped_steps', 'initial_scale_backoffs', 'forward_overflows', 'spikes')
 
 
 def unboxed(tree):
@@ -62,13 +66,13 @@ def init_train_state(rng, config, model, optimizer):
   zero = jnp.zeros((), jnp.int32)
   return TrainState(step=zero, params=params, opt_state=optimizer.init(params), loss_scale=loss_scale,
                     grad_norm_history=jnp.full((config.train.spike_window,), jnp.nan, jnp.float32),
-                    skipped_steps=zero, initial_scale_backoffs=zero, forward_overflows=zero, spikes=zero)
+                    **{counter: zero for counter in COUNTERS})
 
 
 def abstract_train_state(config, model, optimizer, mesh):
   """(abstract unboxed state, its NamedShardings) without allocating anything: shape-first sharded init."""
-  init = functools.partial(init_train_state, config=config, model=model, optimizer=optimizer)
-  boxed = jax.eval_shape(init, jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(init_train_state, config=config, model=model, optimizer=optimizer),
+                         jax.random.key(0))
   shardings = sharding_lib.shardings_of(boxed, mesh, sharding_lib.logical_rules(config.mesh))
   abstract = unboxed(boxed)
   sharding_lib.check_divisible(abstract, shardings, mesh)
@@ -109,18 +113,13 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
   """One optimizer update (or one micro-batch of it). Non-finite gradients leave params and optimizer state as they
   were, shrink the loss scale and count a skipped step."""
 
-  def objective(params):
-    loss, stats = compute_loss(params, batch, model, collect_stats)
-    # Test-only hook (config.train.debug_overflow_step): blow the loss up so its gradients overflow float16.
-    injected = jnp.where(state.step == train_config.debug_overflow_step, 1e30, 1.0).astype(loss.dtype)
-    return loss * injected, (loss, stats)
-
+  objective = functools.partial(compute_loss, batch=batch, model=model, collect_stats=collect_stats)
   if state.loss_scale is not None:
-    loss_scale, grads_finite, (_, (loss, stats)), grads = state.loss_scale.value_and_grad(
-        objective, has_aux=True)(state.params)
+    loss_scale, grads_finite, (loss, stats), grads = state.loss_scale.value_and_grad(objective, has_aux=True)(
+        state.params)
   else:
     loss_scale = None
-    (_, (loss, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   grad_norm, layer_grad_norm = model_lib.grad_norms(grads)
   if loss_scale is None:
     grads_finite = jnp.isfinite(grad_norm)  # a NaN or inf anywhere makes the norm non-finite
@@ -145,32 +144,19 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
                & ~forward_overflow)
   non_finite = (~grads_finite).astype(jnp.int32)
   new_state = state.replace(
-      step=state.step + 1,
-      params=new_params,
-      opt_state=new_opt_state,
-      loss_scale=loss_scale,
+      step=state.step + 1, params=new_params, opt_state=new_opt_state, loss_scale=loss_scale,
       grad_norm_history=history,
       skipped_steps=state.skipped_steps + jnp.where(searching, 0, non_finite),
       initial_scale_backoffs=state.initial_scale_backoffs + jnp.where(searching, non_finite, 0),
       forward_overflows=state.forward_overflows + forward_overflow.astype(jnp.int32),
-      spikes=state.spikes + spike.astype(jnp.int32),
-  )
-  metrics = {
-      'loss': loss,
-      'schedule_count': optimizer_lib.schedule_count(state.opt_state),  # this update's lr is schedule(count)
-      'grad_norm': grad_norm,
-      'layer_grad_norm': layer_grad_norm,
-      'loss_scale': loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
-      'grads_finite': grads_finite,
-      'forward_overflow': forward_overflow,
-      'spike': spike,
-      'skipped_steps': new_state.skipped_steps,
-      'initial_scale_backoffs': new_state.initial_scale_backoffs,
-      'forward_overflows': new_state.forward_overflows,
-      'spikes': new_state.spikes,
-  }
-  if collect_stats:
-    metrics['stats'] = stats
+      spikes=state.spikes + spike.astype(jnp.int32))
+  metrics = dict(
+      loss=loss, grad_norm=grad_norm, layer_grad_norm=layer_grad_norm, grads_finite=grads_finite,
+      forward_overflow=forward_overflow, spike=spike,
+      schedule_count=optimizer_lib.schedule_count(state.opt_state),  # this update's lr is schedule(count)
+      loss_scale=loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
+      **{counter: getattr(new_state, counter) for counter in COUNTERS},
+      **({'stats': stats} if collect_stats else {}))
   return new_state, metrics
 
 

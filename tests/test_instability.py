@@ -15,6 +15,7 @@ from perijax import instability
 from perijax import report as report_lib
 from perijax import runs as runs_lib
 from perijax import train as train_lib
+from tests.test_train import expected_loss_scales
 
 STEPS = np.arange(1, 401)
 
@@ -127,28 +128,31 @@ def test_report_uses_the_rule(tmp_path):
 @pytest.mark.slow
 def test_float16_backoffs_while_the_scale_searches_are_apart_from_settled_skips(corpus_data_dir, tmp_path):
   """A float16 run from a loss scale of 2^40: every step overflows until the scale has halved enough. Those are
-  back-offs; one overflow forced after the scale settled is a skipped step. metrics.jsonl logs both, the scale, and
-  the per-layer gradient norms at step 1 (init) and at the last step."""
+  back-offs. Then the scale doubles every other finite step (growth interval 1) until scaled gradients overflow float16
+  again: those overflows, after the scale settled, are skipped steps. metrics.jsonl logs both, the scale, and the
+  per-layer gradient norms at step 1 (init) and later."""
   config = tiny.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=4, compute_dtype='float16', softmax_in_float32=False)
-  config.train.update(steps=40, batch_size=8, seq_len=32, log_every=8, stats_every=1000, initial_loss_scale=2.0 ** 40,
-                      loss_scale_growth_interval=10_000, debug_overflow_step=35)
+  config.train.update(steps=40, batch_size=8, seq_len=32, log_every=1, stats_every=1000, initial_loss_scale=2.0 ** 40,
+                      loss_scale_growth_interval=1)
   config.optimizer.update(warmup_steps=2)
   config.data.data_dir = corpus_data_dir
   config.checkpoint.every = 0
   train_lib.train(config, str(tmp_path))
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
-    lines = {line['step']: line for line in map(json.loads, f)}
-  last = lines[40]
-  backoffs = last['initial_scale_backoffs']
-  assert 5 <= backoffs < 35                       # 2^40 x gradients overflow float16; the search ends before step 35
-  assert last['skipped_steps'] == 1               # only the forced overflow at step 35 (after settling)
-  assert last['loss_scale'] == 2.0 ** (40 - backoffs - 1)   # each back-off and the one skip halved the scale
-  assert lines[8]['skipped_steps'] == 0 and lines[8]['initial_scale_backoffs'] == min(backoffs, 8)
-  assert sorted(lines) == [1, 8, 16, 24, 32, 40]  # step 1 is always logged
-  for step in (1, 40):
-    assert len(lines[step]['layer_grad_norm']) == 2
-  # Step 1's gradients overflowed (the scale was still searching): its per-layer norms say so.
-  assert not all(map(math.isfinite, lines[1]['layer_grad_norm']))
-  assert all(map(math.isfinite, last['layer_grad_norm']))
+    lines = [json.loads(line) for line in f]
+  assert [line['step'] for line in lines] == list(range(1, 41))
+  backoffs = lines[-1]['initial_scale_backoffs']
+  assert 5 <= backoffs < 30                       # 2^40 x gradients overflow float16 for a while, then settle
+  not_applied = [line['initial_scale_backoffs'] + line['skipped_steps'] for line in lines]
+  finite = [now == before for before, now in zip([0] + not_applied, not_applied)]
+  assert finite == [False] * backoffs + finite[backoffs:] and finite[backoffs]  # back-offs first, then settled
+  assert [line['initial_scale_backoffs'] for line in lines] == [min(step, backoffs) for step in range(1, 41)]
+  assert lines[-1]['skipped_steps'] == finite.count(False) - backoffs >= 1   # the regrown scale overflowed again
+  assert [line['loss_scale'] for line in lines] == expected_loss_scales(2.0 ** 40, finite, 1)
+  assert all(len(line['layer_grad_norm']) == 2 for line in lines)
+  # Step 1's gradients overflowed (the scale was still searching): its per-layer norms say so; a finite step's do not.
+  assert not all(map(math.isfinite, lines[0]['layer_grad_norm']))
+  last_finite = max(step for step in range(40) if finite[step])
+  assert all(map(math.isfinite, lines[last_finite]['layer_grad_norm']))
   assert not report_lib.summarize_run(runs_lib.load_run(str(tmp_path)))['diverged']

@@ -64,7 +64,7 @@ def offline_wandb(tmp_path, monkeypatch):
 def test_wandb_run_holds_the_logged_numbers_and_a_resumed_run_keeps_its_id(tmp_path, offline_wandb):
   workdir = tmp_path / 'placement=peri,seed=0'
   workdir.mkdir()
-  writer = metrics.MetricsWriter(str(workdir), total_steps=20, enabled=True, config=wandb_config(mode='online'))
+  writer = metrics.MetricsWriter(str(workdir), total_steps=20, config=wandb_config(mode='online'))
   writer.write(10, {'loss': 3.25, 'residual_var': [0.5, 2.0, 8.0]})
   writer.write(20, {'loss': 2.75, 'skipped_steps': 1})
   writer.close()
@@ -79,7 +79,7 @@ def test_wandb_run_holds_the_logged_numbers_and_a_resumed_run_keeps_its_id(tmp_p
   assert next((workdir / 'tensorboard').iterdir()).stat().st_size > 0
 
   # A resumed training (same workdir) continues the same W&B run.
-  writer = metrics.MetricsWriter(str(workdir), total_steps=40, enabled=True, config=wandb_config())
+  writer = metrics.MetricsWriter(str(workdir), total_steps=40, config=wandb_config())
   writer.write(30, {'loss': 2.5})
   writer.close()
   runs = sorted((offline_wandb / 'wandb').glob('offline-run-*'))   # a second start within a second gets '-1' added
@@ -92,7 +92,7 @@ def test_wandb_run_holds_the_logged_numbers_and_a_resumed_run_keeps_its_id(tmp_p
 
 def test_wandb_is_off_by_default_and_not_even_imported(tmp_path):
   code = ('import sys; from configs import default; from perijax import metrics\n'
-          f'writer = metrics.MetricsWriter({str(tmp_path)!r}, 5, enabled=True, config=default.get_config())\n'
+          f'writer = metrics.MetricsWriter({str(tmp_path)!r}, 5, config=default.get_config())\n'
           'writer.write(5, {"loss": 1.0}); writer.close(); print("wandb" in sys.modules)')
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})

@@ -108,19 +108,42 @@ def run_steps(config, data_dir, steps, mutate_params=None):
   return history, jax.device_get(state)
 
 
+def expected_loss_scales(initial, finite, growth_interval):
+  """The dynamic loss scale after each step, as flax's DynamicScale documents it: halved by a step whose gradients
+  overflowed; doubled by a finite step that follows growth_interval finite steps since the last change."""
+  scales, scale, run = [], initial, 0
+  for ok in finite:
+    if not ok:
+      scale, run = scale / 2, 0
+    elif run == growth_interval:
+      scale, run = scale * 2, 0
+    else:
+      run += 1
+    scales.append(scale)
+  return scales
+
+
 def test_float16_overflow_is_skipped_and_the_scale_halves(corpus_data_dir):
+  # The scale starts where float16 gradients are finite and doubles every other finite step until scaled gradients
+  # really overflow float16 (2^20 does at init: see logged_lines); each overflow halves it again.
   config = small_config(corpus_data_dir, steps=12)
   config.model.compute_dtype = 'float16'
-  config.train.debug_overflow_step = 4  # the loss is multiplied by 1e30 at this step: its gradients overflow
+  config.train.loss_scale_growth_interval = 1
   history, final = run_steps(config, corpus_data_dir, 12)
-  before, metrics = history[4]
-  after = history[5][0]
-  assert not metrics['grads_finite'] and metrics['skipped_steps'] == 1 and not metrics['forward_overflow']
-  assert float(after.loss_scale.scale) == float(before.loss_scale.scale) / 2
-  jax.tree.map(np.testing.assert_array_equal, before.params, after.params)          # bitwise unchanged
-  jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
-  assert all(history[i][1]['grads_finite'] for i in range(12) if i != 4)
-  assert final.skipped_steps == 1
+  states = [before for before, _ in history] + [final]
+  finite = [bool(metrics['grads_finite']) for _, metrics in history]
+  assert finite[0] and not all(finite)  # the scale settled at once; then at least one overflow
+  for step, (before, metrics) in enumerate(history):
+    after = states[step + 1]
+    assert not metrics['forward_overflow'] and metrics['initial_scale_backoffs'] == 0
+    assert metrics['skipped_steps'] == finite[:step + 1].count(False)
+    if not finite[step]:  # a skipped step: params and optimizer state bitwise unchanged
+      jax.tree.map(np.testing.assert_array_equal, before.params, after.params)
+      jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
+    elif metrics['schedule_count'] > 0:  # a finite step updates (but warmup's first lr is 0)
+      assert not np.array_equal(before.params['embed']['embedding'], after.params['embed']['embedding'])
+  assert [float(s.loss_scale.scale) for s in states[1:]] == expected_loss_scales(65536.0, finite, 1)
+  assert final.skipped_steps == finite.count(False)
   assert history[-1][1]['loss'] < history[0][1]['loss']  # training went on and the loss still fell
 
 

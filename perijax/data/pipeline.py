@@ -15,10 +15,10 @@ first-fit (grain's FirstFitPackIterDataset over PACKING_BINS_PER_ROW * batch_siz
 Sharding: process i of n reads examples i, i+n, i+2n... of the split, so processes read disjoint parts and the global
 batch is batch_size * n. Training shuffles that shard with the seed, reshuffles every epoch and never stops; its
 iterator is a grain DatasetIterator, checkpointable in Orbax with grain.checkpoint.CheckpointSave/CheckpointRestore.
-Evaluation goes through the shard once in order; `EvalBatches.target_tokens` says how many targets it covered, and
-`bytes_per_token` gives the ratio evaluation needs to turn a per-token loss into bits per byte.
+Evaluation goes through the shard once in order (EvalBatches).
 """
 
+import itertools
 from typing import Any, Iterator, Sequence
 
 from absl import flags
@@ -60,10 +60,8 @@ def open_source(data_config, split: str) -> Sequence[Any]:
     if isinstance(error, ValueError) and 'Unknown split' in str(error):
       raise DataError(f'Split {split!r} of {name!r}: {str(error).splitlines()[0]} (check data.train_split / '
                        'data.eval_split).') from error
-    if name == corpus.DATASET_NAME:
-      fix = f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}'
-    else:
-      fix = _NOT_PREPARED_ELSEWHERE
+    fix = (f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}' if name == corpus.DATASET_NAME
+           else _NOT_PREPARED_ELSEWHERE)
     reason = (str(error).strip().splitlines() or [''])[0]
     raise NotFoundError(f'TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {where}. '
                             f'{fix}\n(TFDS said: {type(error).__name__}: {reason})') from error
@@ -95,8 +93,7 @@ class TokenizeDocument(grain.transforms.Map):
   """example -> t = encode(text) + [eos], int32."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, text_field: str):
-    self.tokenizer = tokenizer
-    self.text_field = text_field
+    self.tokenizer, self.text_field = tokenizer, text_field
 
   def map(self, example):
     text = example_text(example, self.text_field)
@@ -111,8 +108,7 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
   max_fan_out = 1 << 20  # required by the FlatMap interface; FlatMapIterDataset does not bound it
 
   def __init__(self, seq_len: int, eos_id: int):
-    self.seq_len = seq_len
-    self.eos_id = eos_id
+    self.seq_len, self.eos_id = seq_len, eos_id
 
   def flat_map(self, tokens):
     inputs = np.concatenate([np.array([self.eos_id], np.int32), tokens[:-1]])
@@ -127,28 +123,28 @@ def _model_row(packed: dict[str, np.ndarray]) -> Batch:
           'weights': (segment_ids > 0).astype(np.float32)}
 
 
-def _pack_and_batch(documents: grain.IterDataset, *, eos_id: int, batch_size: int, seq_len: int,
-                    drop_remainder: bool) -> grain.IterDataset:
-  chunks = grain.experimental.FlatMapIterDataset(documents, ChunkDocument(seq_len, eos_id))
-  rows = grain.experimental.FirstFitPackIterDataset(
-      chunks, length_struct={'inputs': seq_len, 'targets': seq_len},
-      num_packing_bins=PACKING_BINS_PER_ROW * batch_size, shuffle_bins=False)
-  return rows.map(_model_row).batch(batch_size, drop_remainder=drop_remainder)
-
-
-def _check_shapes(batch_size: int, seq_len: int, process_index: int, process_count: int):
+def _packed_batches(data_config, tokenizer: tokenizers.Tokenizer, split: str, *, batch_size: int, seq_len: int,
+                    process_index: int, process_count: int, seed: int | None = None) -> grain.IterDataset:
+  """This process's shard of `split` packed into batches (module docstring): with a `seed` as training reads it,
+  without it once in order, the last batch short."""
   if batch_size <= 0 or seq_len <= 0:
     raise ValueError(f'batch_size ({batch_size}) and seq_len ({seq_len}) must be positive.')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} must be in [0, process_count={process_count}).')
-
-
-def _documents(data_config, split: str, process_index: int, process_count: int) -> grain.MapDataset:
   source = open_source(data_config, split)
   if len(source) < process_count:
     raise DataError(f'Split {split!r} of {data_config.name!r} has {len(source)} examples, fewer than the '
                      f'{process_count} processes that each need a disjoint part of it.')
-  return grain.MapDataset.source(source)[process_index::process_count]
+  documents = grain.MapDataset.source(source)[process_index::process_count]
+  if seed is not None:
+    documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed
+  tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
+      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
+  chunks = grain.experimental.FlatMapIterDataset(tokens, ChunkDocument(seq_len, tokenizer.eos_id))
+  rows = grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct={'inputs': seq_len, 'targets': seq_len},
+      num_packing_bins=PACKING_BINS_PER_ROW * batch_size, shuffle_bins=False)
+  return rows.map(_model_row).batch(batch_size, drop_remainder=seed is not None)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
@@ -156,16 +152,11 @@ def _documents(data_config, split: str, process_index: int, process_count: int) 
 def make_train_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of this process's packed batches of `data_config.train_split`."""
-  _check_shapes(batch_size, seq_len, process_index, process_count)
   if data_config.worker_count < 0 or data_config.prefetch < 0:
     raise DataError(f'data.worker_count ({data_config.worker_count}) and data.prefetch ({data_config.prefetch}) '
                      'must be >= 0.')
-  documents = _documents(data_config, data_config.train_split, process_index, process_count)
-  documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed
-  tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
-      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
-  batches = _pack_and_batch(tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seq_len=seq_len,
-                            drop_remainder=True)
+  batches = _packed_batches(data_config, tokenizer, data_config.train_split, batch_size=batch_size, seq_len=seq_len,
+                            process_index=process_index, process_count=process_count, seed=seed)
   if data_config.worker_count > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks) nothing parsed them.
     if not flags.FLAGS.is_parsed():
@@ -190,60 +181,39 @@ class EvalBatches:
   """
 
   def __init__(self, dataset: grain.IterDataset, *, batch_size: int, seq_len: int, max_batches: int):
-    self._dataset = dataset
-    self.batch_size = batch_size
-    self.seq_len = seq_len
-    self.max_batches = max_batches
-    self.pad_to_batches = max_batches
+    self._dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
+    self.max_batches = self.pad_to_batches = max_batches
     self.target_tokens = 0
-
-  def _padding_batch(self) -> Batch:
-    zeros = np.zeros((self.batch_size, self.seq_len), np.int32)
-    return {'inputs': zeros, 'targets': zeros, 'segment_ids': zeros, 'positions': zeros,
-            'weights': np.zeros((self.batch_size, self.seq_len), np.float32)}
 
   def _pad_rows(self, batch: Batch) -> Batch:
     missing = self.batch_size - batch['inputs'].shape[0]
-    if not missing:
-      return batch
     return {key: np.concatenate([value, np.zeros((missing, self.seq_len), value.dtype)])
             for key, value in batch.items()}
 
   def __iter__(self) -> Iterator[Batch]:
     self.target_tokens = 0
     count = 0
-    for batch in self._dataset:
-      if self.max_batches and count >= self.max_batches:
-        break
+    for batch in itertools.islice(self._dataset, self.max_batches or None):
       batch = self._pad_rows(batch)
       self.target_tokens += int(batch['weights'].sum())
       count += 1
       yield batch
-    while count < self.pad_to_batches:
-      count += 1
-      yield self._padding_batch()
+    for _ in range(count, self.pad_to_batches):  # all padding (weights 0)
+      yield {key: np.zeros((self.batch_size, self.seq_len), np.float32 if key == 'weights' else np.int32)
+             for key in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
 
   def count_batches(self) -> int:
     """Batches in one pass of this shard, up to max_batches (one pass of tokenizing and packing)."""
-    count = 0
-    for _ in self._dataset:
-      count += 1
-      if self.max_batches and count >= self.max_batches:
-        break
-    return count
+    return sum(1 for _ in itertools.islice(self._dataset, self.max_batches or None))
 
 
 def make_eval_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, split: str, batch_size: int, seq_len: int,
                        process_index: int = 0, process_count: int = 1, max_batches: int = 0) -> EvalBatches:
   """This process's batches of `split`, once, in order (see EvalBatches)."""
-  _check_shapes(batch_size, seq_len, process_index, process_count)
   if max_batches < 0:
     raise ValueError(f'max_batches ({max_batches}) must be >= 0 (0 = the whole split).')
-  documents = _documents(data_config, split, process_index, process_count)
-  tokens = documents.map(TokenizeDocument(tokenizer, data_config.text_field)).to_iter_dataset(
-      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
-  batches = _pack_and_batch(tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seq_len=seq_len,
-                            drop_remainder=False)
+  batches = _packed_batches(data_config, tokenizer, split, batch_size=batch_size, seq_len=seq_len,
+                            process_index=process_index, process_count=process_count)
   return EvalBatches(batches, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
 
 

@@ -1,15 +1,10 @@
 """Text from files, as random-access sources for grain: JSONL, Parquet, and Hugging Face datasets saved to disk.
 
-`config.data.source` picks the reader ('tfds' is pipeline.open_source's own), `config.data.path` the files:
-  jsonl     one JSON object per line; '{split}' in the path becomes the split name and globs are allowed, e.g.
-            'corpus/{split}.jsonl' or 'corpus/{split}-*.jsonl' (the matching files, in sorted order, are one split)
-  parquet   the same, e.g. 'corpus/{split}-*.parquet' (the layout `datasets.Dataset.to_parquet` and the Hub use)
-  hf_disk   a directory written by `datasets.Dataset(Dict).save_to_disk`: a DatasetDict holds the splits by name;
-            a single Dataset needs '{split}' in the path ('corpus/{split}'). Read with `datasets.load_from_disk`,
-            which never reaches the network.
-Each source is a sequence of `{data.text_field: text}` with a length, what `grain.MapDataset.source` needs, so
-shuffling, sharding, packing and the checkpointable iterator are exactly those of TFDS sources. pyarrow and datasets
-are imported only when their source is selected.
+`config.data.source` picks the reader ('tfds' is pipeline.open_source's own), `config.data.path` the files, '{split}'
+in it standing for the split name (README.md, "Files instead of TFDS", shows each form). Each source is a sequence of
+`{data.text_field: text}` with a length, what `grain.MapDataset.source` needs, so shuffling, sharding, packing and the
+checkpointable iterator are exactly those of TFDS sources. pyarrow and datasets are imported only when their source
+is selected; `datasets.load_from_disk` never reaches the network.
 """
 
 import glob

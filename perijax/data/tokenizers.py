@@ -65,10 +65,8 @@ class SentencePieceTokenizer:
     self.model_proto = model_proto
     self.path = path  # where it was loaded from, for messages and for save_tokenizer
     self._processor = None
-    processor = self.processor
-    self.vocab_size = processor.get_piece_size()
-    self.pad_id = processor.pad_id()
-    self.eos_id = processor.eos_id()
+    self.vocab_size, self.pad_id, self.eos_id = (self.processor.get_piece_size(), self.processor.pad_id(),
+                                                 self.processor.eos_id())
     if self.eos_id < 0:
       raise DataError(f'SentencePiece model {path or "(in memory)"} has no EOS piece (eos_id=-1); the pipeline needs '
                        'one to separate documents. Train it with eos_id set (train_sentencepiece does: eos_id=1).')
@@ -98,9 +96,6 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self.processor.encode(text)
-
-  def encode_array(self, text: str) -> np.ndarray:
-    return np.asarray(self.processor.encode(text), dtype=np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if i != self.pad_id and i != self.eos_id]
