@@ -1,10 +1,7 @@
-"""Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
+"""Evaluation of one checkpoint: the run's config, its parameters, held-out loss, per-layer statistics, zero-shot tasks
+and the files they are written to. `perijax.evaluate.run` chooses the checkpoints; this module does the work.
 
-The command line is the package's `__init__.py`; this module does the work. An `Evaluator` is built once per workdir
-(config, tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of
-steps:
-
-    evaluator = Evaluator(workdir, load_run_config(workdir))
+    evaluator = Evaluator(workdir, load_run_config(workdir))  # config, tokenizer, mesh, data, task items: all checked
     evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
     result = evaluator.evaluate(step)       # {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', ...}
     write_result(workdir, result)           # WORKDIR/eval/step_N.json and TensorBoard under WORKDIR/eval/tensorboard
@@ -33,7 +30,7 @@ from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
-from perijax.tasks import lm_eval_results
+from perijax.tasks import lm_eval_results, scoring
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.metrics import scalars
@@ -189,10 +186,10 @@ def aggregate_stats(per_batch):
   return combined
 
 
-def _finite_or_inf(function, value):
+def _exp_or_inf(value):
   try:
-    return function(value)
-  except OverflowError:
+    return math.exp(value)
+  except OverflowError:  # a diverged run's loss
     return math.inf
 
 
@@ -289,7 +286,7 @@ class Evaluator:
           batch_stats.append(stats)
       if not tokens:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
-      tasks = {name: tasks_lib.score_multiple_choice(
+      tasks = {name: scoring.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
           batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name,
           packed=self.config.eval.get('packed_scoring', True))
@@ -297,7 +294,7 @@ class Evaluator:
     loss = nll_sum / tokens
     return {
         'loss': loss,
-        'perplexity': _finite_or_inf(math.exp, loss),
+        'perplexity': _exp_or_inf(loss),
         'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
         'tokens': int(round(tokens)),
         'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
