@@ -2,31 +2,21 @@
 
     python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
 
-Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
-step, loss, perplexity, bits_per_byte, tokens, layers, norm_scales, tasks (plus split, bytes_per_token, stats_batches,
-mesh, eval_seconds), TensorBoard scalars under DIR/eval/tensorboard and (config.eval.lm_eval_results) the task scores in
-lm-evaluation-harness's format, DIR/eval/lm_eval/<run>__step_N/results_<date>.json (perijax/tasks/lm_eval_results.py).
+Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json (step, loss,
+perplexity, bits_per_byte, tokens, layers, norm_scales, tasks, ...: docs/evaluation.md, "The result file"), TensorBoard
+scalars under DIR/eval/tensorboard and (config.eval.lm_eval_results) the task scores in lm-evaluation-harness's format,
+DIR/eval/lm_eval/<run>__step_N/results_<date>.json (perijax/tasks/lm_eval_results.py).
   (no flag)  the latest checkpoint;
   --step=N   checkpoint N (evaluated again if already done);
   --all      every checkpoint without an eval/step_N.json yet;
   --watch    like --all, then waits for new checkpoints (every --poll_seconds) and stops once the checkpoint at
              config.train.steps is evaluated (training finished); an error if none appears for --timeout_seconds.
              It may start before training does: it waits (as long) for the workdir's tokenizer.json.
+`--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
+tasks, how many batches, the mesh); the model and training fields are the checkpoint's own.
 Several processes (a model larger than one host's devices): the same command on every host, plus
 --coordinator_address/--num_processes/--process_id as for perijax.train (found automatically on TPU pods and SLURM);
 process 0 writes the results. --watch runs as one process.
-
-`--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
-tasks, how many batches, the mesh); the model and training fields are the checkpoint's own. Numbers:
-  loss           mean negative log-likelihood per target token over config.data.eval_split (config.data.
-                 eval_max_batches batches of config.eval.batch_size x config.train.seq_len; 0 = the whole split);
-  perplexity     exp(loss);  bits_per_byte: loss / ln 2 / (UTF-8 bytes per target token of the split);
-  tokens         target tokens evaluated (the sum of the batches' weights);
-  layers         per-layer lists of perijax.stats.layer_summary over ALL evaluated batches (variances averaged over
-                 batches, max |x| the maximum, float16 overflows summed; padding positions of a packed row included,
-                 as in training's statistics);
-  norm_scales    the norms' γ: perijax.stats.scale_summary (in_norm_scale_mean, ... by layer; final_norm_scale_*);
-  tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
 Every checkpoint is verified against the checksums written when it was saved (perijax/checkpoint.py): --all and --watch
 skip a damaged one with a `skipped:` line and go on; the latest or --step=N stops with an error.
 Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored

@@ -38,10 +38,6 @@ from perijax.errors import NotFoundError
 from perijax.precision import Precision
 from perijax.progress import progress
 
-# Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
-OVERRIDABLE = ('eval', 'data', 'mesh')
-
-
 # ---- the run's config -------------------------------------------------------------------------------------------
 
 def _lists_to_tuples(value):
@@ -80,24 +76,25 @@ def _upgrade(stored):
 
 
 def apply_overrides(config, overrides):
-  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections."""
-  config_lib.apply_overrides(config, overrides, sections=OVERRIDABLE)
+  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections only:
+  they say where and how to evaluate, not what was trained."""
+  config_lib.apply_overrides(config, overrides, sections=('eval', 'data', 'mesh'))
   return config
 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------------------
 
-def _flat(tree):
-  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def _shapes(tree):
+  """{path: (shape, dtype)} of a tree of arrays or of their metadata."""
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def stored_param_metadata(workdir, step):
   """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
-  state_dir = rundir.checkpoint_state(workdir, step)
   try:
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
-    params = metadata['params']
-    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(params).items()}
+    metadata = ocp.PyTreeCheckpointer().metadata(rundir.checkpoint_state(workdir, step))
+    return _shapes(metadata.item_metadata.tree['params'])
   except Exception as error:  # pylint: disable=broad-except  Orbax/tensorstore raise many kinds for a damaged file
     raise checkpoint_lib.CheckpointError(
         f'checkpoint {step} in {checkpoint_lib.checkpoint_dir(workdir)} cannot be read (truncated or corrupted?): '
@@ -106,7 +103,7 @@ def stored_param_metadata(workdir, step):
 
 def check_params_match(stored, abstract_params, step):
   """The stored parameters must be exactly the ones the config builds: same names, shapes and dtypes."""
-  expected = {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(abstract_params).items()}
+  expected = _shapes(abstract_params)
   problems = [f'{path} missing from the checkpoint' for path in expected if path not in stored]
   problems += [f'{path} in the checkpoint but not built by the config' for path in stored if path not in expected]
   problems += [f'{path}: checkpoint {stored[path][0]} {stored[path][1]}, config {shape} {dtype}'
@@ -167,8 +164,8 @@ def make_eval_mesh(config, model, devices=None):
 
 def aggregate_stats(per_batch):
   """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations the top-k of all batches (their
-  median |x| averaged)."""
+  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations
+  the top-k of all batches (their median |x| averaged)."""
   combined = {}
   for name in per_batch[0]:
     if '_massive_' in name:  # top-k values and where they sit: merged below
@@ -292,20 +289,11 @@ class Evaluator:
           packed=self.config.eval.get('packed_scoring', True))
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
-    return {
-        'loss': loss,
-        'perplexity': _exp_or_inf(loss),
-        'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
-        'tokens': int(round(tokens)),
-        'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
-        'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
-        'tasks': tasks,
-        'split': self.config.data.eval_split,
-        'bytes_per_token': self.bytes_per_token,
-        'stats_batches': len(batch_stats),
-        'mesh': self.mesh_description,
-        'eval_seconds': time.time() - started,
-    }
+    return {'loss': loss, 'perplexity': _exp_or_inf(loss), 'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
+            'tokens': int(round(tokens)), 'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
+            'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
+            'tasks': tasks, 'split': self.config.data.eval_split, 'bytes_per_token': self.bytes_per_token,
+            'stats_batches': len(batch_stats), 'mesh': self.mesh_description, 'eval_seconds': time.time() - started}
 
   def _global(self, array):
     """A batch every process holds whole (the tasks' requests), as one array sharded like the training batch."""

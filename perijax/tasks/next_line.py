@@ -26,11 +26,10 @@ import hashlib
 from typing import Iterable, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from perijax.data import corpus  # registers the corpus's TFDS builder, so TFDS knows its name
-from perijax.errors import DataError, NotFoundError
-from perijax.tasks.paper_tasks import as_text
+from perijax.errors import DataError
+from perijax.tasks.paper_tasks import as_text, tfds_split
 from perijax.tasks.scoring import MultipleChoiceItem
 
 CORPUS_NAME = corpus.DATASET_NAME  # the embedded corpus
@@ -98,15 +97,8 @@ def build_items(examples: Iterable[dict]) -> list[MultipleChoiceItem]:
 
 def read_corpus_test_split(data_dir: str | None) -> Sequence[dict]:
   """The embedded corpus's test split from its prepared TFDS copy in `data_dir`; never prepares or downloads."""
-  try:
-    return tfds.data_source(CORPUS_NAME, split=CORPUS_SPLIT, data_dir=data_dir or None, download=False)
-  except Exception as error:  # not registered, not prepared or not array_record: the same remedy for all
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise NotFoundError(
-        f"task 'next_line' reads the embedded corpus '{CORPUS_NAME}' split '{CORPUS_SPLIT}', which is not prepared "
-        f"under data dir {data_dir or '~/tensorflow_datasets (the TFDS default)'}: prepare it with "
-        f"`{corpus.prepare_command(data_dir or '')}` (config.data.data_dir says where it is). (TFDS said: "
-        f'{first_line})') from error
+  return tfds_split('next_line', CORPUS_NAME, CORPUS_SPLIT, data_dir, (
+      f"Prepare it with `{corpus.prepare_command(data_dir or '')}` (config.data.data_dir says where it is)."))
 
 
 def next_line_items(data_dir: str | None, max_examples: int) -> list[MultipleChoiceItem]:

@@ -155,16 +155,22 @@ def read(task: str, data_dir: str | None, jsonl_path: str = '') -> Sequence[dict
   name, split = CATALOG[task]
   if task == 'winogrande':  # a legacy TFDS builder: registered only once its module is imported
     import tensorflow_datasets.text.winogrande  # pylint: disable=g-import-not-at-top,unused-import
+  return tfds_split(task, name, split, data_dir, (
+      f"Prepare it on a machine with network access with `tfds.builder('{name}', data_dir=DIR, "
+      "file_format='array_record').download_and_prepare()` (or copy a prepared copy), then point "
+      'config.eval.tasks_data_dir (or config.data.data_dir) at DIR.'))
+
+
+def tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_prepare: str) -> Sequence[dict]:
+  """A prepared TFDS split as a random-access data source; never downloads. One clear error if it is not there."""
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as error:  # tfds raises several kinds (not found, not prepared, tfrecord format); all mean the same.
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise NotFoundError(
         f"task '{task}': TFDS dataset '{name}' split '{split}' is not prepared (in array_record format) under data dir "
-        f"{data_dir or '~/tensorflow_datasets (the TFDS default)'}. Prepare it on a machine with network access with "
-        f"`tfds.builder('{name}', data_dir=DIR, file_format='array_record').download_and_prepare()` (or copy a "
-        f'prepared copy), then point config.eval.tasks_data_dir (or config.data.data_dir) at DIR. (TFDS said: '
-        f'{first_line})') from error
+        f"{data_dir or '~/tensorflow_datasets (the TFDS default)'}. {how_to_prepare} (TFDS said: {first_line})"
+    ) from error
 
 
 # ---- the builders of the two original JSONL files -------------------------------------------------------------------
@@ -208,7 +214,8 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
 
 
 class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Prepares the validation split from the file its config names, into array_record, in the file's order."""
+  """Prepares the validation split from the file its config names, into array_record, in the file's order; a
+  subclass gives the FEATURES and `read_source(path)`, the file's examples, checked (DataError naming what is wrong)."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Prepared from the original JSONL release.'}
   FEATURES = {}
@@ -227,11 +234,6 @@ class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(self.FEATURES), disable_shuffling=True)
-
-  @classmethod
-  def read_source(cls, path: str) -> list[dict]:
-    """The examples of the original file, checked; raises DataError/NotFoundError naming what is wrong."""
-    raise NotImplementedError
 
   def _split_generators(self, dl_manager):
     del dl_manager  # the file is local; nothing is downloaded
