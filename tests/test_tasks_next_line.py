@@ -8,8 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import perijax.tasks
-from perijax.tasks import paper_tasks
-from perijax.tasks import next_line
+from perijax.tasks import next_line, paper_tasks, scoring
 
 FAKE_CORPUS = 'perijax_test_next_line_corpus'  # not the real name: the real builder may be registered in this process
 
@@ -136,8 +135,8 @@ def test_evaluate_next_line_with_a_uniform_model(corpus_dir, items):
   def uniform_model(inputs, positions, segment_ids):
     return np.full(inputs.shape + (258,), -np.log(258.0), np.float32)
 
-  result = perijax.tasks.score_multiple_choice(perijax.tasks.load_task_items('next_line', eval_config, data_config),
-                                               ByteTokenizer(), uniform_model, batch_size=8, seq_len=512)
+  result = scoring.score_multiple_choice(perijax.tasks.load_task_items('next_line', eval_config, data_config),
+                                        ByteTokenizer(), uniform_model, batch_size=8, seq_len=512)
   first = items[:5]
   # Uniform log-probs: ll = -(bytes + 1) ln V, so acc picks the shortest choice (in bytes; the first if tied), and
   # acc_norm the one with the most characters (lines here are ASCII).

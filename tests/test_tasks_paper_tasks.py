@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import perijax.tasks
-from perijax.tasks import paper_tasks
+from perijax.tasks import paper_tasks, scoring
 
 
 class ByteTokenizer:
@@ -92,9 +92,8 @@ def test_winogrande_prompt_is_partial():
 def test_catalog_readers_through_mocked_tfds(tmp_path):
   """Random mock examples from the real TFDS feature specs: the reader and schema path, end to end."""
   with tfds.testing.mock_data(num_examples=3):
-    for read, item_fn in [(paper_tasks.read_arc_easy, paper_tasks.arc_item),
-                          (paper_tasks.read_piqa, paper_tasks.piqa_item)]:
-      items = paper_tasks.take_items('t', read(str(tmp_path)), item_fn, max_examples=2)
+    for task in ('arc_easy', 'piqa'):
+      items = paper_tasks.take_items(task, paper_tasks.read(task, str(tmp_path)), max_examples=2)
       assert len(items) == 2
       for item in items:
         assert 0 <= item.gold < len(item.requests) and all(isinstance(c, str) for c in item.choice_texts)
@@ -112,7 +111,7 @@ def test_scores_of_realistic_mocked_examples(tmp_path):
     return docs[builder.name]
   eval_config, data_config = configs(tmp_path, max_examples=2)
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-    results = {name: perijax.tasks.score_multiple_choice(
+    results = {name: scoring.score_multiple_choice(
         perijax.tasks.load_task_items(name, eval_config, data_config), ByteTokenizer(), uniform_model,
         batch_size=4, seq_len=32) for name in ('arc_easy', 'piqa', 'winogrande')}
   # Uniform model: ties go to index 0 (arc gold 0 -> right; piqa gold 1 -> wrong); acc_norm picks the longest choice.
@@ -154,7 +153,7 @@ def original_files(tmp_path_factory):
 
 
 def test_hellaswag_builder_round_trip_keeps_fields_and_file_order(original_files):
-  source = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])
+  source = paper_tasks.read('hellaswag', original_files['data_dir'], original_files['hellaswag'])
   assert len(source) == 2
   assert [int(source[i]['ind']) for i in range(2)] == [24, 92]  # file order, not TFDS's hashed order
   first = source[0]
@@ -162,12 +161,12 @@ def test_hellaswag_builder_round_trip_keeps_fields_and_file_order(original_files
   item = paper_tasks.hellaswag_item(first)
   assert item.requests[0] == ('Roof shingle removal: A man is sitting on a roof. He', ' is using wrap.')
   assert item.gold == 3
-  again = paper_tasks.read_hellaswag(original_files['data_dir'], original_files['hellaswag'])  # the prepared copy
+  again = paper_tasks.read('hellaswag', original_files['data_dir'], original_files['hellaswag'])  # the prepared copy
   assert paper_tasks.as_text(again[1]['ctx_a']) == 'A lady walks to a barbell.'
 
 
 def test_siqa_builder_reads_the_separate_labels_file(original_files):
-  source = paper_tasks.read_siqa(original_files['data_dir'], original_files['siqa'])
+  source = paper_tasks.read('siqa', original_files['data_dir'], original_files['siqa'])
   items = [paper_tasks.siqa_item(source[i]) for i in range(len(source))]
   assert [item.gold for item in items] == [0, 1]
   assert items[1].requests[1] == ('Q: Jan gave Tracy a gift. How would Tracy feel?\nA:', ' happy')
@@ -175,22 +174,22 @@ def test_siqa_builder_reads_the_separate_labels_file(original_files):
 
 def test_siqa_builder_accepts_inline_labels_and_rejects_bad_ones(tmp_path):
   inline = write_jsonl(tmp_path / 'siqa_inline.jsonl', [dict(SIQA_LINES[0], label='3')])
-  source = paper_tasks.read_siqa(str(tmp_path / 'tfds'), inline)
+  source = paper_tasks.read('siqa', str(tmp_path / 'tfds'), inline)
   assert paper_tasks.siqa_item(source[0]).gold == 2
   bad = write_jsonl(tmp_path / 'siqa_bad.jsonl', [dict(SIQA_LINES[0], label='4')])
   with pytest.raises(ValueError, match='labels are "1", "2" or "3"'):
-    paper_tasks.read_siqa(str(tmp_path / 'tfds'), bad)
+    paper_tasks.read('siqa', str(tmp_path / 'tfds'), bad)
   unlabelled = write_jsonl(tmp_path / 'test.jsonl', SIQA_LINES)
   with pytest.raises(FileNotFoundError, match='test-labels.lst'):
-    paper_tasks.read_siqa(str(tmp_path / 'tfds'), unlabelled)
+    paper_tasks.read('siqa', str(tmp_path / 'tfds'), unlabelled)
   assert len(list((tmp_path / 'tfds' / 'siqa_original').iterdir())) == 1  # bad files fail before anything is written
 
 
 def test_different_source_files_get_separate_prepared_copies(tmp_path, original_files):
   other = write_jsonl(tmp_path / 'other.jsonl', HELLASWAG_LINES[1:])
   data_dir = str(tmp_path / 'tfds')
-  assert len(paper_tasks.read_hellaswag(data_dir, original_files['hellaswag'])) == 2
-  assert len(paper_tasks.read_hellaswag(data_dir, other)) == 1
+  assert len(paper_tasks.read('hellaswag', data_dir, original_files['hellaswag'])) == 2
+  assert len(paper_tasks.read('hellaswag', data_dir, other)) == 1
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------

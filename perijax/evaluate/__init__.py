@@ -1,75 +1,25 @@
-"""Evaluates a run's checkpoints, as a process of its own beside (or after) training (`eval_lib.py` does the work;
-`__main__.py` runs `main`):
+"""Evaluation of a run's checkpoints: which ones, now or as training writes them (`run`). The command line, and what
+its results hold, is `__main__.py` (`python -m perijax.evaluate`); `eval_lib.py` evaluates one checkpoint.
 
-    python -m perijax.evaluate --workdir=DIR [--step=N | --all | --watch] [--config.eval.tasks=next_line,piqa ...]
-
-Reads DIR/config.json, DIR/tokenizer.json and DIR/checkpoints/<step>/, and writes DIR/eval/step_N.json with the keys
-step, loss, perplexity, bits_per_byte, tokens, layers, norm_scales, tasks (plus split, bytes_per_token, stats_batches,
-mesh, eval_seconds), TensorBoard scalars under DIR/eval/tensorboard and (config.eval.lm_eval_results) the task scores in
-lm-evaluation-harness's format, DIR/eval/lm_eval/<run>__step_N/results_<date>.json (perijax/tasks/lm_eval_results.py).
-  (no flag)  the latest checkpoint;
-  --step=N   checkpoint N (evaluated again if already done);
-  --all      every checkpoint without an eval/step_N.json yet;
-  --watch    like --all, then waits for new checkpoints (every --poll_seconds) and stops once the checkpoint at
-             config.train.steps is evaluated (training finished); an error if none appears for --timeout_seconds.
-             It may start before training does: it waits (as long) for the workdir's tokenizer.json.
-Several processes (a model larger than one host's devices): the same command on every host, plus
---coordinator_address/--num_processes/--process_id as for perijax.train (found automatically on TPU pods and SLURM);
-process 0 writes the results. --watch runs as one process.
-
-`--config.<eval|data|mesh>.<field>=value` overrides those fields of the stored config (where the data is, which
-tasks, how many batches, the mesh); the model and training fields are the checkpoint's own. Numbers:
-  loss           mean negative log-likelihood per target token over config.data.eval_split (config.data.
-                 eval_max_batches batches of config.eval.batch_size x config.train.seq_len; 0 = the whole split);
-  perplexity     exp(loss);  bits_per_byte: loss / ln 2 / (UTF-8 bytes per target token of the split);
-  tokens         target tokens evaluated (the sum of the batches' weights);
-  layers         per-layer lists of perijax.stats.layer_summary over ALL evaluated batches (variances averaged over
-                 batches, max |x| the maximum, float16 overflows summed; padding positions of a packed row included,
-                 as in training's statistics);
-  norm_scales    the norms' γ: perijax.stats.scale_summary (in_norm_scale_mean, ... by layer; final_norm_scale_*);
-  tasks          {name: {acc, acc_norm, n}}, lm-evaluation-harness scoring (perijax/tasks).
-Every checkpoint is verified against the checksums written when it was saved (perijax/checkpoint.py): --all and --watch
-skip a damaged one with a `skipped:` line and go on; the latest or --step=N stops with an error.
-Bad input (missing workdir, no or unknown checkpoint, a damaged checkpoint, a config that does not match the stored
-parameters, an unknown task or field) prints one `perijax.evaluate: error:` line on stderr and exits with status 1,
-writing nothing.
+    results = run(workdir, step=None, evaluate_all=False, watch=False, overrides=['--config.eval.tasks=piqa'])
 """
 
 import time
 
-from absl import flags, logging
 import jax
 import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import cli
-from perijax.evaluate import eval_lib
-from perijax import progress as progress_lib
 from perijax import rundir
 from perijax import tasks as tasks_lib
 from perijax.errors import NotFoundError
-
-
-
-def define_flags():
-  """Only when run as a program: perijax.train defines --workdir too, and tests import both."""
-  cli.define_workdir_flag('Training workdir to evaluate (config.json, checkpoints/).')
-  cli.define_config_flags(overrides_only=True)  # --config.<eval|data|mesh>.<field>=value over the stored config
-  flags.DEFINE_integer('step', None, 'Evaluate this checkpoint step.')
-  flags.DEFINE_bool('all', False, 'Evaluate every checkpoint not yet evaluated.')
-  flags.DEFINE_bool('watch', False, 'Evaluate checkpoints as they appear until training has finished.')
-  flags.DEFINE_float('poll_seconds', 60.0, '--watch: seconds between looks for new checkpoints.')
-  flags.DEFINE_float('timeout_seconds', 3600.0, '--watch: give up (error) when no new checkpoint has appeared for '
-                     'this long.')
-  cli.define_distributed_flags()  # a model too large for one host's devices: as for perijax.train
+from perijax.evaluate import eval_lib
+from perijax.progress import progress, write as log  # log: below any progress bar, not through it
 
 
 class EvaluationError(cli.UserError, ValueError):
   """Bad input to the evaluation (the message says what is wrong and what is allowed)."""
-
-
-def log(message):
-  progress_lib.write(message)  # below any progress bar, not through it
 
 
 def _evaluated(workdir, step):
@@ -95,13 +45,14 @@ def prepare(workdir, overrides=()):
 
 def choose_steps(workdir, steps, step=None, evaluate_all=False):
   """The steps to evaluate now: `step`, every one not yet evaluated, or the latest."""
+  where = checkpoint_lib.checkpoint_dir(workdir)
   if not steps:
-    raise EvaluationError(f'no checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} (training writes one every '
-                          'config.checkpoint.every steps and at the end)')
+    raise EvaluationError(f'no checkpoint in {where} (training writes one every config.checkpoint.every steps and at '
+                          'the end)')
   if step is not None:
     if step not in steps:
-      raise EvaluationError(f'no checkpoint at step {step} in {checkpoint_lib.checkpoint_dir(workdir)}; the '
-                            f'checkpoints there are at steps {", ".join(map(str, steps))}')
+      raise EvaluationError(f'no checkpoint at step {step} in {where}; the checkpoints there are at steps '
+                            f'{", ".join(map(str, steps))}')
     return [step]
   if evaluate_all:
     return [s for s in steps if not _evaluated(workdir, s)]
@@ -124,34 +75,38 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   """Evaluates as the command line says; returns the results written, in step order. Raises on bad input."""
   if sum([step is not None, evaluate_all, watch]) > 1:
     raise EvaluationError('give at most one of --step, --all and --watch')
-  if watch and jax.process_count() > 1:
-    raise EvaluationError(f'--watch runs as one process (here {jax.process_count()}): it follows a training run as it '
-                          'writes; evaluate with several processes by --step or --all')
   if watch:
+    if jax.process_count() > 1:
+      raise EvaluationError(f'--watch runs as one process (here {jax.process_count()}): it follows a training run as '
+                            'it writes; evaluate with several processes by --step or --all')
     wait_for_run(workdir, poll_seconds, timeout_seconds)
+    evaluator = _make_evaluator(workdir, prepare(workdir, overrides), devices)
+    return watch_checkpoints(evaluator, evaluator.config.train.steps, poll_seconds, timeout_seconds)
   config = prepare(workdir, overrides)
   steps = list_checkpoints(workdir)
-  if not watch:
-    # Every process checks the request; all then evaluate process 0's choice, whatever each saw on disk.
-    chosen = from_process_0(choose_steps(workdir, steps, step, evaluate_all))
-    if not chosen:
-      log(f'every checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is already evaluated '
-          f'(steps {", ".join(map(str, steps))}); nothing to do')
-      return []
+  # Every process checks the request; all then evaluate process 0's choice, whatever each saw on disk.
+  chosen = from_process_0(choose_steps(workdir, steps, step, evaluate_all))
+  if not chosen:
+    log(f'every checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} is already evaluated '
+        f'(steps {", ".join(map(str, steps))}); nothing to do')
+    return []
+  evaluator = _make_evaluator(workdir, config, devices)
+  for chosen_step in list(chosen):  # every chosen checkpoint is checked before the first result is written
+    try:
+      evaluator.check_checkpoint(chosen_step)
+    except checkpoint_lib.DamagedCheckpointError as error:
+      if not evaluate_all:
+        raise
+      log(f'skipped: {error}')
+      chosen.remove(chosen_step)
+  return [evaluate_and_write(evaluator, chosen_step)
+          for chosen_step in progress(chosen, 'checkpoints', unit='checkpoint')]
+
+
+def _make_evaluator(workdir, config, devices):
   evaluator = eval_lib.Evaluator(workdir, config, devices)
   log(f'evaluating {workdir} on {evaluator.mesh_description}')
-  if not watch:
-    for chosen_step in list(chosen):  # every chosen checkpoint is checked before the first result is written
-      try:
-        evaluator.check_checkpoint(chosen_step)
-      except checkpoint_lib.DamagedCheckpointError as error:
-        if not evaluate_all:
-          raise
-        log(f'skipped: {error}')
-        chosen.remove(chosen_step)
-    return [evaluate_and_write(evaluator, chosen_step)
-            for chosen_step in progress_lib.progress(chosen, 'checkpoints', unit='checkpoint')]
-  return watch_checkpoints(evaluator, config.train.steps, poll_seconds, timeout_seconds)
+  return evaluator
 
 
 def from_process_0(steps):
@@ -179,10 +134,10 @@ def wait_for_run(workdir, poll_seconds, timeout_seconds):
 
 def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
   """Evaluates each new checkpoint until the one at `final_step` is done; raises if none comes for a timeout."""
+  workdir = evaluator.workdir
   results, last_progress, damaged = [], time.time(), set()
-  while not _evaluated(evaluator.workdir, final_step):
-    pending = [s for s in evaluator.steps(reload=True) if not _evaluated(evaluator.workdir, s) and s not in damaged]
-    for step in pending:
+  while not _evaluated(workdir, final_step):
+    for step in [s for s in evaluator.steps(reload=True) if not _evaluated(workdir, s) and s not in damaged]:
       try:
         evaluator.check_checkpoint(step)
         results.append(evaluate_and_write(evaluator, step))
@@ -198,23 +153,12 @@ def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
           raise
         log(f'checkpoint {step} was deleted (config.checkpoint.keep) before it could be evaluated; skipped')
       last_progress = time.time()
-    if _evaluated(evaluator.workdir, final_step):
+    if _evaluated(workdir, final_step):
       break
     if time.time() - last_progress > timeout_seconds:
-      raise EvaluationError(f'--watch: no new checkpoint in {checkpoint_lib.checkpoint_dir(evaluator.workdir)} for '
+      raise EvaluationError(f'--watch: no new checkpoint in {checkpoint_lib.checkpoint_dir(workdir)} for '
                             f'{timeout_seconds:g} s and training has not finished (no checkpoint at step '
                             f'{final_step} = config.train.steps); raise --timeout_seconds to wait longer')
     time.sleep(poll_seconds)
   log(f'training finished: the checkpoint at step {final_step} is evaluated')
   return results
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
-  logging.set_verbosity(logging.ERROR)  # Orbax and grain are chatty; errors come as one line below
-  values = flags.FLAGS
-  cli.initialize_distributed()
-  run(values.workdir, step=values.step, evaluate_all=values.all, watch=values.watch, overrides=cli.overrides(),
-      poll_seconds=values.poll_seconds, timeout_seconds=values.timeout_seconds)
-

@@ -1,10 +1,7 @@
-"""Evaluation of a run's checkpoints: held-out loss, per-layer statistics and zero-shot tasks.
+"""Evaluation of one checkpoint: the run's config, its parameters, held-out loss, per-layer statistics, zero-shot tasks
+and the files they are written to. `perijax.evaluate.run` chooses the checkpoints; this module does the work.
 
-The command line is the package's `__init__.py`; this module does the work. An `Evaluator` is built once per workdir
-(config, tokenizer, mesh, data and task items, all checked before any checkpoint is read) and evaluates any number of
-steps:
-
-    evaluator = Evaluator(workdir, load_run_config(workdir))
+    evaluator = Evaluator(workdir, load_run_config(workdir))  # config, tokenizer, mesh, data, task items: all checked
     evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
     result = evaluator.evaluate(step)       # {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', ...}
     write_result(workdir, result)           # WORKDIR/eval/step_N.json and TensorBoard under WORKDIR/eval/tensorboard
@@ -33,17 +30,13 @@ from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax import stats as stats_lib
 from perijax import tasks as tasks_lib
-from perijax.tasks import lm_eval_results
+from perijax.tasks import lm_eval_results, scoring
 from perijax import train_step as train_step_lib
 from perijax.data import pipeline, tokenizers
 from perijax.metrics import scalars
 from perijax.errors import NotFoundError
 from perijax.precision import Precision
 from perijax.progress import progress
-
-# Only these parts of the stored config may be overridden: they say where and how to evaluate, not what was trained.
-OVERRIDABLE = ('eval', 'data', 'mesh')
-
 
 # ---- the run's config -------------------------------------------------------------------------------------------
 
@@ -83,24 +76,25 @@ def _upgrade(stored):
 
 
 def apply_overrides(config, overrides):
-  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections."""
-  config_lib.apply_overrides(config, overrides, sections=OVERRIDABLE)
+  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections only:
+  they say where and how to evaluate, not what was trained."""
+  config_lib.apply_overrides(config, overrides, sections=('eval', 'data', 'mesh'))
   return config
 
 
 # ---- the checkpoint ---------------------------------------------------------------------------------------------
 
-def _flat(tree):
-  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+def _shapes(tree):
+  """{path: (shape, dtype)} of a tree of arrays or of their metadata."""
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def stored_param_metadata(workdir, step):
   """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
-  state_dir = rundir.checkpoint_state(workdir, step)
   try:
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
-    params = metadata['params']
-    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(params).items()}
+    metadata = ocp.PyTreeCheckpointer().metadata(rundir.checkpoint_state(workdir, step))
+    return _shapes(metadata.item_metadata.tree['params'])
   except Exception as error:  # pylint: disable=broad-except  Orbax/tensorstore raise many kinds for a damaged file
     raise checkpoint_lib.CheckpointError(
         f'checkpoint {step} in {checkpoint_lib.checkpoint_dir(workdir)} cannot be read (truncated or corrupted?): '
@@ -109,7 +103,7 @@ def stored_param_metadata(workdir, step):
 
 def check_params_match(stored, abstract_params, step):
   """The stored parameters must be exactly the ones the config builds: same names, shapes and dtypes."""
-  expected = {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in _flat(abstract_params).items()}
+  expected = _shapes(abstract_params)
   problems = [f'{path} missing from the checkpoint' for path in expected if path not in stored]
   problems += [f'{path} in the checkpoint but not built by the config' for path in stored if path not in expected]
   problems += [f'{path}: checkpoint {stored[path][0]} {stored[path][1]}, config {shape} {dtype}'
@@ -170,8 +164,8 @@ def make_eval_mesh(config, model, devices=None):
 
 def aggregate_stats(per_batch):
   """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations the top-k of all batches (their
-  median |x| averaged)."""
+  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations
+  the top-k of all batches (their median |x| averaged)."""
   combined = {}
   for name in per_batch[0]:
     if '_massive_' in name:  # top-k values and where they sit: merged below
@@ -189,10 +183,10 @@ def aggregate_stats(per_batch):
   return combined
 
 
-def _finite_or_inf(function, value):
+def _exp_or_inf(value):
   try:
-    return function(value)
-  except OverflowError:
+    return math.exp(value)
+  except OverflowError:  # a diverged run's loss
     return math.inf
 
 
@@ -289,26 +283,17 @@ class Evaluator:
           batch_stats.append(stats)
       if not tokens:
         raise ValueError(f'the eval split {self.config.data.eval_split!r} gave no tokens to evaluate')
-      tasks = {name: tasks_lib.score_multiple_choice(
+      tasks = {name: scoring.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
           batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name,
           packed=self.config.eval.get('packed_scoring', True))
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
-    return {
-        'loss': loss,
-        'perplexity': _finite_or_inf(math.exp, loss),
-        'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
-        'tokens': int(round(tokens)),
-        'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
-        'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
-        'tasks': tasks,
-        'split': self.config.data.eval_split,
-        'bytes_per_token': self.bytes_per_token,
-        'stats_batches': len(batch_stats),
-        'mesh': self.mesh_description,
-        'eval_seconds': time.time() - started,
-    }
+    return {'loss': loss, 'perplexity': _exp_or_inf(loss), 'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
+            'tokens': int(round(tokens)), 'layers': stats_lib.layer_summary(aggregate_stats(batch_stats)),
+            'norm_scales': stats_lib.scale_summary(jax.device_get(self._norm_scales(params)), self.config.model),
+            'tasks': tasks, 'split': self.config.data.eval_split, 'bytes_per_token': self.bytes_per_token,
+            'stats_batches': len(batch_stats), 'mesh': self.mesh_description, 'eval_seconds': time.time() - started}
 
   def _global(self, array):
     """A batch every process holds whole (the tasks' requests), as one array sharded like the training batch."""

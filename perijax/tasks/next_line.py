@@ -23,17 +23,16 @@ Chance is 25% (acc and acc_norm alike).
 
 import collections
 import hashlib
-import importlib
 from typing import Iterable, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from perijax.errors import DataError, NotFoundError
-from perijax.tasks.paper_tasks import as_text
+from perijax.data import corpus  # registers the corpus's TFDS builder, so TFDS knows its name
+from perijax.errors import DataError
+from perijax.tasks.paper_tasks import as_text, tfds_split
 from perijax.tasks.scoring import MultipleChoiceItem
 
-CORPUS_NAME = 'shakespeare_milton'  # the embedded corpus (perijax/data/corpus.py builds it)
+CORPUS_NAME = corpus.DATASET_NAME  # the embedded corpus
 CORPUS_SPLIT = 'test'
 CONTEXT_LINES = 6        # lines before the true one in each window
 MAX_CONTEXT_CHARS = 400  # the context fits a 512-byte sequence with room for the line
@@ -98,28 +97,8 @@ def build_items(examples: Iterable[dict]) -> list[MultipleChoiceItem]:
 
 def read_corpus_test_split(data_dir: str | None) -> Sequence[dict]:
   """The embedded corpus's test split from its prepared TFDS copy in `data_dir`; never prepares or downloads."""
-  try:
-    importlib.import_module('perijax.data.corpus')  # registers the builder, so TFDS knows the name
-  except ModuleNotFoundError as error:
-    if error.name != 'perijax.data.corpus':
-      raise
-  try:
-    return tfds.data_source(CORPUS_NAME, split=CORPUS_SPLIT, data_dir=data_dir or None, download=False)
-  except Exception as error:  # not registered, not prepared or not array_record: the same remedy for all
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise NotFoundError(
-        f"task 'next_line' reads the embedded corpus '{CORPUS_NAME}' split '{CORPUS_SPLIT}', which is not prepared "
-        f"under data dir {data_dir or '~/tensorflow_datasets (the TFDS default)'}: prepare it with "
-        f"`{_prepare_command(data_dir)}` (config.data.data_dir says where it is). (TFDS said: {first_line})"
-    ) from error
-
-
-def _prepare_command(data_dir: str | None) -> str:
-  try:
-    from perijax.data import corpus  # pylint: disable=g-import-not-at-top
-    return corpus.prepare_command(data_dir or '')
-  except (ImportError, AttributeError):
-    return 'python -m perijax.data.corpus' + (f' --data_dir={data_dir}' if data_dir else '')
+  return tfds_split('next_line', CORPUS_NAME, CORPUS_SPLIT, data_dir, (
+      f"Prepare it with `{corpus.prepare_command(data_dir or '')}` (config.data.data_dir says where it is)."))
 
 
 def next_line_items(data_dir: str | None, max_examples: int) -> list[MultipleChoiceItem]:

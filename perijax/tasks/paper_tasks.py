@@ -1,24 +1,37 @@
-"""The paper's five zero-shot benchmarks: lm-eval's prompt formats, and readers over TFDS.
+"""The paper's five zero-shot benchmarks: where each one's documents come from, and lm-eval's prompt for each.
 
-Each `*_item(doc)` turns one document, a dict as the dataset holds it, into a `MultipleChoiceItem` with lm-eval's
-zero-shot prompt (no description, no few-shot examples, target delimiter " "); the YAML each follows is named beside
-it (lm-eval `lm_eval/tasks/...`, snapshot 4e7e0d47). Each `read_*` returns the evaluated split's documents through
-`tfds.data_source`, which needs no TensorFlow: ARC-Easy, PIQA and Winogrande as the TFDS catalog has them, HellaSwag and
-SIQA from perijax's own builders over the original JSONL files (`perijax/tasks/builders.py`).
+    docs = read('hellaswag', data_dir, jsonl_path)       # the evaluated split, as a random-access data source
+    items = take_items('hellaswag', docs, max_examples)   # lm-eval's zero-shot requests, the first max_examples
+
+`read` goes through `tfds.data_source`, which needs no TensorFlow and never downloads: ARC-Easy, PIQA and Winogrande
+as the TFDS catalog has them; HellaSwag and SIQA from the original JSONL release files, prepared (once) into the data
+dir by the small TFDS builders below. TFDS's `hellaswag` keeps only the joined `ctx`, from which lm-eval's
+`ctx_a + " " + ctx_b.capitalize()` cannot be rebuilt, and Social IQa is not in the catalog at all. Each distinct
+source file gets its own builder config, named after its content's SHA-256, so a prepared copy is reused only for the
+same bytes; examples keep the file's order.
+
+Each `*_item(doc)` turns one document into a `MultipleChoiceItem` with lm-eval's zero-shot prompt (no description, no
+few-shot examples, target delimiter " "); the YAML each follows is named beside it (lm-eval `lm_eval/tasks/...`,
+snapshot 4e7e0d47).
 """
 
+import dataclasses
+import hashlib
+import json
+import os
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from perijax.errors import DataError, NotFoundError
-from perijax.tasks import builders
 from perijax.tasks.scoring import MultipleChoiceItem
 
 TARGET_DELIMITER = ' '  # lm-eval `lm_eval/config/task.py`: target_delimiter defaults to " "
 
+
+# ---- prompts ------------------------------------------------------------------------------------------------------
 
 def as_text(value) -> str:
   """TFDS Text features are bytes from a prepared data source and str under `tfds.testing.mock_data`."""
@@ -43,25 +56,20 @@ def arc_item(doc: dict) -> MultipleChoiceItem:
   answer = int(doc['answerKey'])
   if answer not in labels:
     raise DataError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its choice '
-                     f'labels {labels}')
+                    f'labels {labels}')
   return _choices_item(f'Question: {as_text(doc["question"])}\nAnswer:',
                        [as_text(text) for text in doc['choices']['text']], labels.index(answer))
 
 
 def hellaswag_preprocess(text: str) -> str:
   """lm-eval `hellaswag/utils.py` preprocess, in order: strip, " [title]" -> ". ", drop "[...]", "  " -> " " once."""
-  text = text.strip()
-  text = text.replace(' [title]', '. ')
-  text = re.sub('\\[.*?\\]', '', text)
-  return text.replace('  ', ' ')
+  text = text.strip().replace(' [title]', '. ')
+  return re.sub('\\[.*?\\]', '', text).replace('  ', ' ')
 
 
 def hellaswag_item(doc: dict) -> MultipleChoiceItem:
-  """lm-eval `hellaswag/hellaswag.yaml` + `utils.py` process_docs.
-
-  ctx = ctx_a + " " + ctx_b.capitalize() (Python's capitalize also lowercases the rest), query =
-  preprocess(activity_label + ": " + ctx), choices = preprocess(ending) each.
-  """
+  """lm-eval `hellaswag/hellaswag.yaml` + `utils.py` process_docs: query = preprocess(activity_label + ": " + ctx_a +
+  " " + ctx_b.capitalize()) (Python's capitalize also lowercases the rest), choices = preprocess(ending) each."""
   context = as_text(doc['ctx_a']) + ' ' + as_text(doc['ctx_b']).capitalize()
   query = hellaswag_preprocess(as_text(doc['activity_label']) + ': ' + context)
   return _choices_item(query, [hellaswag_preprocess(as_text(ending)) for ending in doc['endings']], int(doc['label']))
@@ -96,7 +104,64 @@ def winogrande_item(doc: dict) -> MultipleChoiceItem:
                             choice_texts=tuple(contexts), gold=int(doc['label']))
 
 
-def _tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_prepare: str) -> Sequence[Any]:
+ITEM = {'arc_easy': arc_item, 'hellaswag': hellaswag_item, 'piqa': piqa_item, 'siqa': siqa_item,
+        'winogrande': winogrande_item}
+
+
+def take_items(task: str, docs: Sequence[dict], max_examples: int) -> list[MultipleChoiceItem]:
+  """The items of the first `max_examples` documents (0 = all) in the data source's order, fixed once prepared.
+
+  TFDS's catalog datasets are stored in a hashed order, not the source file's (HellaSwag and SIQA keep the file's), so
+  a partial run covers different documents than `lm_eval --limit N`; over the whole split the accuracies agree.
+  """
+  count = len(docs) if max_examples <= 0 else min(max_examples, len(docs))
+  if count == 0:
+    raise DataError(f"task '{task}': the evaluated split has no documents")
+  return [ITEM[task](docs[index]) for index in range(count)]
+
+
+# ---- documents ----------------------------------------------------------------------------------------------------
+
+# task -> (TFDS name, evaluated split); lm-eval evaluates ARC's test split, the others' validation (dev) split.
+CATALOG = {'arc_easy': ('ai2_arc/ARC-Easy', 'test'), 'piqa': ('piqa', 'validation'),
+           'winogrande': ('winogrande', 'validation')}
+# task -> (its config field, the original file it names); both originals are dev sets, prepared as 'validation'.
+ORIGINAL = {
+    'hellaswag': ('config.eval.hellaswag_path', 'hellaswag_val.jsonl from https://github.com/rowanz/hellaswag (data/)'),
+    'siqa': ('config.eval.siqa_path',
+             'dev.jsonl (with dev-labels.lst beside it) from the Social IQa v1.4 release (socialiqa.zip)'),
+}
+
+
+def read(task: str, data_dir: str | None, jsonl_path: str = '') -> Sequence[dict]:
+  """The documents of `task`'s evaluated split, one of the five; `jsonl_path` is the original file (hellaswag, siqa).
+
+  Catalog datasets must be prepared (array_record) beforehand: one clear error names the dataset, split and data dir
+  if not. An original JSONL file is checked, then prepared into `data_dir` the first time it is read.
+  """
+  if task in ORIGINAL:
+    field, where_to_get = ORIGINAL[task]
+    if not jsonl_path:
+      raise NotFoundError(f"task '{task}' reads the original JSONL file, and none is given: set {field} to "
+                          f'{where_to_get}')
+    if not os.path.isfile(jsonl_path):
+      raise NotFoundError(f"task '{task}': {field}={jsonl_path!r} is not a file; it should be {where_to_get}")
+    builder_class = HellaswagOriginal if task == 'hellaswag' else SiqaOriginal
+    builder = builder_class(source_path=jsonl_path, data_dir=data_dir or None)
+    if not builder.is_prepared():
+      builder_class.read_source(jsonl_path)  # bad content fails here, before anything is written
+      builder.download_and_prepare()
+    return builder.as_data_source(split='validation')
+  name, split = CATALOG[task]
+  if task == 'winogrande':  # a legacy TFDS builder: registered only once its module is imported
+    import tensorflow_datasets.text.winogrande  # pylint: disable=g-import-not-at-top,unused-import
+  return tfds_split(task, name, split, data_dir, (
+      f"Prepare it on a machine with network access with `tfds.builder('{name}', data_dir=DIR, "
+      "file_format='array_record').download_and_prepare()` (or copy a prepared copy), then point "
+      'config.eval.tasks_data_dir (or config.data.data_dir) at DIR.'))
+
+
+def tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_prepare: str) -> Sequence[dict]:
   """A prepared TFDS split as a random-access data source; never downloads. One clear error if it is not there."""
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
@@ -108,46 +173,120 @@ def _tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_p
     ) from error
 
 
-def _prepare_catalog_hint(name: str) -> str:
-  return (f"Prepare it on a machine with network access with `tfds.builder('{name}', data_dir=DIR, "
-          "file_format='array_record').download_and_prepare()` (or copy a prepared copy), then point "
-          'config.eval.tasks_data_dir (or config.data.data_dir) at DIR.')
+# ---- the builders of the two original JSONL files -------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class SourceFileConfig(tfds.core.BuilderConfig):
+  """A builder config that carries the original file to prepare from."""
+  source_path: str = ''
 
 
-def read_arc_easy(data_dir: str | None) -> Sequence[dict]:
-  """ARC-Easy test split (lm-eval evaluates test): TFDS `ai2_arc/ARC-Easy`."""
-  return _tfds_split('arc_easy', 'ai2_arc/ARC-Easy', 'test', data_dir, _prepare_catalog_hint('ai2_arc/ARC-Easy'))
+def siqa_labels_path(jsonl_path: str) -> str:
+  """The original release keeps the labels beside the questions: `dev.jsonl` -> `dev-labels.lst`."""
+  return os.path.splitext(jsonl_path)[0] + '-labels.lst'
 
 
-def read_piqa(data_dir: str | None) -> Sequence[dict]:
-  """PIQA validation split (no labelled test): TFDS `piqa`."""
-  return _tfds_split('piqa', 'piqa', 'validation', data_dir, _prepare_catalog_hint('piqa'))
+def source_config(source_path: str) -> SourceFileConfig:
+  """The builder config for one source file: named after the SHA-256 of its bytes (and of its labels file, if any)."""
+  digest = hashlib.sha256()
+  for path in (source_path, siqa_labels_path(source_path)):
+    if os.path.isfile(path):
+      with open(path, 'rb') as file:
+        digest.update(file.read())
+  return SourceFileConfig(name=f'sha256_{digest.hexdigest()[:16]}', source_path=os.path.abspath(source_path),
+                          description=f'prepared from {os.path.abspath(source_path)}')
 
 
-def read_winogrande(data_dir: str | None) -> Sequence[dict]:
-  """Winogrande validation split (the dev set, the same for every size): TFDS `winogrande`."""
-  # A legacy TFDS builder: registered only once its module is imported.
-  import tensorflow_datasets.text.winogrande  # pylint: disable=g-import-not-at-top,unused-import
-  return _tfds_split('winogrande', 'winogrande', 'validation', data_dir, _prepare_catalog_hint('winogrande'))
+def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
+  """One JSON object per non-blank line, each with `fields`; DataError naming the line otherwise."""
+  with open(path, encoding='utf-8') as file:
+    lines = [line for line in file if line.strip()]
+  docs = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      docs.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      raise DataError(f'{path}:{number}: not a JSON object ({error})') from error
+    missing = [field for field in fields if field not in docs[-1]]
+    if missing:
+      raise DataError(f'{path}: document {number} lacks {missing}; each line needs {list(fields)}')
+  return docs
 
 
-def read_hellaswag(data_dir: str | None, jsonl_path: str) -> Sequence[dict]:
-  """HellaSwag validation from the original `hellaswag_val.jsonl` (TFDS's own HellaSwag drops ctx_a/ctx_b)."""
-  return builders.data_source('hellaswag', builders.HellaswagOriginal, jsonl_path, data_dir)
+class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Prepares the validation split from the file its config names, into array_record, in the file's order; a
+  subclass gives the FEATURES and `read_source(path)`, the file's examples, checked (DataError naming what is wrong)."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Prepared from the original JSONL release.'}
+  FEATURES = {}
+
+  def __init__(self, *, source_path: str = '', **kwargs):
+    if source_path:  # else TFDS is rebuilding an unpickled builder from its own (data_dir, config, version)
+      kwargs['config'] = source_config(source_path)
+    super().__init__(**{'file_format': 'array_record', **kwargs})
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # Nothing is downloaded, so there is no checksums file to find beside the code; TFDS's own lookup of it touches
+    # `importlib_resources`, which is not installed (TFDS imports it lazily), for any builder that lives in a package.
+    return None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(self.FEATURES), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # the file is local; nothing is downloaded
+    return {'validation': self._generate_examples(self.builder_config.source_path)}
+
+  def _generate_examples(self, path):
+    yield from enumerate(self.read_source(path))
 
 
-def read_siqa(data_dir: str | None, jsonl_path: str) -> Sequence[dict]:
-  """Social IQa validation from the original `dev.jsonl` (+ `dev-labels.lst`); SIQA is not in the TFDS catalog."""
-  return builders.data_source('siqa', builders.SiqaOriginal, jsonl_path, data_dir)
+class HellaswagOriginal(_OriginalJsonlBuilder):
+  """HellaSwag validation from `hellaswag_val.jsonl`, with the fields lm-eval's prompt needs (ctx_a, ctx_b apart)."""
+  FEATURES = {'ind': tfds.features.Scalar(dtype=np.int64), 'activity_label': tfds.features.Text(),
+              'ctx_a': tfds.features.Text(), 'ctx_b': tfds.features.Text(),
+              'endings': tfds.features.Sequence(tfds.features.Text()), 'label': tfds.features.Scalar(dtype=np.int32),
+              'source_id': tfds.features.Text()}
+
+  @classmethod
+  def read_source(cls, path: str) -> list[dict]:
+    docs = _read_jsonl(path, ('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label'))
+    return [{'ind': int(doc.get('ind', line)), 'activity_label': doc['activity_label'], 'ctx_a': doc['ctx_a'],
+             'ctx_b': doc['ctx_b'], 'endings': list(doc['endings']), 'label': int(doc['label']),
+             'source_id': str(doc.get('source_id', ''))} for line, doc in enumerate(docs)]
 
 
-def take_items(task: str, docs: Sequence[dict], item_fn, max_examples: int) -> list[MultipleChoiceItem]:
-  """The first `max_examples` documents (0 = all) in the data source's order, which is fixed once prepared.
+class SiqaOriginal(_OriginalJsonlBuilder):
+  """Social IQa validation from v1.4's `dev.jsonl` (context, question, answerA/B/C) and the labels "1".."3": a `label`
+  field on each line (e.g. an export of the HF dataset), else the release's separate labels file `dev-labels.lst`."""
+  ANSWER_FIELDS = ('context', 'question', 'answerA', 'answerB', 'answerC')
+  # The label stays "1".."3" as the release has it; lm-eval's gold is label - 1.
+  FEATURES = {field: tfds.features.Text() for field in ANSWER_FIELDS + ('label',)}
 
-  TFDS's catalog datasets are stored in a hashed order, not the source file's (HellaSwag and SIQA keep the file's), so
-  a partial run covers different documents than `lm_eval --limit N`; over the whole split the accuracies agree.
-  """
-  count = len(docs) if max_examples <= 0 else min(max_examples, len(docs))
-  if count == 0:
-    raise DataError(f"task '{task}': the evaluated split has no documents")
-  return [item_fn(docs[index]) for index in range(count)]
+  @classmethod
+  def read_source(cls, path: str) -> list[dict]:
+    docs = _read_jsonl(path, cls.ANSWER_FIELDS)
+    labels = [doc.get('label') for doc in docs]
+    if any(label is None for label in labels):
+      labels = _read_siqa_labels(path, len(docs))
+    examples = []
+    for line, (doc, label) in enumerate(zip(docs, labels)):
+      label = str(label).strip()
+      if label not in ('1', '2', '3'):
+        raise DataError(f'{path}: document {line + 1} has label {label!r}; Social IQa labels are "1", "2" or "3"')
+      examples.append({field: doc[field] for field in cls.ANSWER_FIELDS} | {'label': label})
+    return examples
+
+
+def _read_siqa_labels(jsonl_path: str, count: int) -> list[str]:
+  labels_path = siqa_labels_path(jsonl_path)
+  if not os.path.isfile(labels_path):
+    raise NotFoundError(f'{jsonl_path} has no "label" field, and its labels file {labels_path} (as the original '
+                        'Social IQa release ships them: dev.jsonl + dev-labels.lst) is missing')
+  with open(labels_path, encoding='utf-8') as file:
+    labels = [line.strip() for line in file if line.strip()]
+  if len(labels) != count:
+    raise DataError(f'{labels_path} has {len(labels)} labels for the {count} documents of {jsonl_path}')
+  return labels

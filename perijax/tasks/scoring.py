@@ -109,20 +109,13 @@ def place_requests(lengths: Sequence[int], seq_len: int, packed: bool) -> tuple[
 def loglikelihoods(requests: Sequence[tuple[Sequence[int], Sequence[int]]], logprobs_fn: LogprobsFn, *,
                    batch_size: int, seq_len: int, eos_id: int, desc: str = 'scoring',
                    packed: bool = True) -> list[tuple[float, bool]]:
-  """Sum of each continuation's token log-probs given its context, and whether greedy decoding would produce it.
+  """`(loglikelihood, is_greedy)` per request, in order (lm-eval's `_loglikelihood_tokens` return value): the sum of
+  each continuation's token log-probs given its context, and whether greedy decoding would produce it.
 
-  Args:
-    requests: (context tokens, continuation tokens) pairs, without the beginning-of-sequence token.
-    logprobs_fn: the model; called on fixed [batch_size, seq_len] arrays. Padding columns have segment id 0; rows that
-      fill the last batch are a lone `eos` and are ignored.
-    batch_size: rows per call.
-    seq_len: columns per call; longer requests are left-truncated to their last seq_len + 1 tokens.
-    eos_id: the token that begins every sequence.
-    desc: the label of the progress bar (shown in a terminal only).
-    packed: several requests per row (`place_requests`); False scores each in a row of its own.
-
-  Returns:
-    `(loglikelihood, is_greedy)` per request, in order (lm-eval's `_loglikelihood_tokens` return value).
+  `requests` are (context tokens, continuation tokens) pairs without the beginning-of-sequence token `eos_id`.
+  `logprobs_fn` is called on fixed [batch_size, seq_len] arrays: padding columns have segment id 0, and rows that fill
+  the last batch are a lone `eos_id`, ignored. Longer requests keep their last seq_len + 1 tokens. `packed`: several
+  requests per row (`place_requests`), else one each; `desc` labels the progress bar.
   """
   if batch_size < 1 or seq_len < 1:
     raise ValueError(f'batch_size and seq_len must be >= 1, got batch_size={batch_size}, seq_len={seq_len}')
