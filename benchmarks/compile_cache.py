@@ -21,8 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def child(config_path, cache_dir):
   """One start: runtime set-up with the cache, then the train step's compile, timed; prints a JSON line."""
   sys.path.insert(0, str(REPO))
-  from perijax import sweep  # pylint: disable=import-outside-toplevel
-  config = sweep.load_config(config_path)
+  from perijax import config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_file(config_path)
   config.train.compilation_cache_dir = cache_dir
   config.mesh.update(data=1, fsdp=1, tensor=1)
   from perijax import runtime  # pylint: disable=import-outside-toplevel

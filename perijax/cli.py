@@ -4,7 +4,7 @@
       cli.define_config_flags()          # --config=FILE[:arg] plus any --config.a.b=value
       cli.define_workdir_flag('...')     # --workdir (required)
       cli.define_distributed_flags()     # --coordinator_address, --num_processes, --process_id
-      cli.run(main)                      # main calls cli.config(), cli.initialize_distributed(), ...
+      cli.run(main)                      # main calls cli.config() (or cli.config_and_overrides()), ...
 
 Library modules define no flags: only a command's `__main__` block calls these. Expected errors (perijax.errors.
 UserError: a config field, flag, path, dataset or checkpoint the user can fix; absl's flag errors) print exactly one
@@ -70,6 +70,14 @@ def overrides():
 def config():
   """--config with the command line's overrides applied, validated (raises ConfigError naming the field)."""
   return config_lib.load(FLAGS.config, _OVERRIDES)
+
+
+def config_and_overrides():
+  """(--config as given, its config with the overrides applied, {field: typed value} of the overrides), not yet
+  validated: for the commands that hand the file and overrides on to runs of their own (sweep, demo), which validate
+  each run's config."""
+  config = config_lib.load_file(FLAGS.config)
+  return FLAGS.config, config, config_lib.apply_overrides(config, _OVERRIDES)
 
 
 def check_writable_dir(path, what='--workdir'):

@@ -1,4 +1,5 @@
-"""Checks a config before anything is built or compiled. The defaults and their meaning live in configs/default.py."""
+"""The one config loader (`--config=FILE[:arg]` and `--config.a.b=value` overrides) and the checks every config passes
+before anything is built or compiled. The fields, their defaults and their meaning live in configs/default.py."""
 
 import difflib
 import importlib.util
@@ -18,22 +19,30 @@ from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
 from perijax.runtime import XLA_FLAGS_PRESETS
 
-MLP_ACTIVATIONS = ('swiglu', 'gelu')
-REMAT = ('none', 'minimal', 'full')
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto', 'einsum')
-SCHEDULES = ('cosine', 'linear', 'constant')
-LOSS_SCALES = ('dynamic', 'none')
-TOKENIZERS = ('byte', 'sentencepiece')
-WANDB_MODES = ('online', 'offline', 'disabled')
-DATA_SOURCES = ('tfds', 'jsonl', 'parquet', 'hf_disk')
-# How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
-_VALUE_PARSERS = {
-    bool: flags.BooleanParser(),
-    int: flags.IntegerParser(),
-    float: flags.FloatParser(),
-    str: flags.ArgumentParser(),
-    tuple: tuple_parser.TupleParser(),
+# Checked field by field (a field absent from an older run's config.json is skipped, as it did not exist yet).
+POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
+            'model.rope_theta', 'model.init.std', 'model.norm.eps', 'model.norm.scale_init', 'train.steps',
+            'train.batch_size', 'train.seq_len', 'train.log_every', 'train.stats_every', 'train.spike_factor',
+            'train.spike_window', 'train.initial_loss_scale', 'train.loss_scale_growth_interval',
+            'train.divergence_margin', 'train.divergence_steps', 'train.massive_k', 'train.massive_abs_threshold',
+            'train.massive_ratio_threshold', 'optimizer.lr', 'optimizer.grad_accum_steps', 'eval.batch_size',
+            'checkpoint.keep')
+NON_NEGATIVE = ('model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.norm.mix_post_layers',
+                'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.end_lr_factor',
+                'checkpoint.every', 'checkpoint.keep_period', 'eval.max_examples', 'data.worker_count',
+                'data.eval_max_batches')
+CHOICES = {
+    'model.norm.placement': PLACEMENTS, 'model.norm.kind': NORM_KINDS, 'model.param_dtype': tuple(DTYPES),
+    'model.compute_dtype': tuple(DTYPES), 'model.mlp_activation': ('swiglu', 'gelu'),
+    'model.remat': ('none', 'minimal', 'full'), 'model.attention_impl': ('xla', 'cudnn', 'auto', 'einsum'),
+    'optimizer.schedule': ('cosine', 'linear', 'constant'), 'train.loss_scale': ('dynamic', 'none'),
+    'train.xla_flags_preset': tuple(XLA_FLAGS_PRESETS), 'data.tokenizer': ('byte', 'sentencepiece'),
+    'data.process_split': ('documents', 'rows'), 'data.source': ('tfds', 'jsonl', 'parquet', 'hf_disk'),
+    'wandb.mode': ('online', 'offline', 'disabled'),
+    **dict.fromkeys(('model.norm.freeze_out_scale', 'model.init.depth_scaled_outputs', 'eval.packed_scoring',
+                     'eval.lm_eval_results', 'wandb.enabled'), (True, False)),
 }
+_ABSENT = object()
 
 
 class ConfigError(UserError, ValueError):
@@ -44,66 +53,37 @@ def _fail(field, value, allowed):
   raise ConfigError(f'config.{field} = {value!r} is not allowed: {allowed}')
 
 
-def _one_of(config, field, allowed):
-  value = _get(config, field)
-  if value not in allowed:
-    _fail(field, value, f'expected one of {allowed}')
-
-
-def _positive(config, field):
-  value = _get(config, field)
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-    _fail(field, value, 'expected a positive number')
-
-
-def _non_negative(config, field):
-  value = _get(config, field)
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-    _fail(field, value, 'expected a number >= 0')
-
-
 def _get(config, field):
-  value = config
+  """The field's value, or _ABSENT where the config lacks it."""
   for part in field.split('.'):
-    value = value[part]
-  return value
+    if part not in config:
+      return _ABSENT
+    config = config[part]
+  return config
+
+
+def _is_number(value):
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError naming the first bad field, its value and what is allowed. Returns the config unchanged."""
-  m = config.model
-  for field in ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
-                'model.rope_theta',
-                'model.init.std', 'model.norm.eps', 'model.norm.scale_init', 'train.steps', 'train.batch_size', 'train.seq_len',
-                'train.log_every', 'train.stats_every', 'train.spike_factor', 'train.spike_window',
-                'train.initial_loss_scale', 'train.loss_scale_growth_interval', 'optimizer.lr',
-                'optimizer.grad_accum_steps', 'eval.batch_size', 'checkpoint.keep'):
-    _positive(config, field)
-  for field in ('model.num_kv_heads', 'model.head_dim', 'model.mlp_dim', 'model.norm.mix_post_layers',
-                'optimizer.warmup_steps', 'optimizer.weight_decay', 'optimizer.grad_clip', 'optimizer.end_lr_factor',
-                'checkpoint.every', 'eval.max_examples', 'data.worker_count', 'data.eval_max_batches'):
-    _non_negative(config, field)
-  if 'divergence_ema_decay' in config.train:  # absent from the config.json of runs made before the rule existed
-    _positive(config, 'train.divergence_margin')
-    _positive(config, 'train.divergence_steps')
-    decay = config.train.divergence_ema_decay
-    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < 1:
-      _fail('train.divergence_ema_decay', decay, 'expected a number in [0, 1)')
-  _one_of(config, 'model.norm.placement', PLACEMENTS)
-  _one_of(config, 'model.norm.kind', NORM_KINDS)
-  _one_of(config, 'model.norm.freeze_out_scale', (True, False))
-  _one_of(config, 'model.init.depth_scaled_outputs', (True, False))
-  _one_of(config, 'model.param_dtype', tuple(DTYPES))
-  _one_of(config, 'model.compute_dtype', tuple(DTYPES))
-  _one_of(config, 'model.mlp_activation', MLP_ACTIVATIONS)
-  _one_of(config, 'model.remat', REMAT)
-  _one_of(config, 'model.attention_impl', ATTENTION_IMPLS)
-  _one_of(config, 'optimizer.schedule', SCHEDULES)
-  _one_of(config, 'train.loss_scale', LOSS_SCALES)
-  _one_of(config, 'data.tokenizer', TOKENIZERS)
-  _one_of(config, 'data.process_split', ('documents', 'rows'))
-  if 'keep_period' in config.checkpoint:  # absent from the config.json of runs made before it existed
-    _non_negative(config, 'checkpoint.keep_period')
+  values = {field: _get(config, field) for field in (*POSITIVE, *NON_NEGATIVE, *CHOICES)}
+  for field in POSITIVE:
+    if values[field] is not _ABSENT and not (_is_number(values[field]) and values[field] > 0):
+      _fail(field, values[field], 'expected a positive number')
+  for field in NON_NEGATIVE:
+    if values[field] is not _ABSENT and not (_is_number(values[field]) and values[field] >= 0):
+      _fail(field, values[field], 'expected a number >= 0')
+  for field, allowed in CHOICES.items():
+    if values[field] is not _ABSENT and values[field] not in allowed:
+      _fail(field, values[field], f'expected one of {allowed}')
+  m, train = config.model, config.train
+  decay = _get(config, 'train.divergence_ema_decay')
+  if decay is not _ABSENT and not (_is_number(decay) and 0 <= decay < 1):
+    _fail('train.divergence_ema_decay', decay, 'expected a number in [0, 1)')
+  if 'massive_k' in train and not isinstance(train.massive_k, int):
+    _fail('train.massive_k', train.massive_k, 'expected a positive integer')
   keep_period, every = config.checkpoint.get('keep_period', 0), config.checkpoint.every
   if keep_period and every and keep_period % every:
     _fail('checkpoint.keep_period', keep_period, f'expected a multiple of checkpoint.every = {every} (steps that are '
@@ -124,42 +104,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           'peri, pre_post, output and mix with mix_post_layers >= 1 have)')
   if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
     _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
-  for axis in ('data', 'fsdp', 'tensor'):
-    size = config.mesh[axis]
-    if not isinstance(size, int) or (size < 1 and size != -1):
-      _fail(f'mesh.{axis}', size, 'expected a positive device count or -1 (all remaining devices)')
-  if [config.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
-    _fail('mesh', {a: config.mesh[a] for a in ('data', 'fsdp', 'tensor')}, 'at most one axis may be -1')
-  dcn = {a: config.mesh.get(a, 1) for a in ('dcn_data', 'dcn_fsdp')}  # absent from configs of older runs
-  for axis, size in dcn.items():
-    if not isinstance(size, int) or (size < 1 and size != -1):
-      _fail(f'mesh.{axis}', size, 'expected a positive number of slices or -1 (all remaining slices)')
-  if list(dcn.values()).count(-1) > 1:
-    _fail('mesh', dcn, 'at most one of dcn_data, dcn_fsdp may be -1')
-  if 'xla_flags_preset' in config.train:
-    _one_of(config, 'train.xla_flags_preset', tuple(XLA_FLAGS_PRESETS))
-    if not isinstance(config.train.compilation_cache_dir, str):
-      _fail('train.compilation_cache_dir', config.train.compilation_cache_dir, "expected a directory, or '' (off)")
-  for field in ('eval.packed_scoring', 'eval.lm_eval_results'):
-    if field.split('.')[1] in config.eval:  # absent from the config.json of older runs
-      _one_of(config, field, (True, False))
-  if 'source' in config.data:  # absent from the config.json of runs made before data.source existed
-    _one_of(config, 'data.source', DATA_SOURCES)
-    if config.data.source in ('jsonl', 'parquet') and '{split}' not in config.data.path:
-      _fail('data.path', config.data.path, f"data.source = {config.data.source!r} reads files: expected a path with "
-            "'{split}' in it, e.g. 'corpus/{split}.jsonl' or 'corpus/{split}-*.parquet' ('{split}' becomes "
-            'data.train_split / data.eval_split)')
-    if config.data.source == 'hf_disk' and not config.data.path:
-      _fail('data.path', config.data.path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk "
-            "wrote (a DatasetDict), or 'dir/{split}' for one Dataset per split")
-  if 'massive_k' in config.train:  # absent from the config.json of runs made before massive-activation statistics
-    if not isinstance(config.train.massive_k, int) or isinstance(config.train.massive_k, bool):
-      _fail('train.massive_k', config.train.massive_k, 'expected a positive integer')
-    for field in ('train.massive_k', 'train.massive_abs_threshold', 'train.massive_ratio_threshold'):
-      _positive(config, field)
+  for axes, what in ((('data', 'fsdp', 'tensor'), 'device count'), (('dcn_data', 'dcn_fsdp'), 'number of slices')):
+    sizes = {axis: config.mesh.get(axis, 1) for axis in axes}  # dcn_* are absent from configs of older runs
+    for axis, size in sizes.items():
+      if not isinstance(size, int) or (size < 1 and size != -1):
+        _fail(f'mesh.{axis}', size, f'expected a positive {what} or -1 (all remaining)')
+    if list(sizes.values()).count(-1) > 1:
+      _fail('mesh', sizes, f'at most one of {", ".join(axes)} may be -1')
+  if not isinstance(train.get('compilation_cache_dir', ''), str):
+    _fail('train.compilation_cache_dir', train.compilation_cache_dir, "expected a directory, or '' (off)")
+  source, path = config.data.get('source', 'tfds'), config.data.get('path', '')
+  if source in ('jsonl', 'parquet') and '{split}' not in path:
+    _fail('data.path', path, f"data.source = {source!r} reads files: expected a path with '{{split}}' in it, e.g. "
+          "'corpus/{split}.jsonl' or 'corpus/{split}-*.parquet' ('{split}' becomes data.train_split / "
+          'data.eval_split)')
+  if source == 'hf_disk' and not path:
+    _fail('data.path', path, "data.source = 'hf_disk': expected the directory datasets' save_to_disk wrote (a "
+          "DatasetDict), or 'dir/{split}' for one Dataset per split")
   if 'wandb' in config:  # absent from the config.json of runs made before W&B logging existed
-    _one_of(config, 'wandb.enabled', (True, False))
-    _one_of(config, 'wandb.mode', WANDB_MODES)
     if not isinstance(config.wandb.project, str) or not config.wandb.project.strip():
       _fail('wandb.project', config.wandb.project, 'expected a non-empty W&B project name')
     if not isinstance(config.wandb.entity, str):
@@ -171,16 +133,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 # ---- loading: `--config=FILE[:arg]` and `--config.a.b=text` overrides, the one loader every command uses --------
 
+# How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
+_VALUE_PARSERS = {
+    bool: flags.BooleanParser(),
+    int: flags.IntegerParser(),
+    float: flags.FloatParser(),
+    str: flags.ArgumentParser(),
+    tuple: tuple_parser.TupleParser(),
+}
+
+
 def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
   """Every overridable field path of `config`, e.g. ['model.vocab_size', ..., 'model.norm.placement', ...]."""
-  paths = []
-  for key, value in config.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, ml_collections.ConfigDict):
-      paths.extend(leaf_fields(value, path + '.'))
-    else:
-      paths.append(path)
-  return paths
+  return [path for key, value in config.items() for path in (
+      leaf_fields(value, f'{prefix}{key}.') if isinstance(value, ml_collections.ConfigDict) else [f'{prefix}{key}'])]
 
 
 def check_field(config: ml_collections.ConfigDict, field: str) -> type:

@@ -17,10 +17,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from absl import app
 from absl import flags
 import ml_collections
-from ml_collections.config_flags import config_flags
 
 from perijax import cli
 from perijax import config as config_lib
@@ -44,17 +42,6 @@ def plan_runs(config: ml_collections.ConfigDict, placements: Sequence[str], root
                            fixed_overrides=fixed_overrides, validate=config_lib.validate)
 
 
-def train_and_evaluate(runs: Sequence[sweep.Run], root: str, config_arg: str, fixed_overrides: Dict[str, Any],
-                       python: str = sys.executable, run_command: sweep.RunCommand = sweep.subprocess_run_command,
-                       log=print) -> List[sweep.Run]:
-  """Trains and evaluates every run not finished yet; raises if none finished (nothing to compare)."""
-  finished = sweep.run_sweep(runs, root, config_arg, fixed_overrides, python=python, run_command=run_command,
-                             sweep_args={'demo': True}, log=log)
-  if not any(run.status in ('finished', 'skipped') for run in finished):
-    raise RuntimeError(f'no run of the demo finished; see the train.log and eval.log files under {root}')
-  return finished
-
-
 def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, Any]:
   """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
@@ -76,31 +63,25 @@ def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, A
 def run_demo(config_arg: str, config: ml_collections.ConfigDict, fixed_overrides: Dict[str, Any],
              placements: Sequence[str], root: str, python: str = sys.executable,
              run_command: sweep.RunCommand = sweep.subprocess_run_command, log=print) -> Dict[str, Any]:
-  runs = plan_runs(config, placements, root, fixed_overrides)
-  train_and_evaluate(runs, root, config_arg, fixed_overrides, python, run_command, log)
+  """Trains and evaluates every run not finished yet, then reports; raises if none finished (nothing to compare)."""
+  runs = sweep.run_sweep(plan_runs(config, placements, root, fixed_overrides), root, config_arg, fixed_overrides,
+                         python=python, run_command=run_command, sweep_args={'demo': True}, log=log)
+  if not any(run.status in ('finished', 'skipped') for run in runs):
+    raise RuntimeError(f'no run of the demo finished; see the train.log and eval.log files under {root}')
   return write_report(runs, root, log)
-
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Config file of every run (configs/tiny.py).')
-  flags.DEFINE_string('root', os.path.join('runs', 'demo'), 'Directory of the runs, the report and the plots.')
-  flags.DEFINE_list('placements', list(PLACEMENTS), 'Norm placements to train and compare.')
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config_arg = config_flags.get_config_filename(FLAGS['config'])
-  fixed_overrides = config_flags.get_override_values(FLAGS['config'])
+    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   try:
-    run_demo(config_arg, FLAGS.config, fixed_overrides, FLAGS.placements, FLAGS.root)
+    run_demo(*cli.config_and_overrides(), flags.FLAGS.placements, flags.FLAGS.root)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     raise ArgumentError(str(e)) from None
 
 
 if __name__ == '__main__':
-  define_flags()
+  cli.define_config_flags(default=DEFAULT_CONFIG)
+  flags.DEFINE_string('root', os.path.join('runs', 'demo'), 'Directory of the runs, the report and the plots.')
+  flags.DEFINE_list('placements', list(PLACEMENTS), 'Norm placements to train and compare.')
   cli.run(main)

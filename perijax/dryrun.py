@@ -6,14 +6,15 @@
 `--topology` (with the `tpu` extra installed: libtpu) compiles with the TPU compiler for that slice's compile-only
 devices (perijax/topology.py), so memory and FLOPs are the TPU's own; without libtpu it says so and simulates as many
 CPU devices. `--devices` simulates CPU devices (`--num_slices` splits them into slices). Either way it lowers and
-compiles the real train step (the one `perijax.train` jits, same
-shardings, same donation) on abstract inputs (`jax.ShapeDtypeStruct`), and prints per-device memory (parameters and
-optimizer state from their shardings; temporaries from XLA's `memory_analysis()`), FLOPs per step (analytic and XLA's
-`cost_analysis()`), how each parameter is sharded, and the step time and tokens/s on `--accelerator` at `--mfu`.
-A config that does not fit names its largest per-device tensors and the meshes of the same devices that would fit.
+compiles the real train step (the one `perijax.train` jits, same shardings, same donation) on abstract inputs
+(`jax.ShapeDtypeStruct`), and prints per-device memory (parameters and optimizer state from their shardings;
+temporaries from XLA's `memory_analysis()`), FLOPs per step (analytic and XLA's `cost_analysis()`), how each parameter
+is sharded, and the step time and tokens/s on `--accelerator` at `--mfu`. A config that does not fit names its largest
+per-device tensors and the meshes of the same devices that would fit.
 
-Caveats, CPU devices only: temporaries come from the CPU compiler (its buffer assignment, and it may keep float16 work in float32), so
-they approximate, not reproduce, a TPU/GPU compile; XLA's cost analysis counts a scanned layer stack's body once.
+Caveats, CPU devices only: temporaries come from the CPU compiler (its buffer assignment, and it may keep float16 work
+in float32), so they approximate, not reproduce, a TPU/GPU compile; XLA's cost analysis counts a scanned layer stack's
+body once.
 """
 
 import os
@@ -30,14 +31,9 @@ def _flag_value(argv, name):
   return None
 
 
-def simulate_devices(count):
-  """Asks XLA for `count` host (CPU) devices. Only takes effect if it runs before jax is first imported."""
-  other_flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', '')).strip()
-  os.environ['XLA_FLAGS'] = f'{other_flags} --xla_force_host_platform_device_count={int(count)}'.strip()
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-
-
-_TOPOLOGY = None  # --topology, parsed before jax starts: (topology.Topology, whether libtpu compiles for it)
+# XLA fixes the CPU device count when jax starts, so --devices (or a --topology libtpu cannot compile for) becomes
+# simulated CPU devices here, before jax is imported; with libtpu, --topology compiles for that slice's TPU devices.
+_TOPOLOGY = None  # (topology.Topology, whether libtpu compiles for it)
 if __name__ == '__main__' and 'jax' not in sys.modules:
   from perijax import topology as topology_lib  # imports no jax
   _DEVICES_ARG = _flag_value(sys.argv, 'devices')
@@ -48,7 +44,9 @@ if __name__ == '__main__' and 'jax' not in sys.modules:
       sys.exit(f'perijax.dryrun: error: {e}')  # the one error line of perijax.cli, before jax (and cli) start
     _DEVICES_ARG = None if _TOPOLOGY[1] else str(_TOPOLOGY[0].devices)
   if _DEVICES_ARG and _DEVICES_ARG.isdigit() and int(_DEVICES_ARG) > 0:
-    simulate_devices(_DEVICES_ARG)
+    _XLA_FLAGS = re.sub(r'--xla_force_host_platform_device_count=\S+', '', os.environ.get('XLA_FLAGS', ''))
+    os.environ['XLA_FLAGS'] = f'{_XLA_FLAGS.strip()} --xla_force_host_platform_device_count={_DEVICES_ARG}'.strip()
+    os.environ['JAX_PLATFORMS'] = 'cpu'
 
 # pylint: disable=wrong-import-position
 import functools  # noqa: E402
@@ -78,23 +76,22 @@ USABLE_MEMORY_FRACTION = 0.9
 GIB = 2 ** 30
 
 
-def leaf_name(path):
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
-
-
 def per_device_bytes(leaf, sharding):
   return math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
 
 
+def sharding_leaves(shardings):
+  return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+
 def tensor_rows(abstract_tree, shardings):
   """[{name, shape, spec, shard_shape, bytes}] per leaf of a state tree, `bytes` being what one device holds."""
-  rows = []
-  sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree), sharding_leaves):
-    rows.append({'name': leaf_name(path), 'shape': list(leaf.shape), 'dtype': str(np.dtype(leaf.dtype)),
-                 'spec': str(tuple(sharding.spec)), 'shard_shape': list(sharding.shard_shape(leaf.shape)),
-                 'bytes': per_device_bytes(leaf, sharding), 'global_bytes': leaf.size * np.dtype(leaf.dtype).itemsize})
-  return rows
+  return [{'name': jax.tree_util.keystr(path, simple=True, separator='/'), 'shape': list(leaf.shape),
+           'dtype': str(np.dtype(leaf.dtype)), 'spec': str(tuple(sharding.spec)),
+           'shard_shape': list(sharding.shard_shape(leaf.shape)), 'bytes': per_device_bytes(leaf, sharding),
+           'global_bytes': leaf.size * np.dtype(leaf.dtype).itemsize}
+          for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
+                                            sharding_leaves(shardings))]
 
 
 def state_memory(abstract_state, shardings):
@@ -104,21 +101,11 @@ def state_memory(abstract_state, shardings):
   rest = tensor_rows(abstract_state.replace(params=None, opt_state=None),
                      shardings.replace(params=None, opt_state=None))
   total = lambda rows, key='bytes': sum(r[key] for r in rows)
-  return {'params_bytes': total(params), 'opt_state_bytes': total(opt), 'other_state_bytes': total(rest),
+  return {'per_device': {'params_bytes': total(params), 'opt_state_bytes': total(opt), 'other_state_bytes': total(rest),
+                         'state_bytes': total(params + opt + rest)},
           'params_global_bytes': total(params, 'global_bytes'), 'opt_state_global_bytes': total(opt, 'global_bytes'),
           'params': params, 'largest': sorted(params + [dict(r, name='opt_state/' + r['name']) for r in opt],
                                               key=lambda r: -r['bytes'])[:6]}
-
-
-def abstract_batch(config, mesh, rules):
-  """The micro-batch the jitted step sees, as shapes with the trainer's batch sharding."""
-  micro_batch = sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
-  sharding = sharding_lib.batch_sharding(mesh, rules)
-  shape = (micro_batch, config.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  batch['weights'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-  return batch
 
 
 def compile_train_step(config, mesh):
@@ -127,11 +114,16 @@ def compile_train_step(config, mesh):
   model = train_step_lib.make_model(config)
   optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   abstract_state, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
-  batch = abstract_batch(config, mesh, rules)
+  # The micro-batch the jitted step sees, as shapes with the trainer's batch sharding.
+  shape = (sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps),
+           config.train.seq_len)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32, sharding=batch_sharding)
+           for k in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = train_step_lib.jit_train_step(config, model, optimizer, shardings, batch['inputs'].sharding)
+    jitted = train_step_lib.jit_train_step(config, model, optimizer, shardings, batch_sharding)
     compiled = jitted.lower(state_in, batch).compile()
   return compiled, abstract_state, shardings, time.perf_counter() - start
 
@@ -167,12 +159,8 @@ def suggest_meshes(config, devices, budget_bytes, temp_bytes=None, measured_mesh
       sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
     except sharding_lib.ShardingError:
       continue
-    state = sum(per_device_bytes(leaf, s) for leaf, s in zip(
-        jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))))
-    temp = 0
-    if temp_bytes is not None and measured_mesh is not None:
-      old = measured_mesh['data'] * measured_mesh['fsdp'] * measured_mesh['tensor']
-      temp = temp_bytes * old / (data * fsdp * tensor)
+    state = sum(map(per_device_bytes, jax.tree.leaves(abstract), sharding_leaves(shardings)))
+    temp = 0 if temp_bytes is None else temp_bytes * math.prod(measured_mesh.values()) / (data * fsdp * tensor)
     if state + temp <= budget_bytes:
       fits.append({'data': data, 'fsdp': fsdp, 'tensor': tensor, 'state_bytes': state, 'temp_bytes_estimate': temp,
                    'total_bytes_estimate': state + temp})
@@ -190,26 +178,20 @@ def accelerator_spec(name):
 
 def dry_run(config, accelerator='h100', mfu=0.4, suggest=True, devices=None, num_slices=None):
   """Compiles `config`'s train step for `devices` (this process's by default; `num_slices` simulated slices) and
-  returns the report as a dict (see module doc).
-
-  Raises ConfigError / ShardingError (one line) for a bad config or a mesh the model cannot be laid out on.
-  """
+  returns the report as a dict (see module doc). Raises ConfigError / ShardingError (one line) for a bad config or a
+  mesh the model cannot be laid out on."""
   config_lib.validate(config)
   spec = accelerator_spec(accelerator)
   if not 0 < mfu <= 1:
     raise ArgumentError(f'--mfu={mfu}: expected a fraction in (0, 1], e.g. 0.4')
   devices = jax.devices() if devices is None else devices
   mesh = sharding_lib.make_mesh(config.mesh, devices, num_slices)
-  sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps)
   compiled, abstract_state, shardings, compile_s = compile_train_step(config, mesh)
   memory = compiled.memory_analysis()
   state = state_memory(abstract_state, shardings)
-  state_bytes = state['params_bytes'] + state['opt_state_bytes'] + state['other_state_bytes']
   # The donated state's outputs alias its inputs, so a device holds arguments (state + batch) plus temporaries.
   total_bytes = memory.argument_size_in_bytes + memory.temp_size_in_bytes
   budget = spec['memory_bytes'] * USABLE_MEMORY_FRACTION
-
-  accum = config.optimizer.grad_accum_steps
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_step = params_lib.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
   flops_per_device = flops_per_step / len(devices)
@@ -217,28 +199,25 @@ def dry_run(config, accelerator='h100', mfu=0.4, suggest=True, devices=None, num
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report = {
-      'config': {'d_model': config.model.d_model, 'num_layers': config.model.num_layers,
-                 'compute_dtype': config.model.compute_dtype, 'param_dtype': config.model.param_dtype,
-                 'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
-                 'batch_size': config.train.batch_size, 'seq_len': config.train.seq_len, 'grad_accum_steps': accum},
+      'config': {**{k: config.model[k] for k in ('d_model', 'num_layers', 'compute_dtype', 'param_dtype', 'remat',
+                                                  'scan_layers')}, 'batch_size': config.train.batch_size,
+                 'seq_len': config.train.seq_len, 'grad_accum_steps': config.optimizer.grad_accum_steps},
       'parameters': params_lib.count_params(config.model),
       'devices': len(devices), 'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
       'slices': num_slices or sharding_lib.slice_count(devices), 'mesh': dict(mesh.shape), 'compile_s': compile_s,
       'memory_per_device': {
-          'params_bytes': state['params_bytes'], 'opt_state_bytes': state['opt_state_bytes'],
-          'other_state_bytes': state['other_state_bytes'], 'state_bytes': state_bytes,
-          'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
+          **state['per_device'], 'argument_bytes': memory.argument_size_in_bytes,
+          'output_bytes': memory.output_size_in_bytes,
           'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
           'total_bytes': total_bytes},
       'params_global_bytes': state['params_global_bytes'], 'opt_state_global_bytes': state['opt_state_global_bytes'],
       'flops_per_step': flops_per_step, 'flops_per_device_per_step': flops_per_device,
       'xla_flops_per_device_per_micro_step': float(cost.get('flops', float('nan'))) if cost else float('nan'),
-      'accelerator': spec, 'mfu': mfu, 'step_time_s': step_time,
-      'tokens_per_s': tokens_per_step / step_time,
+      'accelerator': spec, 'mfu': mfu, 'step_time_s': step_time, 'tokens_per_s': tokens_per_step / step_time,
       'fits': total_bytes <= budget, 'usable_memory_bytes': budget,
       'param_sharding': state['params'], 'largest_per_device': state['largest'], 'suggested_meshes': [],
+      'suggested_grad_accum_steps': None,
   }
-  report['suggested_grad_accum_steps'] = None
   if not report['fits'] and suggest:
     report['suggested_meshes'] = suggest_meshes(config, devices, budget, memory.temp_size_in_bytes, dict(mesh.shape))
     report['suggested_grad_accum_steps'] = suggest_grad_accum(config, mesh, memory, budget)
@@ -265,12 +244,11 @@ def _gib(n):
 
 def format_report(report):
   """The report as the few tables a person reads."""
-  c, m, acc = report['config'], report['memory_per_device'], report['accelerator']
-  mesh = report['mesh']
+  c, m, acc, mesh = report['config'], report['memory_per_device'], report['accelerator'], report['mesh']
   lines = [
-      f"dry run: {report['parameters']['total'] / 1e9:.3f}B parameters ({report['parameters']['non_embedding'] / 1e9:.3f}B "
-      f"non-embedding), d_model {c['d_model']}, {c['num_layers']} layers, {c['compute_dtype']} compute, "
-      f"remat {c['remat']}, scan {c['scan_layers']}",
+      f"dry run: {report['parameters']['total'] / 1e9:.3f}B parameters "
+      f"({report['parameters']['non_embedding'] / 1e9:.3f}B non-embedding), d_model {c['d_model']}, "
+      f"{c['num_layers']} layers, {c['compute_dtype']} compute, remat {c['remat']}, scan {c['scan_layers']}",
       f"mesh: data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']} over {report['devices']} "
       f"{'simulated CPU' if report['platform'] == 'cpu' else report['device_kind']} devices in {report['slices']} "
       f"slice(s); batch {c['batch_size']} x {c['seq_len']} (grad accumulation {c['grad_accum_steps']}); "
@@ -285,8 +263,9 @@ def format_report(report):
       f"  total             {_gib(m['total_bytes'])}   vs {acc['name']} {acc['memory_bytes'] / GIB:.1f} GiB "
       f"({USABLE_MEMORY_FRACTION:.0%} usable): {'FITS' if report['fits'] else 'DOES NOT FIT'}",
       '', 'compute:',
-      f"  FLOPs per step     {report['flops_per_step']:.4g} (6N + attention), {report['flops_per_device_per_step']:.4g} "
-      f"per device; XLA cost_analysis: {report['xla_flops_per_device_per_micro_step']:.4g} per device per micro-step"
+      f"  FLOPs per step     {report['flops_per_step']:.4g} (6N + attention), "
+      f"{report['flops_per_device_per_step']:.4g} per device; XLA cost_analysis: "
+      f"{report['xla_flops_per_device_per_micro_step']:.4g} per device per micro-step"
       + (' (scan bodies counted once)' if c['scan_layers'] else ''),
       f"  on {acc['name']} ({acc['peak_flops'] / 1e12:.0f} TFLOP/s peak) at {report['mfu']:.0%} MFU: "
       f"{report['step_time_s'] * 1e3:.4g} ms per step, {report['tokens_per_s']:,.0f} tokens/s "
@@ -331,20 +310,6 @@ def mesh_hint(config, accelerator, devices=None):
       f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}" for m in meshes) + ')'
 
 
-def define_flags():
-  """Only when run as a program: perijax.train defines --config too, and the tests import both."""
-  cli.define_config_flags()
-  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size, >= 1); set before jax starts.',
-                       lower_bound=1)
-  flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
-                      'default config.train.accelerator, or h100 if that is cpu.')
-  flags.DEFINE_string('topology', None, 'A Cloud TPU slice to compile for, e.g. v5e-256, v4-128, v5p-512 (needs '
-                      'libtpu: the tpu extra; otherwise simulated CPU devices).')
-  flags.DEFINE_integer('num_slices', 1, 'Slices (joined by DCN: config.mesh.dcn_*) of --topology, or of --devices.')
-  flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
-  flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
-
-
 def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
@@ -371,5 +336,14 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
+  cli.define_config_flags()
+  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size, >= 1); set before jax starts.',
+                       lower_bound=1)
+  flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
+                      'default config.train.accelerator, or h100 if that is cpu.')
+  flags.DEFINE_string('topology', None, 'A Cloud TPU slice to compile for, e.g. v5e-256, v4-128, v5p-512 (needs '
+                      'libtpu: the tpu extra; otherwise simulated CPU devices).')
+  flags.DEFINE_integer('num_slices', 1, 'Slices (joined by DCN: config.mesh.dcn_*) of --topology, or of --devices.')
+  flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
+  flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
   cli.run(main)

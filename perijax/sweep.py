@@ -1,4 +1,5 @@
-r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per run, or prints one command per run.
+r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per run, prints one command per run, or
+writes (and submits) a SLURM array job or the `gcloud` commands of a TPU pod slice for it.
 
     python -m perijax.sweep --config=configs/tiny.py \
         --sweep=model.norm.placement=pre,peri,post --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep
@@ -6,24 +7,23 @@ r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per ru
     python -m perijax.sweep ... --launcher=slurm [--submit] [--partition=P --time=12:00:00 --gpus=1]
     python -m perijax.sweep ... --launcher=tpu_vm --tpu=NAME --zone=ZONE   # gcloud commands, one per run
 
-`--config.a.b=value` flags fix a field for every run (as for `perijax.train`). Each run's workdir is
-`ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`), and `ROOT/sweep.json` lists
-the runs, their overrides and how each one went. A run is finished when `eval/step_{train.steps}.json` exists: finished
-runs are skipped, the others are started again (the trainer resumes from their checkpoints). A run that fails is
-recorded and the sweep goes on; the summary says which failed and where their logs are.
-Every swept field and value is checked against the loaded config before anything runs.
-`--launcher=slurm` writes ROOT/sweep.sbatch, an array job with one task per unfinished run (each runs its --print
-line; logs in ROOT/slurm/), and ROOT/sweep.json; `--submit` also submits it with sbatch. `--launcher=tpu_vm` prints a
-`gcloud compute tpus tpu-vm ssh --worker=all` command per unfinished run, each running the run's line on every worker
-of the pod slice (perijax/launchers.py).
+`--config.a.b=value` flags fix a field for every run (as for `perijax.train`); every swept field and value is checked
+against the config before anything runs. Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g.
+`ROOT/placement=peri,lr=0.001,seed=1`); `ROOT/sweep.json` lists the runs, their overrides and how each one went. A run
+is finished when `eval/step_{train.steps}.json` exists: finished runs are skipped, the others started again (the
+trainer resumes from their checkpoints). A failed run is recorded and the sweep goes on. The launchers run each
+unfinished run's `--print` line, so a run trained here, on SLURM (ROOT/sweep.sbatch: an array job, one task per run) or
+on every worker of a TPU pod slice (one `gcloud compute tpus tpu-vm ssh --worker=all` command per run) is the same run.
 """
 
+import collections
 import dataclasses
 import itertools
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,14 +35,13 @@ from ml_collections.config_flags import config_path
 
 from perijax import cli
 from perijax import config as config_lib
-from perijax import launchers
 from perijax import progress
 from perijax import rundir
 from perijax.errors import ArgumentError
 
 SEED_FIELD = 'train.seed'
-STEPS_FIELD = 'train.steps'
 _UNSAFE_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
+_SLURM_TIME = re.compile(r'^(\d+-)?\d+(:\d+){0,2}$')   # minutes, [D-]HH:MM[:SS], ... as sbatch --time reads them
 
 # `run_command(argv, log_path) -> exit status`: the one place a sweep touches processes, so tests can replace it.
 RunCommand = Callable[[Sequence[str], str], int]
@@ -58,44 +57,32 @@ class Run:
   status: str = 'pending'   # pending | finished | skipped | failed | eval_failed | ended_early
   detail: str = ''
 
-  def to_dict(self):
-    return dataclasses.asdict(self)
 
-
-def load_config(config_arg: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` the way `--config=` does, with one clear error if the file is missing or broken."""
-  return config_lib.load_file(config_arg)
-
+# ---- the grid: --sweep specs x seeds -> runs, each config resolved and validated -------------------------------------
 
 def split_values(text: str) -> List[str]:
   """Splits 'a,b,(c,d)' at commas outside brackets, so a tuple field can be swept too."""
-  values, depth, current = [], 0, ''
-  for char in text:
-    depth += char in '([{'
-    depth -= char in ')]}'
+  values, depth, start = [], 0, 0
+  for end, char in enumerate(text + ','):
+    depth += (char in '([{') - (char in ')]}')
     if char == ',' and depth == 0:
-      values.append(current)
-      current = ''
-    else:
-      current += char
-  values.append(current)
-  return [v.strip() for v in values]
+      values.append(text[start:end].strip())
+      start = end + 1
+  return values
 
 
 def parse_sweep(config: ml_collections.ConfigDict, spec: str) -> Tuple[str, List[Any]]:
   """'optimizer.lr=1e-3,3e-3' -> ('optimizer.lr', [0.001, 0.003]), typed like the config's field."""
   if '=' not in spec:
-    raise ValueError(f'--sweep={spec!r}: expected FIELD=VALUE[,VALUE...], e.g. model.norm.placement=pre,peri')
+    raise ArgumentError(f'--sweep={spec!r}: expected FIELD=VALUE[,VALUE...], e.g. model.norm.placement=pre,peri')
   field, text = spec.split('=', 1)
-  field = field.strip()
-  if field.startswith('config.'):
-    field = field[len('config.'):]
+  field = field.strip().removeprefix('config.')
   raw_values = split_values(text)
   if not text.strip() or any(not v for v in raw_values):
-    raise ValueError(f'--sweep={spec!r}: empty value in the list')
+    raise ArgumentError(f'--sweep={spec!r}: empty value in the list')
   values = [config_lib.parse_value(config, field, v) for v in raw_values]
   if len(set(map(repr, values))) != len(values):
-    raise ValueError(f'--sweep={spec!r}: a value is repeated ({values})')
+    raise ArgumentError(f'--sweep={spec!r}: a value is repeated ({values})')
   return field, values
 
 
@@ -103,11 +90,7 @@ def format_value(value: Any) -> str:
   """A value as `--config.x=` and `config.parse_value` read it back: floats keep full precision, bools true/false."""
   if isinstance(value, bool):
     return 'true' if value else 'false'
-  if isinstance(value, float):
-    return repr(value)
-  if isinstance(value, tuple):
-    return repr(value)
-  return str(value)
+  return repr(value) if isinstance(value, (float, tuple)) else str(value)
 
 
 def short_names(fields: Sequence[str]) -> Dict[str, str]:
@@ -144,38 +127,37 @@ def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds:
                 validate: Optional[Callable[[ml_collections.ConfigDict], Any]] = None) -> List[Run]:
   """Grid × seeds -> runs, each with its overrides (swept fields in order, then `train.seed`) and final step.
 
-  Raises ValueError before anything runs if a field does not exist, a value does not parse, the grid is ambiguous,
-  or `validate` (e.g. `perijax.config.validate`) rejects a run's resolved config.
+  Raises ArgumentError or ConfigError (ValueErrors) before anything runs if a field does not exist, a value does not
+  parse, the grid is ambiguous, or `validate` (e.g. `perijax.config.validate`) rejects a run's resolved config.
   """
   if seeds < 1:
-    raise ValueError(f'--seeds={seeds}: need at least 1 seed')
+    raise ArgumentError(f'--seeds={seeds}: need at least 1 seed')
   grid = [parse_sweep(config, spec) for spec in sweeps]
   fields = [field for field, _ in grid]
   repeated = sorted({f for f in fields if fields.count(f) > 1})
   if repeated:
-    raise ValueError(f'field(s) {repeated} swept twice; give each field once with all its values')
+    raise ArgumentError(f'field(s) {repeated} swept twice; give each field once with all its values')
   if SEED_FIELD in fields and seeds > 1:
-    raise ValueError(f'{SEED_FIELD} is swept and --seeds={seeds} is given; use one or the other')
+    raise ArgumentError(f'{SEED_FIELD} is swept and --seeds={seeds} is given; use one or the other')
   if SEED_FIELD not in fields:
     grid.append((SEED_FIELD, list(range(seeds))))
     fields.append(SEED_FIELD)
   names = short_names(fields)
-  fixed_overrides = dict(fixed_overrides or {})
-
   runs = []
   for values in itertools.product(*[values for _, values in grid]):
     overrides = dict(zip(fields, values))
-    resolved = resolve(config, {**fixed_overrides, **overrides})
+    resolved = resolve(config, {**(fixed_overrides or {}), **overrides})
     name = run_name(overrides, names)
     if validate is not None:
       try:
         validate(resolved)
       except ValueError as e:
-        raise ValueError(f'run {name}: {e}') from None
-    steps = config_path.get_value(STEPS_FIELD, resolved)
-    runs.append(Run(name=name, workdir=os.path.join(root, name), overrides=overrides, steps=int(steps)))
+        raise ArgumentError(f'run {name}: {e}') from None
+    runs.append(Run(name, os.path.join(root, name), overrides, steps=int(resolved.train.steps)))
   return runs
 
+
+# ---- running: one `perijax.train` and one `perijax.evaluate` process per run, here or as printed lines ---------------
 
 def train_command(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str) -> List[str]:
   overrides = {**fixed_overrides, **run.overrides}
@@ -194,10 +176,8 @@ def is_finished(run: Run) -> bool:
 def latest_checkpoint_step(workdir: str) -> Optional[int]:
   """The highest finished Orbax step under `workdir/checkpoints` (temporary directories are not all digits)."""
   directory = rundir.checkpoints(workdir)
-  if not directory.is_dir():
-    return None
-  steps = [int(path.name) for path in directory.iterdir() if path.name.isdigit()]
-  return max(steps) if steps else None
+  steps = [int(path.name) for path in directory.iterdir() if path.name.isdigit()] if directory.is_dir() else []
+  return max(steps, default=None)
 
 
 def subprocess_run_command(argv: Sequence[str], log_path: str) -> int:
@@ -213,7 +193,7 @@ def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> 
   path = os.path.join(root, 'sweep.json')
   tmp_path = f'{path}.{os.getpid()}.tmp'   # per process: two sweeps sharing a root must not rename each other's file
   with open(tmp_path, 'w') as f:
-    json.dump({**header, 'runs': [r.to_dict() for r in runs]}, f, indent=1, default=str)
+    json.dump({**header, 'runs': [dataclasses.asdict(r) for r in runs]}, f, indent=1, default=str)
   os.replace(tmp_path, path)   # a sweep killed mid-write leaves the previous sweep.json whole
 
 
@@ -234,15 +214,13 @@ def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], pyth
   if step is None:
     run.status, run.detail = 'failed', f'no checkpoint in {rundir.checkpoints(run.workdir)} to evaluate'
     return
-  if not evaluate:
-    run.status, run.detail = ('finished', '') if step == run.steps else (
-        'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)')
-    return
-  eval_log = str(rundir.command_log(run.workdir, 'eval'))
-  status = run_command(evaluate_command(run.workdir, step, python), eval_log)
-  if status != 0:
-    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
-  elif is_finished(run):
+  if evaluate:
+    eval_log = str(rundir.command_log(run.workdir, 'eval'))
+    status = run_command(evaluate_command(run.workdir, step, python), eval_log)
+    if status != 0:
+      run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
+      return
+  if is_finished(run) if evaluate else step == run.steps:
     run.status, run.detail = 'finished', ''
   else:
     run.status, run.detail = 'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)'
@@ -269,9 +247,7 @@ def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: 
 
 
 def summarize(runs: Sequence[Run]) -> str:
-  counts = {}
-  for run in runs:
-    counts[run.status] = counts.get(run.status, 0) + 1
+  counts = collections.Counter(run.status for run in runs)
   lines = [f'sweep: {len(runs)} runs: ' + ', '.join(f'{n} {status}' for status, n in sorted(counts.items()))]
   lines += [f'  {run.status}: {run.name}: {run.detail}' for run in runs
             if run.status in ('failed', 'eval_failed', 'ended_early')]
@@ -284,9 +260,65 @@ def print_commands(runs: Sequence[Run], config_arg: str, fixed_overrides: Dict[s
           shlex.join(evaluate_command(run.workdir, run.steps, python)) for run in runs]
 
 
+# ---- launchers: the runs' `--print` lines as a SLURM array job, or on every worker of a TPU pod slice ------------
+
+def slurm_script(lines: Sequence[str], names: Sequence[str], *, root: str, job_name: str, chdir: str,
+                 partition: str = '', time: str = '', gpus: int = 0, cpus: int = 0, max_parallel: int = 0,
+                 options: Sequence[str] = ()) -> str:
+  """An sbatch script whose array task i runs `lines[i]` (run `names[i]`), each logging to ROOT/slurm/%A_%a.out.
+  `chdir`: the directory the lines' relative paths (config file, workdirs) are relative to. `options`: any further
+  sbatch options, e.g. '--account=proj' or '--qos=high', one `#SBATCH` line each."""
+  if not lines or len(lines) != len(names):
+    raise ArgumentError(f'an array job needs one name per command line (got {len(lines)} lines, {len(names)} names)')
+  if time and not _SLURM_TIME.match(time):
+    raise ArgumentError(f'--time={time!r}: expected a SLURM time limit: minutes, HH:MM:SS or D-HH:MM, e.g. 12:00:00')
+  bad = [option for option in options if not option.startswith('--') or '\n' in option]
+  if bad:
+    raise ArgumentError(f'--slurm_option={bad[0]!r}: expected one sbatch option, e.g. --account=proj')
+  array = f'0-{len(lines) - 1}' + (f'%{max_parallel}' if max_parallel else '')
+  sbatch = [f'--job-name={job_name}', f'--array={array}', f'--output={os.path.join(root, "slurm", "%A_%a.out")}',
+            f'--chdir={chdir}', '--ntasks=1']
+  sbatch += [f'--{name}={value}' for name, value in (('partition', partition), ('time', time), ('gpus', gpus),
+                                                     ('cpus-per-task', cpus)) if value] + list(options)
+  script = ['#!/bin/bash', f'# perijax sweep of {len(lines)} runs under {root}: array task i trains and evaluates '
+            'run i.']
+  script += [f'#SBATCH {shlex.quote(option)}' for option in sbatch]
+  script += ['set -euo pipefail', 'case "$SLURM_ARRAY_TASK_ID" in']
+  for index, (line, name) in enumerate(zip(lines, names)):
+    script += [f'  {index})  # {name}', f'    {line}', '    ;;']
+  script += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', 'esac', '']
+  return '\n'.join(script)
+
+
+def submit_slurm(path: str) -> str:
+  """`sbatch --parsable PATH`; returns the job id, or raises ArgumentError with sbatch's own message."""
+  if shutil.which('sbatch') is None:
+    raise ArgumentError(f'--submit: sbatch is not on PATH (not a SLURM login node?); the script is {path}, submit it '
+                      'with `sbatch` where SLURM runs')
+  result = subprocess.run(['sbatch', '--parsable', path], capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    raise ArgumentError(f'sbatch {path} exited with {result.returncode}: {" ".join(result.stderr.split())}')
+  return result.stdout.strip().split(';')[0]   # --parsable prints "jobid[;cluster]"
+
+
+def tpu_vm_commands(lines: Sequence[str], names: Sequence[str], *, tpu: str, zone: str, remote_dir: str) -> list[str]:
+  """One `gcloud compute tpus tpu-vm ssh ... --worker=all` line per run, running its line on every worker of the pod
+  (JAX finds the other workers from the TPU metadata: no coordinator flags). Paths in the lines are read on the
+  workers, relative to `remote_dir` (the perijax checkout there); the sweep root must be a path all workers share."""
+  if not tpu or not zone:
+    raise ArgumentError('--launcher=tpu_vm needs --tpu=NAME and --zone=ZONE (the pod slice `gcloud compute tpus '
+                      'tpu-vm list --zone=ZONE` shows)')
+  commands = []
+  for line, name in zip(lines, names):
+    remote = f'cd {shlex.quote(remote_dir)} && {line}' if remote_dir else line
+    commands += [f'# {name}', shlex.join(['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', tpu, f'--zone={zone}',
+                                          '--worker=all', f'--command={remote}'])]
+  return commands
+
+
 def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
-           launcher: str, header: Dict[str, Any], launch_flags) -> str:
-  """--launcher=slurm|tpu_vm for the unfinished runs; returns what to tell the user. Raises LaunchError."""
+           launcher: str, sweep_args: Dict[str, Any], launch_flags) -> str:
+  """--launcher=slurm|tpu_vm for the unfinished runs; returns what to tell the user. Raises ArgumentError."""
   pending = [run for run in runs if not is_finished(run)]
   left_out = f' ({len(runs) - len(pending)} finished runs left out)' if len(pending) < len(runs) else ''
   if not pending:
@@ -294,32 +326,54 @@ def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dic
   lines = print_commands(pending, config_arg, fixed_overrides, python)
   names = [run.name for run in pending]
   if launcher == 'tpu_vm':
-    return '\n'.join(launchers.tpu_vm_commands(lines, names, tpu=launch_flags.tpu, zone=launch_flags.zone,
-                                               remote_dir=launch_flags.remote_dir))
-  script = launchers.slurm_script(
+    return '\n'.join(tpu_vm_commands(lines, names, tpu=launch_flags.tpu, zone=launch_flags.zone,
+                                     remote_dir=launch_flags.remote_dir))
+  script = slurm_script(
       lines, names, root=root, job_name=f'perijax-{os.path.basename(os.path.normpath(root))}', chdir=os.getcwd(),
       partition=launch_flags.partition, time=launch_flags.time, gpus=launch_flags.gpus, cpus=launch_flags.cpus,
       max_parallel=launch_flags.max_parallel, options=launch_flags.slurm_option)
-  path = launchers.write_slurm_script(root, script)
-  job = launchers.submit_slurm(path) if launch_flags.submit else None
-  task = {run.name: index for index, run in enumerate(pending)}
+  os.makedirs(os.path.join(root, 'slurm'), exist_ok=True)   # sbatch does not create the log directory
+  path = os.path.join(root, 'sweep.sbatch')
+  with open(path, 'w') as f:
+    f.write(script)
+  job = submit_slurm(path) if launch_flags.submit else None
   for run in runs:
-    if run.name in task:
-      run.status, run.detail = 'pending', f'slurm array task {task[run.name]}' + (f' of job {job}' if job else '')
-    else:
-      run.status, run.detail = 'skipped', 'already finished'
-  write_sweep_json(root, runs, {**header, 'launcher': 'slurm', 'slurm_job': job})
+    run.status, run.detail = ('pending', f'slurm array task {pending.index(run)}' + (f' of job {job}' if job else '')
+                              ) if run in pending else ('skipped', 'already finished')
+  header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args, 'launcher': 'slurm'}
+  write_sweep_json(root, runs, {**header, 'slurm_job': job})
   if job:
-    return f'submitted slurm job {job}: {len(pending)} array tasks{left_out}; logs in {root}/{launchers.SLURM_LOG_DIR}/'
+    return f'submitted slurm job {job}: {len(pending)} array tasks{left_out}; logs in {root}/slurm/'
   return f'wrote {path}: {len(pending)} array tasks{left_out}; submit it with: sbatch {shlex.quote(path)}'
 
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Defines the CLI flags; called only when run as a program, so importing this module defines no global flags
-  (perijax.train defines --config too, and both are imported in one test process)."""
+def main(argv):
+  if len(argv) > 1:
+    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  config_arg, config, fixed_overrides = cli.config_and_overrides()
+  runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides, validate=config_lib.validate)
+  if FLAGS.print and FLAGS.launcher != 'local':
+    raise ArgumentError(f'give --print or --launcher={FLAGS.launcher}, not both')
+  if FLAGS.submit and FLAGS.launcher != 'slurm':
+    raise ArgumentError('--submit submits a SLURM script; it needs --launcher=slurm')
+  if FLAGS.print:
+    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
+    return
+  sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
+  if FLAGS.launcher != 'local':
+    python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
+    print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, sweep_args, FLAGS))
+    return
+  finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
+                       sweep_args=sweep_args)
+  if any(run.status in ('failed', 'eval_failed') for run in finished):
+    sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look
+
+
+if __name__ == '__main__':
   cli.define_config_flags()
   flags.DEFINE_multi_string('sweep', [], 'FIELD=V1,V2,...: a swept config field and its values (repeatable).')
   flags.DEFINE_integer('seeds', 1, 'Seeds per grid point: train.seed = 0 .. seeds-1.')
@@ -332,47 +386,14 @@ def define_flags():
   flags.DEFINE_bool('submit', False, '--launcher=slurm: also submit the script with sbatch.')
   flags.DEFINE_string('partition', '', 'slurm: --partition of each array task.')
   flags.DEFINE_string('time', '', 'slurm: --time limit of each array task, e.g. 12:00:00.')
-  flags.DEFINE_integer('gpus', 0, 'slurm: --gpus of each array task; 0 = not set.')
-  flags.DEFINE_integer('cpus', 0, 'slurm: --cpus-per-task; 0 = not set.')
-  flags.DEFINE_integer('max_parallel', 0, 'slurm: array tasks running at once (--array=...%N); 0 = no limit.')
+  flags.DEFINE_integer('gpus', 0, 'slurm: --gpus of each array task; 0 = not set.', lower_bound=0)
+  flags.DEFINE_integer('cpus', 0, 'slurm: --cpus-per-task; 0 = not set.', lower_bound=0)
+  flags.DEFINE_integer('max_parallel', 0, 'slurm: array tasks running at once (--array=...%N); 0 = no limit.',
+                       lower_bound=0)
   flags.DEFINE_multi_string('slurm_option', [], 'slurm: another #SBATCH option, e.g. --account=proj (repeatable).')
   flags.DEFINE_string('tpu', '', 'tpu_vm: the TPU VM (pod slice) name.')
   flags.DEFINE_string('zone', '', 'tpu_vm: its zone.')
   flags.DEFINE_string('remote_dir', 'perijax', 'tpu_vm: the perijax checkout on the workers (relative to home), '
                       'where the commands run.')
   cli.require('root', 'the directory of the runs, e.g. --root=runs/sweep')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
-  config_arg = FLAGS.config
-  config = load_config(config_arg)
-  fixed_overrides = config_lib.apply_overrides(config, cli.overrides())
-  try:
-    runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides,
-                       validate=config_lib.validate)
-  except ValueError as e:  # ConfigError, or a --sweep/--seeds value expand_grid names
-    raise ArgumentError(str(e)) from None
-  if FLAGS.print and FLAGS.launcher != 'local':
-    raise ArgumentError(f'give --print or --launcher={FLAGS.launcher}, not both')
-  if FLAGS.submit and FLAGS.launcher != 'slurm':
-    raise ArgumentError('--submit submits a SLURM script; it needs --launcher=slurm')
-  if FLAGS.print:
-    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
-    return
-  sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
-  if FLAGS.launcher != 'local':
-    python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
-    header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args}
-    print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, header, FLAGS))
-    return
-  finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
-                       sweep_args=sweep_args)
-  if any(run.status in ('failed', 'eval_failed') for run in finished):
-    sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look
-
-
-if __name__ == '__main__':
-  define_flags()
   cli.run(main)

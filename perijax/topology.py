@@ -78,31 +78,21 @@ def parse(name, num_slices=1):
                   accelerator)
 
 
-def libtpu_available():
-  return importlib.util.find_spec('libtpu') is not None
-
-
-def quiet_libtpu(topology):
-  """libtpu asks the VM's metadata server for these and prints a warning for each it cannot find: set them first."""
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  cloud_name = GENERATIONS[topology.name.split('-')[0]][7] + '-' + topology.name.split('-')[1]
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', cloud_name)
-  # Compile-only: no chip is opened, so dry runs need not queue on libtpu's one-process-per-host lock file.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-
-
 def prepare(name, num_slices):
   """Before jax starts: (Topology, True) if libtpu will compile for it; else says so in one line and returns
   (Topology, False), the caller simulating its devices on the CPU. ValueError (one line) for a bad name or count."""
-  if not str(num_slices).isdigit() or int(num_slices) < 1:
-    raise ValueError(f'--num_slices={num_slices}: expected a positive number of slices')
-  topology = parse(name, int(num_slices))
-  if not libtpu_available():
+  topology = parse(name, int(num_slices) if str(num_slices).isdigit() else num_slices)
+  if importlib.util.find_spec('libtpu') is None:
     print(f"perijax.dryrun: libtpu is not installed (pip install -e '.[tpu]'), so the TPU compiler cannot compile "
           f'for {name} x {num_slices}: simulating {topology.devices} CPU devices instead', file=sys.stderr, flush=True)
     return topology, False
-  quiet_libtpu(topology)
+  # libtpu asks the VM's metadata server for these and prints a warning for each it cannot find: set them first.
+  generation, size = topology.name.split('-')
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{GENERATIONS[generation][7]}-{size}')
+  # Compile-only: no chip is opened, so dry runs need not queue on libtpu's one-process-per-host lock file.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   os.environ['JAX_PLATFORMS'] = 'cpu'  # this host has no TPU: start no TPU backend, compile for the topology's devices
   return topology, True
 

@@ -29,7 +29,7 @@ def in_process_command(calls):
     args = dict(arg[2:].split('=', 1) for arg in argv[argv.index('-m') + 2:])
     if module == 'perijax.train':
       from perijax import train  # pylint: disable=g-import-not-at-top
-      config = sweep.load_config(args.pop('config'))
+      config = config_lib.load_file(args.pop('config'))
       workdir = args.pop('workdir')
       overrides = {k[len('config.'):]: config_lib.parse_value(config, k[len('config.'):], v) for k, v in args.items()}
       train.train(sweep.resolve(config, overrides), workdir)
@@ -44,7 +44,7 @@ def in_process_command(calls):
 
 @pytest.fixture(scope='module')
 def config():
-  return sweep.load_config(TINY)
+  return config_lib.load_file(TINY)
 
 
 @pytest.fixture(scope='module')

@@ -18,6 +18,7 @@ from experiments import grad_norms
 from experiments import lr_sensitivity
 from experiments import pre_post_vs_peri
 from experiments import variance_law
+from perijax import config as config_lib
 from perijax import sweep
 from perijax import train_step
 
@@ -29,7 +30,7 @@ SMALL_MODEL = {'model.d_model': 32, 'model.num_layers': 3, 'model.num_heads': 2,
 
 @pytest.fixture(scope='module')
 def tiny_config():
-  return sweep.load_config(TINY)
+  return config_lib.load_file(TINY)
 
 
 def test_small_overrides_apply_to_tiny_only_and_user_overrides_win(tiny_config):
@@ -37,7 +38,7 @@ def test_small_overrides_apply_to_tiny_only_and_user_overrides_win(tiny_config):
   setup = common.make_setup(TINY, tiny_config, {'train.steps': 11}, small)
   assert setup.small_scale and setup.fixed == {'model.num_layers': 2, 'train.steps': 11}
   assert setup.resolved().train.steps == 11 and setup.resolved().model.num_layers == 2
-  paper = common.make_setup(PAPER, sweep.load_config(PAPER), {}, small)
+  paper = common.make_setup(PAPER, config_lib.load_file(PAPER), {}, small)
   assert not paper.small_scale and paper.fixed == {}
   assert paper.resolved().model.num_layers == 24   # the paper config's own depth
 
