@@ -158,6 +158,11 @@ def color_of(variant, index):
   return colors.get(variant.split('+')[0].split('/')[0], f'C{index % 10}')
 
 
+def line_style(row):
+  """Dashed for float16, dotted for QK-norm: the variants of one placement share its colour."""
+  return '--' if row['compute_dtype'] == 'float16' else ':' if row['qk_norm'] else '-'
+
+
 def plot(rows, path):
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   depths = sorted({row['num_layers'] for row in rows})
@@ -171,8 +176,7 @@ def plot(rows, path):
       index = variants.index(row['variant'])
       mean = np.asarray([c['mean'] if c['mean'] is not None else np.nan for c in row['final_loss']])
       std = np.asarray([c['std'] or 0.0 for c in row['final_loss']])
-      style = '--' if row['compute_dtype'] == 'float16' else ':' if row['qk_norm'] else '-'
-      ax.plot(row['lrs'], mean, style, marker='o', color=color_of(row['variant'], index),
+      ax.plot(row['lrs'], mean, line_style(row), marker='o', color=color_of(row['variant'], index),
               label=f'{row["variant"]} (sens. {common.report_lib.format_mean_std(row["sensitivity"])})')
       ax.fill_between(row['lrs'], mean - std, mean + std, color=color_of(row['variant'], index), alpha=0.15)
     ax.axhline(np.mean([r['l_init'] for r in rows if r['num_layers'] == depth]), color='k', linestyle=':',
@@ -184,7 +188,7 @@ def plot(rows, path):
       ax = axes[1][column]
       for row in (r for r in rows if r['num_layers'] == depth):
         values = [max(v) if v else np.nan for v in row['attn_logit_max']]
-        ax.plot(row['lrs'], values, 'o-', color=color_of(row['variant'], variants.index(row['variant'])),
+        ax.plot(row['lrs'], values, line_style(row), marker='o', color=color_of(row['variant'], variants.index(row['variant'])),
                 label=row['variant'])
       ax.set(xscale='log', yscale='log', xlabel='peak learning rate', ylabel='largest attention logit (any layer)',
              title=f'{depth} layers: attention logits at the end')
