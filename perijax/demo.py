@@ -43,7 +43,7 @@ def plan_runs(config: ml_collections.ConfigDict, placements: Sequence[str], root
 
 
 def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, Any]:
-  """Prints and writes the inspect report and plots of `runs`; returns the report's data with the plot paths."""
+  """Prints and writes the report and plots of `runs`; returns the report's data with the plot paths."""
   from perijax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
   # Named by placement alone ('pre', 'peri', 'post'): short table columns and plot legends.
   records = [runs_lib.load_run(run.workdir, run.overrides['model.norm.placement']) for run in runs

@@ -1,12 +1,21 @@
-"""Test set-up: 8 simulated CPU devices (before JAX is imported) and the repository root on sys.path."""
+"""Test set-up: 8 simulated CPU devices (before JAX is imported), one compilation cache for the whole run, and the
+repository root on sys.path."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import socket
 import sys
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  # Many tests compile the same tiny train step, in this process, in pytest-xdist's workers and in the train / evaluate
+  # processes they start: all inherit this directory, so each program compiles once per run. Removed at exit.
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='perijax-test-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
