@@ -1,6 +1,7 @@
 """An independent float64 NumPy implementation of the perijax Transformer, written from docs/paper.md's formulas.
 
-It shares no code with perijax: it reads the parameter tree (non-scanned layout) and recomputes the forward pass.
+It shares no code with perijax: it reads the parameter tree (non-scanned layout) and recomputes the forward pass; and
+the dynamic loss scale after each step by the rule flax's DynamicScale documents.
 """
 
 import numpy as np
@@ -72,3 +73,18 @@ def _to_float64(tree):
   if isinstance(tree, dict):
     return {k: _to_float64(v) for k, v in tree.items()}
   return np.asarray(tree, np.float64)
+
+
+def expected_loss_scales(initial, finite, growth_interval):
+  """The dynamic loss scale after each step, as flax's DynamicScale documents it: halved by a step whose gradients
+  overflowed; doubled by a finite step that follows growth_interval finite steps since the last change."""
+  scales, scale, run = [], initial, 0
+  for ok in finite:
+    if not ok:
+      scale, run = scale / 2, 0
+    elif run == growth_interval:
+      scale, run = scale * 2, 0
+    else:
+      run += 1
+    scales.append(scale)
+  return scales

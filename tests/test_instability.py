@@ -15,7 +15,7 @@ from perijax import instability
 from perijax import report as report_lib
 from perijax import runs as runs_lib
 from perijax import train as train_lib
-from tests.test_train import expected_loss_scales
+from tests import numpy_reference
 
 STEPS = np.arange(1, 401)
 
@@ -149,7 +149,7 @@ def test_float16_backoffs_while_the_scale_searches_are_apart_from_settled_skips(
   assert finite == [False] * backoffs + finite[backoffs:] and finite[backoffs]  # back-offs first, then settled
   assert [line['initial_scale_backoffs'] for line in lines] == [min(step, backoffs) for step in range(1, 41)]
   assert lines[-1]['skipped_steps'] == finite.count(False) - backoffs >= 1   # the regrown scale overflowed again
-  assert [line['loss_scale'] for line in lines] == expected_loss_scales(2.0 ** 40, finite, 1)
+  assert [line['loss_scale'] for line in lines] == numpy_reference.expected_loss_scales(2.0 ** 40, finite, 1)
   assert all(len(line['layer_grad_norm']) == 2 for line in lines)
   # Step 1's gradients overflowed (the scale was still searching): its per-layer norms say so; a finite step's do not.
   assert not all(map(math.isfinite, lines[0]['layer_grad_norm']))

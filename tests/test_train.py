@@ -19,6 +19,7 @@ from perijax import sharding as sharding_lib
 from perijax import train as train_lib
 from perijax import train_step as train_step_lib
 from perijax.data import tokenizers
+from tests import numpy_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,21 +109,6 @@ def run_steps(config, data_dir, steps, mutate_params=None):
   return history, jax.device_get(state)
 
 
-def expected_loss_scales(initial, finite, growth_interval):
-  """The dynamic loss scale after each step, as flax's DynamicScale documents it: halved by a step whose gradients
-  overflowed; doubled by a finite step that follows growth_interval finite steps since the last change."""
-  scales, scale, run = [], initial, 0
-  for ok in finite:
-    if not ok:
-      scale, run = scale / 2, 0
-    elif run == growth_interval:
-      scale, run = scale * 2, 0
-    else:
-      run += 1
-    scales.append(scale)
-  return scales
-
-
 def test_float16_overflow_is_skipped_and_the_scale_halves(corpus_data_dir):
   # The scale starts where float16 gradients are finite and doubles every other finite step until scaled gradients
   # really overflow float16 (2^20 does at init: see logged_lines); each overflow halves it again.
@@ -142,7 +128,7 @@ def test_float16_overflow_is_skipped_and_the_scale_halves(corpus_data_dir):
       jax.tree.map(np.testing.assert_array_equal, before.opt_state, after.opt_state)
     elif metrics['schedule_count'] > 0:  # a finite step updates (but warmup's first lr is 0)
       assert not np.array_equal(before.params['embed']['embedding'], after.params['embed']['embedding'])
-  assert [float(s.loss_scale.scale) for s in states[1:]] == expected_loss_scales(65536.0, finite, 1)
+  assert [float(s.loss_scale.scale) for s in states[1:]] == numpy_reference.expected_loss_scales(65536.0, finite, 1)
   assert final.skipped_steps == finite.count(False)
   assert history[-1][1]['loss'] < history[0][1]['loss']  # training went on and the loss still fell
 
