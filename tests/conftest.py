@@ -13,7 +13,8 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # Many tests compile the same tiny train step, in this process, in pytest-xdist's workers and in the train / evaluate
-  # processes they start: all inherit this directory, so each program compiles once per run. Removed at exit.
+  # processes they start: all inherit this directory, so a program that takes over JAX's threshold (1 s) to compile
+  # compiles once per run. Removed at exit.
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='perijax-test-jax-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 REPO = pathlib.Path(__file__).resolve().parent.parent
