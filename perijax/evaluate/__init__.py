@@ -26,13 +26,6 @@ def _evaluated(workdir, step):
   return rundir.eval_result(workdir, step).is_file()
 
 
-def list_checkpoints(workdir):
-  """The finished checkpoint steps of WORKDIR (Orbax lists only completely written ones)."""
-  if not rundir.checkpoints(workdir).is_dir():
-    return []
-  return list(checkpoint_lib.make_manager(workdir, read_only=True).all_steps())
-
-
 def prepare(workdir, overrides=()):
   """The run's config with the overrides, checked; raises before anything is built."""
   if not rundir.root(workdir).is_dir():
@@ -49,14 +42,12 @@ def choose_steps(workdir, steps, step=None, evaluate_all=False):
   if not steps:
     raise EvaluationError(f'no checkpoint in {where} (training writes one every config.checkpoint.every steps and at '
                           'the end)')
+  if step is not None and step not in steps:
+    raise EvaluationError(f'no checkpoint at step {step} in {where}; the checkpoints there are at steps '
+                          f'{", ".join(map(str, steps))}')
   if step is not None:
-    if step not in steps:
-      raise EvaluationError(f'no checkpoint at step {step} in {where}; the checkpoints there are at steps '
-                            f'{", ".join(map(str, steps))}')
     return [step]
-  if evaluate_all:
-    return [s for s in steps if not _evaluated(workdir, s)]
-  return [max(steps)]
+  return [s for s in steps if not _evaluated(workdir, s)] if evaluate_all else [max(steps)]
 
 
 def evaluate_and_write(evaluator, step):
@@ -76,14 +67,11 @@ def run(workdir, *, step=None, evaluate_all=False, watch=False, overrides=(), po
   if sum([step is not None, evaluate_all, watch]) > 1:
     raise EvaluationError('give at most one of --step, --all and --watch')
   if watch:
-    if jax.process_count() > 1:
-      raise EvaluationError(f'--watch runs as one process (here {jax.process_count()}): it follows a training run as '
-                            'it writes; evaluate with several processes by --step or --all')
-    wait_for_run(workdir, poll_seconds, timeout_seconds)
-    evaluator = _make_evaluator(workdir, prepare(workdir, overrides), devices)
-    return watch_checkpoints(evaluator, evaluator.config.train.steps, poll_seconds, timeout_seconds)
+    return watch_checkpoints(workdir, overrides, devices, poll_seconds, timeout_seconds)
   config = prepare(workdir, overrides)
-  steps = list_checkpoints(workdir)
+  steps = []  # the finished checkpoints: Orbax lists only completely written ones
+  if rundir.checkpoints(workdir).is_dir():
+    steps = list(checkpoint_lib.make_manager(workdir, read_only=True).all_steps())
   # Every process checks the request; all then evaluate process 0's choice, whatever each saw on disk.
   chosen = from_process_0(choose_steps(workdir, steps, step, evaluate_all))
   if not chosen:
@@ -119,25 +107,25 @@ def from_process_0(steps):
   return [int(s) for s in multihost_utils.broadcast_one_to_all(chosen)]
 
 
-def wait_for_run(workdir, poll_seconds, timeout_seconds):
-  """--watch may start before training does: waits for the files perijax.train writes first (tokenizer.json last)."""
-  started, said = time.time(), False
+def watch_checkpoints(workdir, overrides, devices, poll_seconds, timeout_seconds):
+  """Evaluates each new checkpoint until the one at config.train.steps is done; raises if none comes for a timeout.
+  It may start before training does: it first waits for tokenizer.json, which perijax.train writes after config.json."""
+  if jax.process_count() > 1:
+    raise EvaluationError(f'--watch runs as one process (here {jax.process_count()}): it follows a training run as '
+                          'it writes; evaluate with several processes by --step or --all')
+  started = time.time()
+  if not rundir.tokenizer_file(workdir).is_file():
+    log(f'waiting for training to start in {workdir}')
   while not rundir.tokenizer_file(workdir).is_file():
     if time.time() - started > timeout_seconds:
       raise EvaluationError(f'--watch: {workdir} has no config.json and tokenizer.json after {timeout_seconds:g} s; '
                             'is training running with this --workdir?')
-    if not said:
-      log(f'waiting for training to start in {workdir}')
-      said = True
     time.sleep(poll_seconds)
-
-
-def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
-  """Evaluates each new checkpoint until the one at `final_step` is done; raises if none comes for a timeout."""
-  workdir = evaluator.workdir
+  evaluator = _make_evaluator(workdir, prepare(workdir, overrides), devices)
+  final_step = evaluator.config.train.steps
   results, last_progress, damaged = [], time.time(), set()
   while not _evaluated(workdir, final_step):
-    for step in [s for s in evaluator.steps(reload=True) if not _evaluated(workdir, s) and s not in damaged]:
+    for step in [s for s in evaluator.steps() if not _evaluated(workdir, s) and s not in damaged]:
       try:
         evaluator.check_checkpoint(step)
         results.append(evaluate_and_write(evaluator, step))
@@ -149,7 +137,7 @@ def watch_checkpoints(evaluator, final_step, poll_seconds, timeout_seconds):
         log(f'skipped: {error}')
         damaged.add(step)
       except checkpoint_lib.CheckpointError:
-        if step in evaluator.steps(reload=True):
+        if step in evaluator.steps():
           raise
         log(f'checkpoint {step} was deleted (config.checkpoint.keep) before it could be evaluated; skipped')
       last_progress = time.time()

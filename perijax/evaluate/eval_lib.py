@@ -1,14 +1,12 @@
-"""Evaluation of one checkpoint: the run's config, its parameters, held-out loss, per-layer statistics, zero-shot tasks
-and the files they are written to. `perijax.evaluate.run` chooses the checkpoints; this module does the work.
+"""Evaluation of one checkpoint (`perijax.evaluate.run` chooses which): held-out loss, per-layer statistics, zero-shot
+tasks, and the files they are written to.
 
     evaluator = Evaluator(workdir, load_run_config(workdir))  # config, tokenizer, mesh, data, task items: all checked
-    evaluator.check_checkpoint(step)        # shapes and dtypes on disk == what the stored config builds
     result = evaluator.evaluate(step)       # {'step', 'loss', 'perplexity', 'bits_per_byte', 'tokens', 'layers', ...}
     write_result(workdir, result)           # WORKDIR/eval/step_N.json and TensorBoard under WORKDIR/eval/tensorboard
 
-Evaluation reads parameters only (a partial Orbax restore: no optimizer state), laid out on a mesh of THIS process's
-devices: the stored `config.mesh` when it fits them, else pure data parallelism (data = every device, fsdp = tensor = 1,
-parameters replicated), so a checkpoint written on a pod slice evaluates on one host.
+Only the parameters are restored, on THIS process's devices: by the stored `config.mesh` when it fits them, else data
+parallel with replicated parameters, so a checkpoint written on a pod slice evaluates on one host.
 """
 
 import json
@@ -38,10 +36,9 @@ from perijax.errors import NotFoundError
 from perijax.precision import Precision
 from perijax.progress import progress
 
-# ---- the run's config -------------------------------------------------------------------------------------------
 
 def _lists_to_tuples(value):
-  """JSON turned the config's tuples (mesh.logical_axis_rules, eval.tasks) into lists; every config list was a tuple."""
+  """JSON turned the config's tuples (mesh.logical_axis_rules, eval.tasks) into lists; every config list was one."""
   if isinstance(value, dict):
     return {key: _lists_to_tuples(item) for key, item in value.items()}
   if isinstance(value, list):
@@ -54,35 +51,31 @@ def load_run_config(workdir):
   path = rundir.config_file(workdir)
   if not path.is_file():
     raise NotFoundError(f'{path} does not exist: {workdir} is not a perijax training workdir (perijax.train '
-                            'writes config.json there when it starts)')
+                        'writes config.json there when it starts)')
   try:
     stored = json.loads(path.read_text())
   except (OSError, ValueError) as error:
     raise config_lib.ConfigError(f'{path} cannot be read as JSON: {error}') from error
   if not isinstance(stored, dict) or not all(section in stored for section in ('model', 'train', 'data', 'eval')):
     raise config_lib.ConfigError(f'{path} is not a perijax config (it needs the sections model, train, data, eval)')
-  return ml_collections.ConfigDict(_upgrade(_lists_to_tuples(stored)))
-
-
-def _upgrade(stored):
-  """A config.json written before model.init and the norm-γ fields existed, in today's layout, meaning what it meant
-  then (a plain init of std model.init_std; γ from 1, learnable)."""
+  # A config.json written before model.init, the norm-γ fields and eval's packed_scoring and lm_eval_results existed,
+  # in today's layout, meaning what it meant then (init std model.init_std; γ from 1, learnable).
+  stored = _lists_to_tuples(stored)
   model = stored['model']
   if 'init_std' in model:
     model['init'] = {'std': model.pop('init_std'), 'depth_scaled_outputs': False}
   if 'norm' in model:
     model['norm'] = {'scale_init': 1.0, 'freeze_out_scale': False, **model['norm']}
-  return stored
+  stored['eval'] = {'packed_scoring': True, 'lm_eval_results': True, **stored['eval']}
+  return ml_collections.ConfigDict(stored)
 
 
 def apply_overrides(config, overrides):
-  """Applies `--config.a.b=value` strings (the `--config.` prefix optional) to the eval, data and mesh sections only:
-  they say where and how to evaluate, not what was trained."""
+  """Applies `--config.a.b=value` strings to the eval, data and mesh sections only: where and how to evaluate, not
+  what was trained."""
   config_lib.apply_overrides(config, overrides, sections=('eval', 'data', 'mesh'))
   return config
 
-
-# ---- the checkpoint ---------------------------------------------------------------------------------------------
 
 def _shapes(tree):
   """{path: (shape, dtype)} of a tree of arrays or of their metadata."""
@@ -90,60 +83,23 @@ def _shapes(tree):
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def stored_param_metadata(workdir, step):
-  """{path: (shape, dtype)} of the parameters in checkpoint `step`, read from its metadata (no array is loaded)."""
-  try:
-    metadata = ocp.PyTreeCheckpointer().metadata(rundir.checkpoint_state(workdir, step))
-    return _shapes(metadata.item_metadata.tree['params'])
-  except Exception as error:  # pylint: disable=broad-except  Orbax/tensorstore raise many kinds for a damaged file
-    raise checkpoint_lib.CheckpointError(
-        f'checkpoint {step} in {checkpoint_lib.checkpoint_dir(workdir)} cannot be read (truncated or corrupted?): '
-        f'{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ""}') from error
+def _unreadable(step, directory, verb, error):
+  """The CheckpointError for any of the many exceptions Orbax and TensorStore raise on a damaged file."""
+  first = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore details')[0][:300]
+  return checkpoint_lib.CheckpointError(f'checkpoint {step} in {directory} cannot be {verb} (truncated or '
+                                        f'corrupted?): {type(error).__name__}: {first}')
 
-
-def check_params_match(stored, abstract_params, step):
-  """The stored parameters must be exactly the ones the config builds: same names, shapes and dtypes."""
-  expected = _shapes(abstract_params)
-  problems = [f'{path} missing from the checkpoint' for path in expected if path not in stored]
-  problems += [f'{path} in the checkpoint but not built by the config' for path in stored if path not in expected]
-  problems += [f'{path}: checkpoint {stored[path][0]} {stored[path][1]}, config {shape} {dtype}'
-               for path, (shape, dtype) in expected.items() if path in stored and stored[path] != (shape, dtype)]
-  if problems:
-    raise checkpoint_lib.CheckpointError(
-        f'the config does not match the parameters stored in checkpoint {step}: {"; ".join(problems[:3])}'
-        + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '') + '; was config.json edited?')
-
-
-def restore_params(manager, step, abstract_params, shardings):
-  """The parameters of checkpoint `step` only (no optimizer state), each array laid out by `shardings`."""
-  target = {'params': checkpoint_lib.abstract_with_shardings(abstract_params, shardings)}
-  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                partial_restore=True)
-  try:
-    return manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
-  except Exception as error:  # pylint: disable=broad-except  a damaged file surfaces as any of several kinds
-    lines = str(error).strip().splitlines() or ['']
-    first = lines[0].split(' See full TensorStore details')[0][:300]
-    raise checkpoint_lib.CheckpointError(f'checkpoint {step} in {manager.directory} cannot be restored (truncated '
-                                         f'or corrupted?): {type(error).__name__}: {first}') from error
-
-
-# ---- the mesh ---------------------------------------------------------------------------------------------------
 
 def make_eval_mesh(config, model, devices=None):
-  """(mesh, abstract params, their shardings, a description): the stored mesh if it fits these devices, else data-only.
-
-  The fallback replicates the parameters on every device (fsdp = tensor = 1); a model too large for one device needs
-  an evaluation job with enough devices for the stored split.
-  """
+  """(mesh, abstract params, their shardings, a description): the stored mesh if it fits these devices, else data-only
+  (fsdp = tensor = 1: parameters replicated, so a model too large for one device needs the stored split's devices)."""
   devices = jax.devices() if devices is None else devices
   optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   fallback = ml_collections.ConfigDict(config.mesh.to_dict())
   fallback.update(data=-1, fsdp=1, tensor=1)
   batch_problem = None
-  candidates = ((config.mesh, 'the stored config.mesh'),
-                (fallback, 'data-parallel (the stored mesh does not fit these devices)'))
-  for mesh_config, kind in candidates:
+  for mesh_config, kind in ((config.mesh, 'the stored config.mesh'),
+                            (fallback, 'data-parallel (the stored mesh does not fit these devices)')):
     try:
       mesh = sharding_lib.make_mesh(mesh_config, devices)
       abstract, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
@@ -155,30 +111,24 @@ def make_eval_mesh(config, model, devices=None):
                        f'{ways} devices and of the {jax.process_count()} processes; pass '
                        f'--config.eval.batch_size=<a multiple of {math.lcm(ways, jax.process_count())}>')
       continue
-    description = f'{kind}: ' + ' x '.join(f'{axis} {mesh.shape[axis]}' for axis in sharding_lib.MESH_AXES)
-    return mesh, abstract.params, shardings.params, description
+    return mesh, abstract.params, shardings.params, f'{kind}: ' + ' x '.join(
+        f'{axis} {mesh.shape[axis]}' for axis in sharding_lib.MESH_AXES)
   raise sharding_lib.ShardingError(batch_problem or f'no evaluation mesh fits the {len(devices)} devices')
 
 
-# ---- the numbers ------------------------------------------------------------------------------------------------
-
 def aggregate_stats(per_batch):
-  """Model statistics ({name: [layers, 2]}) of several batches -> one set: variances averaged, RMS as the root of the
-  mean square, max |x| (and the largest attention logit) the maximum, float16 overflows summed, massive activations
-  the top-k of all batches (their median |x| averaged)."""
+  """Model statistics ({name: [layers, 2]}) of several batches as one: means averaged, RMS the root mean square, max
+  |x| (and attention logits) the maximum, float16 overflows summed, massive activations the top-k of all batches."""
   combined = {}
   for name in per_batch[0]:
     if '_massive_' in name:  # top-k values and where they sit: merged below
       continue
     values = np.stack([np.asarray(stats[name], np.float64) for stats in per_batch])
-    if name.endswith('_max_abs'):
-      combined[name] = values.max(axis=0)
-    elif name.endswith('_fp16_overflow'):
-      combined[name] = values.sum(axis=0)
-    elif name.endswith('_rms'):
+    if name.endswith('_rms'):
       combined[name] = np.sqrt(np.mean(np.square(values), axis=0))
     else:
-      combined[name] = values.mean(axis=0)
+      reduce = np.max if name.endswith('_max_abs') else np.sum if name.endswith('_fp16_overflow') else np.mean
+      combined[name] = reduce(values, axis=0)
   combined.update(stats_lib.merge_massive(per_batch))
   return combined
 
@@ -209,20 +159,16 @@ class Evaluator:
     # The data and every task's items are loaded now, so a missing dataset fails before any model runs.
     self.task_items = {name: tasks_lib.load_task_items(name, config.eval, config.data) for name in self.task_names}
     self.task_split_sizes = ({name: tasks_lib.split_size(name, config.eval, config.data) for name in self.task_names}
-                             if config.eval.get('lm_eval_results', True) else {})
+                             if config.eval.lm_eval_results else {})
     self.eval_batches = pipeline.make_eval_iterator(
-        config.data, self.tokenizer, split=config.data.eval_split,
-        batch_size=config.eval.batch_size // jax.process_count(), seq_len=config.train.seq_len,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        max_batches=config.data.eval_max_batches)
+        config.data, self.tokenizer, split=config.data.eval_split, seq_len=config.train.seq_len,
+        batch_size=config.eval.batch_size // jax.process_count(), process_index=jax.process_index(),
+        process_count=jax.process_count(), max_batches=config.data.eval_max_batches)
     if jax.process_count() > 1 and not config.data.eval_max_batches:  # every process runs the same number of steps
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       counts = multihost_utils.process_allgather(np.int32(self.eval_batches.count_batches()))
       self.eval_batches.pad_to_batches = int(np.max(counts))
     self.bytes_per_token = pipeline.bytes_per_token(config.data, self.tokenizer, config.data.eval_split)
-    self._build_functions()
-
-  def _build_functions(self):
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     model, loss_dtype = self.model, Precision.from_config(self.model.config).loss
@@ -234,8 +180,7 @@ class Evaluator:
       # hundreds of thousands of tokens is not limited by a float32 running sum.
       log_probs = jax.nn.log_softmax(logits.astype(loss_dtype), axis=-1)
       nll = -jnp.take_along_axis(log_probs, batch['targets'][..., None], axis=-1)[..., 0]
-      weights = batch['weights']
-      return jnp.sum(nll.astype(jnp.float32) * weights, axis=-1), jnp.sum(weights, axis=-1), stats
+      return jnp.sum(nll.astype(jnp.float32) * batch['weights'], axis=-1), jnp.sum(batch['weights'], axis=-1), stats
 
     def logprobs(params, inputs, positions, segment_ids):
       logits, _ = model.apply({'params': params}, inputs, positions, segment_ids)
@@ -245,24 +190,43 @@ class Evaluator:
     self._loss_and_stats = jax.jit(loss_and_stats, in_shardings=(self.param_shardings, self.batch_sharding),
                                    out_shardings=replicated)
     # Several processes each hold only part of a batch-sharded result; the scorer reads the whole one.
-    logprobs_out = self.batch_sharding if jax.process_count() == 1 else replicated
     self._logprobs = jax.jit(logprobs, in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 3,
-                             out_shardings=logprobs_out)
+                             out_shardings=self.batch_sharding if jax.process_count() == 1 else replicated)
 
-  def steps(self, reload=False):
-    if reload:
-      self.manager.reload()
+  def steps(self):
+    self.manager.reload()  # training may have written (or deleted) checkpoints since
     return list(self.manager.all_steps())
 
   def check_checkpoint(self, step):
-    """Raises CheckpointError if `step` is unreadable or its parameters are not the ones the config builds."""
+    """Raises CheckpointError if `step` is damaged or its parameters are not the names, shapes and dtypes the config
+    builds (read from its metadata: no array is loaded)."""
     checkpoint_lib.verify(self.manager.directory, step)  # DamagedCheckpointError: never evaluated into NaN
-    check_params_match(stored_param_metadata(self.workdir, step), self.abstract_params, step)
+    try:
+      metadata = ocp.PyTreeCheckpointer().metadata(rundir.checkpoint_state(self.workdir, step))
+      stored = _shapes(metadata.item_metadata.tree['params'])
+    except Exception as error:  # pylint: disable=broad-except
+      raise _unreadable(step, self.manager.directory, 'read', error) from error
+    expected = _shapes(self.abstract_params)
+    problems = [f'{path} missing from the checkpoint' for path in expected if path not in stored]
+    problems += [f'{path} in the checkpoint but not built by the config' for path in stored if path not in expected]
+    problems += [f'{path}: checkpoint {stored[path][0]} {stored[path][1]}, config {shape} {dtype}'
+                 for path, (shape, dtype) in expected.items() if path in stored and stored[path] != (shape, dtype)]
+    if problems:
+      raise checkpoint_lib.CheckpointError(
+          f'the config does not match the parameters stored in checkpoint {step}: {"; ".join(problems[:3])}'
+          + (f' (+{len(problems) - 3} more)' if len(problems) > 3 else '') + '; was config.json edited?')
 
   def restore(self, step):
+    """The parameters of checkpoint `step` only (no optimizer state), laid out by self.param_shardings."""
     self.check_checkpoint(step)
-    with jax.set_mesh(self.mesh):
-      return restore_params(self.manager, step, self.abstract_params, self.param_shardings)
+    target = {'params': checkpoint_lib.abstract_with_shardings(self.abstract_params, self.param_shardings)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+      with jax.set_mesh(self.mesh):
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+    except Exception as error:  # pylint: disable=broad-except
+      raise _unreadable(step, self.manager.directory, 'restored', error) from error
 
   def evaluate(self, step):
     """The result of checkpoint `step` (the keys of `evaluate_params`, plus step); writes nothing."""
@@ -286,7 +250,7 @@ class Evaluator:
       tasks = {name: scoring.score_multiple_choice(
           items, self.tokenizer, lambda *arrays: self._logprobs(params, *map(self._global, arrays)),
           batch_size=self.config.eval.batch_size, seq_len=self.config.train.seq_len, desc=name,
-          packed=self.config.eval.get('packed_scoring', True))
+          packed=self.config.eval.packed_scoring)
                for name, items in self.task_items.items()}
     loss = nll_sum / tokens
     return {'loss': loss, 'perplexity': _exp_or_inf(loss), 'bits_per_byte': loss / math.log(2) / self.bytes_per_token,
@@ -301,14 +265,9 @@ class Evaluator:
     return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
 
-# ---- the output -------------------------------------------------------------------------------------------------
-
 def write_result(workdir, result, lm_eval=None):
-  """WORKDIR/eval/step_N.json (written whole, then renamed into place) and TensorBoard scalars. Process 0 only.
-
-  `lm_eval=(config, task split sizes)` also writes the tasks' scores in lm-evaluation-harness's results format
-  (perijax/tasks/lm_eval_results.py) when config.eval.lm_eval_results is on.
-  """
+  """WORKDIR/eval/step_N.json (written whole, then renamed) and TensorBoard scalars, on process 0; `lm_eval=(config,
+  task split sizes)` also writes lm-eval's results file (perijax/tasks/lm_eval_results.py) if config.eval says so."""
   if jax.process_index() != 0:
     return
   path = rundir.eval_result(workdir, result['step'])
@@ -316,14 +275,13 @@ def write_result(workdir, result, lm_eval=None):
   temporary = path.parent / (path.name + '.tmp')
   temporary.write_text(json.dumps(result, indent=2) + '\n')
   temporary.replace(path)
-  if lm_eval and result['tasks'] and lm_eval[0].eval.get('lm_eval_results', True):
+  if lm_eval and result['tasks'] and lm_eval[0].eval.lm_eval_results:
     lm_eval_results.write(workdir, result, *lm_eval)
-  step = result['step']
+  tagged = {f'eval/{key}': result[key] for key in ('loss', 'perplexity', 'bits_per_byte')}
+  tagged |= {f'eval/{name}': value
+             for name, value in scalars({**result['layers'], **result.get('norm_scales', {})}).items()}
+  tagged |= {f'tasks/{name}/{metric}': scores[metric] for name, scores in result['tasks'].items()
+             for metric in ('acc', 'acc_norm')}
   with SummaryWriter(str(rundir.eval_tensorboard(workdir))) as writer:
-    for key in ('loss', 'perplexity', 'bits_per_byte'):
-      writer.add_scalar(f'eval/{key}', result[key], step)
-    for name, value in scalars({**result['layers'], **result.get('norm_scales', {})}).items():
-      writer.add_scalar(f'eval/{name}', value, step)
-    for name, scores in result['tasks'].items():
-      for metric in ('acc', 'acc_norm'):
-        writer.add_scalar(f'tasks/{name}/{metric}', scores[metric], step)
+    for tag, value in tagged.items():
+      writer.add_scalar(tag, value, result['step'])

@@ -4,9 +4,9 @@
     scoring.score_multiple_choice(items, tokenizer, logprobs_fn, batch_size=config.eval.batch_size,
                                   seq_len=config.train.seq_len)  # {'acc': 0.41, 'acc_norm': 0.43, 'n': 200}
 
-Tasks: the paper's five benchmarks (`paper_tasks.py`) and `next_line` on the embedded corpus (`next_line.py`).
-Scoring is `scoring.py`; `lm_eval_results.py` writes the scores in lm-eval's results format. lm-eval reports only
-`acc` for siqa and winogrande; `acc_norm` is still given for them, by lm-eval's own definition.
+Tasks: the paper's five benchmarks (`paper_tasks.py`) and `next_line` on the embedded corpus (`next_line.py`), scored
+by `scoring.py`; `lm_eval_results.py` writes lm-eval's results file. acc_norm is given for every task, siqa and
+winogrande included (lm-eval reports only acc for them), by lm-eval's definition.
 """
 
 from typing import Sequence
@@ -20,16 +20,14 @@ TASK_NAMES = ('next_line', 'arc_easy', 'hellaswag', 'piqa', 'siqa', 'winogrande'
 
 
 def validate_task_names(names: Sequence[str]) -> tuple[str, ...]:
-  """The names as a tuple; DataError naming any unknown one and listing the known."""
-  if isinstance(names, str):
-    names = (names,)
+  """The names as a tuple; DataError naming any unknown or repeated one."""
+  names = (names,) if isinstance(names, str) else tuple(names)
   unknown = [name for name in names if name not in TASK_NAMES]
   if unknown:
-    raise DataError(f'unknown task(s) {", ".join(repr(name) for name in unknown)}; '
-                    f'known tasks: {", ".join(TASK_NAMES)}')
+    raise DataError(f'unknown task(s) {", ".join(map(repr, unknown))}; known tasks: {", ".join(TASK_NAMES)}')
   if len(set(names)) != len(names):
     raise DataError(f'tasks repeated in {list(names)}')
-  return tuple(names)
+  return names
 
 
 def _paper_task_documents(name: str, eval_config, data_config):

@@ -1,15 +1,10 @@
-"""perijax's zero-shot scores as lm-evaluation-harness (lm-eval) writes them, so lm-eval's tooling reads them.
-
-    path = write(workdir, result, config, split_sizes)
-    # WORKDIR/eval/lm_eval/<run>__step_<N>/results_<date>.json
+"""perijax's zero-shot scores as lm-evaluation-harness (lm-eval) writes them, so lm-eval's tooling reads them:
+WORKDIR/eval/lm_eval/<run>__step_<N>/results_<date>.json.
 
 The layout is lm-eval's `EvaluationTracker.save_results_aggregated` (`lm_eval/loggers/evaluation_tracker.py`):
-`<output_path>/<model_name_sanitized>/results_<datetime.now().isoformat() with ':' -> '-'>.json`, the model name
-being `<run>/step_<N>` ('/' -> '__', as lm-eval's `sanitize_model_name` does). The keys are those of
-`lm_eval.evaluator.simple_evaluate`'s return value: `results` (per task `"<metric>,none"`, `"<metric>_stderr,none"`,
-`alias`), `configs`, `versions`, `n-shot`, `higher_is_better`, `n-samples` (`original`: documents in the split,
-`effective`: documents scored), `config`, plus the tracker's model name and times. Each task lists the metrics lm-eval's
-own task YAML lists: acc and acc_norm, or only acc for siqa (lm-eval's `social_iqa`) and winogrande.
+`<output_path>/<model name, '/' -> '__' (sanitize_model_name)>/results_<datetime.now().isoformat(), ':' -> '-'>.json`.
+The keys are those of `lm_eval.evaluator.simple_evaluate`'s return value plus the tracker's model name and times;
+each task lists the metrics of lm-eval's own task YAML (acc only for siqa, lm-eval's `social_iqa`, and winogrande).
 """
 
 import datetime
@@ -42,42 +37,32 @@ TASKS = {
 
 
 def accuracy_stderr(acc, n):
-  """lm-eval's standard error of acc over n documents; "N/A" for one document, as lm-eval writes it.
-
-  lm-eval `lm_eval/api/metrics.py` mean_stderr(scores) = sample_stddev(scores) / sqrt(n), the sample standard deviation
-  with n - 1 in its denominator. For n scores of 0 or 1 with mean acc that is sqrt(acc (1 - acc) / (n - 1)).
-  """
+  """lm-eval's standard error of acc over n documents, "N/A" for one: `lm_eval/api/metrics.py` mean_stderr, the sample
+  standard deviation (n - 1 in its denominator) over sqrt(n), for n scores of 0 or 1 sqrt(acc (1 - acc) / (n - 1))."""
   if n < 2:
     return 'N/A'
   return math.sqrt(max(acc * (1.0 - acc), 0.0) / (n - 1))
 
 
-def task_config(name, max_examples):
-  lm_eval_name, version, metrics, path, dataset_name, split, text, target, choice = TASKS[name]
-  return {
-      'task': lm_eval_name, 'dataset_path': path, 'dataset_name': dataset_name,
-      ('test_split' if split == 'test' else 'validation_split'): split,
-      'doc_to_text': text, 'doc_to_target': target, 'doc_to_choice': choice, 'description': '',
-      'target_delimiter': ' ', 'fewshot_delimiter': '\n\n', 'num_fewshot': 0, 'output_type': 'multiple_choice',
-      'metric_list': [{'metric': metric, 'aggregation': 'mean', 'higher_is_better': True} for metric in metrics],
-      'repeats': 1, 'should_decontaminate': False,
-      'metadata': {'version': version, 'scored_by': 'perijax (perijax/tasks, docs/evaluation.md)',
-                   'limit': max_examples or None},
-  }
-
-
-def results_file(workdir, result, config, split_sizes, model_name=None):
-  """The dict lm-eval would write for `result` (evaluation's step_N.json dict) and return its model name."""
-  model_name = model_name or f'{os.path.basename(os.path.abspath(workdir))}/step_{result["step"]}'
+def results_file(workdir, result, config, split_sizes):
+  """The dict lm-eval would write for `result` (evaluation's step_N.json dict)."""
+  model_name = f'{os.path.basename(os.path.abspath(workdir))}/step_{result["step"]}'
   results, configs, versions, higher, samples = {}, {}, {}, {}, {}
   for name, scores in result['tasks'].items():
-    lm_eval_name, version, metrics = TASKS[name][:3]
-    entry = {'alias': lm_eval_name}
+    lm_eval_name, version, metrics, path, dataset_name, split, text, target, choice = TASKS[name]
+    results[lm_eval_name] = {'alias': lm_eval_name}
     for metric in metrics:
-      entry[f'{metric},none'] = scores[metric]
-      entry[f'{metric}_stderr,none'] = accuracy_stderr(scores[metric], scores['n'])
-    results[lm_eval_name] = entry
-    configs[lm_eval_name] = task_config(name, config.eval.max_examples)
+      results[lm_eval_name] |= {f'{metric},none': scores[metric],
+                                f'{metric}_stderr,none': accuracy_stderr(scores[metric], scores['n'])}
+    configs[lm_eval_name] = {
+        'task': lm_eval_name, 'dataset_path': path, 'dataset_name': dataset_name,
+        ('test_split' if split == 'test' else 'validation_split'): split,
+        'doc_to_text': text, 'doc_to_target': target, 'doc_to_choice': choice, 'description': '',
+        'target_delimiter': ' ', 'fewshot_delimiter': '\n\n', 'num_fewshot': 0, 'output_type': 'multiple_choice',
+        'metric_list': [{'metric': metric, 'aggregation': 'mean', 'higher_is_better': True} for metric in metrics],
+        'repeats': 1, 'should_decontaminate': False,
+        'metadata': {'version': version, 'scored_by': 'perijax (perijax/tasks, docs/evaluation.md)',
+                     'limit': config.eval.max_examples or None}}
     versions[lm_eval_name] = version
     higher[lm_eval_name] = {metric: True for metric in metrics}
     samples[lm_eval_name] = {'original': split_sizes.get(name, scores['n']), 'effective': scores['n']}
@@ -98,13 +83,12 @@ def results_file(workdir, result, config, split_sizes, model_name=None):
       'start_time': start, 'end_time': end, 'total_evaluation_time_seconds': str(end - start),
       'perijax': {'step': result['step'], 'loss': result.get('loss'), 'perplexity': result.get('perplexity'),
                   'bits_per_byte': result.get('bits_per_byte'),
-                  'packed_scoring': config.eval.get('packed_scoring', True)},
+                  'packed_scoring': config.eval.packed_scoring},
   }
 
 
 def write(workdir, result, config, split_sizes):
-  """WORKDIR/eval/lm_eval/<run>__step_<N>/results_<date>.json (written whole, then renamed); returns its path.
-  Through `perijax.rundir`, so an object-store workdir (gs://) works as for eval/step_N.json."""
+  """Writes the results file (whole, then renamed; through `perijax.rundir`, so gs:// works); returns its path."""
   contents = results_file(workdir, result, config, split_sizes)
   directory = rundir.eval_dir(workdir) / 'lm_eval' / contents['model_name_sanitized']
   directory.mkdir(parents=True, exist_ok=True)

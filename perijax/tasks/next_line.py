@@ -1,28 +1,17 @@
-"""`next_line`: an in-domain multiple-choice task built from the embedded corpus's test split.
+"""`next_line`: an in-domain multiple-choice task built from the embedded corpus's test split, so the default
+(Shakespeare and Milton) gets an accuracy table like the paper's benchmarks, scored the same lm-eval way.
 
-Given a passage of a play or poem, choose its true next line among four lines of the same work. It gives the embedded
-default (Shakespeare and Milton) an accuracy table like the paper's benchmarks, scored the same lm-eval way.
-
-How items are built, deterministically from the data alone (no model, seq_len or tokenizer enters):
-- each work's non-blank lines, in order (passages sorted by `passage_index`, each split into lines, trailing whitespace
-  removed, leading indentation kept as the text has it);
-- the work's lines are cut into windows of `CONTEXT_LINES + 1` consecutive lines: the last is the true next line, the
-  ones before it are the context, dropped from the front until the context is at most `MAX_CONTEXT_CHARS` characters
-  (lines are joined with "\\n"; a window whose true line is over `MAX_LINE_CHARS`, or with no context line that fits,
-  is skipped);
-- three distractors are distinct lines of the same work (at most `MAX_LINE_CHARS` characters) other than the true line,
-  drawn among the `DISTRACTOR_POOL` lines closest to it in length (so that length alone does not give the answer
-  away), with a numpy Generator seeded by SHA-256 of "work:line index"; the same Generator places the true line among
-  the four;
-- the continuation of each choice is "\\n" + line (the line break the text itself has there; the target delimiter " "
-  of lm-eval's benchmarks would be out of place in verse); acc_norm divides by the line's length without the "\\n";
-- works are interleaved (first item of every work in name order, then the second, ...) so that the first N items, as
-  config.eval.max_examples takes them, span the corpus.
-Chance is 25% (acc and acc_norm alike).
+Given up to CONTEXT_LINES lines of a play or poem (at most MAX_CONTEXT_CHARS, joined by "\\n"), choose the true next
+line among four lines of the same work. Items come from the data alone (no model, seq_len or tokenizer): each work's
+non-blank lines in order, cut into windows of CONTEXT_LINES + 1; three distinct distractors of at most MAX_LINE_CHARS
+drawn near the true line's length, by a Generator seeded from the work and the line. A choice's continuation is
+"\\n" + line (the text's own line break; lm-eval's " " would be out of place in verse); acc_norm divides by the line's
+length. Works are interleaved, so the first config.eval.max_examples items span the corpus. Chance is 25%.
 """
 
 import collections
 import hashlib
+import itertools
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -42,21 +31,12 @@ DISTRACTOR_POOL = 12     # distractors are drawn among this many lines of the wo
 
 
 def work_lines(examples: Iterable[dict]) -> dict[str, list[str]]:
-  """Each work's non-blank lines in order, from examples with `text`, `work` and `passage_index`."""
+  """Each work's non-blank lines in order (passages by `passage_index`; trailing blanks removed, indentation kept)."""
   passages = collections.defaultdict(list)
   for example in examples:
     passages[as_text(example['work'])].append((int(example['passage_index']), as_text(example['text'])))
-  lines = {}
-  for work, work_passages in passages.items():
-    work_passages.sort(key=lambda passage: passage[0])
-    lines[work] = [line.rstrip() for _, text in work_passages for line in text.split('\n') if line.strip()]
-  return lines
-
-
-def _rng(work: str, line_index: int) -> np.random.Generator:
-  """A Generator that depends only on the work's name and the position (Python's hash() is salted per process)."""
-  digest = hashlib.sha256(f'{work}:{line_index}'.encode('utf-8')).digest()
-  return np.random.default_rng(int.from_bytes(digest[:8], 'little'))
+  return {work: [line.rstrip() for _, text in sorted(work_passages) for line in text.split('\n') if line.strip()]
+          for work, work_passages in passages.items()}
 
 
 def work_items(work: str, lines: Sequence[str]) -> list[MultipleChoiceItem]:
@@ -72,16 +52,16 @@ def work_items(work: str, lines: Sequence[str]) -> list[MultipleChoiceItem]:
       context_lines.pop(0)
     if len(true_line) > MAX_LINE_CHARS or not context_lines:
       continue
-    rng = _rng(work, target)
+    seed = hashlib.sha256(f'{work}:{target}'.encode('utf-8')).digest()[:8]  # not hash(): it is salted per process
+    rng = np.random.default_rng(int.from_bytes(seed, 'little'))
     # Distractors of about the true line's length: otherwise a model that only counts tokens (constant logits pick
-    # the shortest choice) beats chance. Drawn among the DISTRACTOR_POOL lines closest in length.
-    others = sorted((line for line in pool if line != true_line), key=lambda line: abs(len(line) - len(true_line)))
-    nearest = others[:DISTRACTOR_POOL]
+    # the shortest choice) beats chance.
+    nearest = sorted((line for line in pool if line != true_line),
+                     key=lambda line: abs(len(line) - len(true_line)))[:DISTRACTOR_POOL]
     choices = [nearest[index] for index in rng.choice(len(nearest), size=NUM_CHOICES - 1, replace=False)]
     gold = int(rng.integers(NUM_CHOICES))
     choices.insert(gold, true_line)
-    context = '\n'.join(context_lines)
-    items.append(MultipleChoiceItem(requests=tuple((context, '\n' + choice) for choice in choices),
+    items.append(MultipleChoiceItem(requests=tuple(('\n'.join(context_lines), '\n' + choice) for choice in choices),
                                     choice_texts=tuple(choices), gold=gold))
   return items
 
@@ -89,10 +69,7 @@ def work_items(work: str, lines: Sequence[str]) -> list[MultipleChoiceItem]:
 def build_items(examples: Iterable[dict]) -> list[MultipleChoiceItem]:
   """All items of the corpus split, works interleaved in name order."""
   per_work = [work_items(work, lines) for work, lines in sorted(work_lines(examples).items())]
-  interleaved = []
-  for rank in range(max((len(items) for items in per_work), default=0)):
-    interleaved.extend(items[rank] for items in per_work if rank < len(items))
-  return interleaved
+  return [item for rank in itertools.zip_longest(*per_work) for item in rank if item is not None]
 
 
 def read_corpus_test_split(data_dir: str | None) -> Sequence[dict]:

@@ -3,16 +3,10 @@
     docs = read('hellaswag', data_dir, jsonl_path)       # the evaluated split, as a random-access data source
     items = take_items('hellaswag', docs, max_examples)   # lm-eval's zero-shot requests, the first max_examples
 
-`read` goes through `tfds.data_source`, which needs no TensorFlow and never downloads: ARC-Easy, PIQA and Winogrande
-as the TFDS catalog has them; HellaSwag and SIQA from the original JSONL release files, prepared (once) into the data
-dir by the small TFDS builders below. TFDS's `hellaswag` keeps only the joined `ctx`, from which lm-eval's
-`ctx_a + " " + ctx_b.capitalize()` cannot be rebuilt, and Social IQa is not in the catalog at all. Each distinct
-source file gets its own builder config, named after its content's SHA-256, so a prepared copy is reused only for the
-same bytes; examples keep the file's order.
-
-Each `*_item(doc)` turns one document into a `MultipleChoiceItem` with lm-eval's zero-shot prompt (no description, no
-few-shot examples, target delimiter " "); the YAML each follows is named beside it (lm-eval `lm_eval/tasks/...`,
-snapshot 4e7e0d47).
+Documents come through `tfds.data_source` (no TensorFlow, never downloads): the TFDS catalog's ARC-Easy, PIQA and
+Winogrande, and HellaSwag and SIQA prepared from their original JSONL files by the builders below (docs/evaluation.md,
+"Where the data comes from", says why). Each `*_item(doc)` is lm-eval's zero-shot prompt, following the task YAML
+named beside it (lm-eval `lm_eval/tasks/...`, snapshot 4e7e0d47).
 """
 
 import dataclasses
@@ -31,8 +25,6 @@ from perijax.tasks.scoring import MultipleChoiceItem
 TARGET_DELIMITER = ' '  # lm-eval `lm_eval/config/task.py`: target_delimiter defaults to " "
 
 
-# ---- prompts ------------------------------------------------------------------------------------------------------
-
 def as_text(value) -> str:
   """TFDS Text features are bytes from a prepared data source and str under `tfds.testing.mock_data`."""
   if isinstance(value, np.ndarray):
@@ -47,13 +39,9 @@ def _choices_item(context: str, choices: Sequence[str], gold: int) -> MultipleCh
 
 
 def arc_item(doc: dict) -> MultipleChoiceItem:
-  """lm-eval `arc/arc_easy.yaml`: "Question: {{question}}\\nAnswer:", choices.text, gold = label.index(answerKey).
-
-  TFDS maps ARC's numeric labels "1".."5" to A..E (ClassLabel ints) for both answerKey and the choice labels, so the
-  position of answerKey among the choice labels is lm-eval's gold.
-  """
-  labels = [int(label) for label in doc['choices']['label']]
-  answer = int(doc['answerKey'])
+  """lm-eval `arc/arc_easy.yaml`: "Question: {{question}}\\nAnswer:", choices.text, gold = label.index(answerKey)
+  (TFDS maps ARC's labels "1".."5" to A..E in both alike, so the position is lm-eval's)."""
+  labels, answer = [int(label) for label in doc['choices']['label']], int(doc['answerKey'])
   if answer not in labels:
     raise DataError(f'ARC document {as_text(doc.get("id", "?"))!r}: answerKey {answer} is not among its choice '
                     f'labels {labels}')
@@ -63,16 +51,15 @@ def arc_item(doc: dict) -> MultipleChoiceItem:
 
 def hellaswag_preprocess(text: str) -> str:
   """lm-eval `hellaswag/utils.py` preprocess, in order: strip, " [title]" -> ". ", drop "[...]", "  " -> " " once."""
-  text = text.strip().replace(' [title]', '. ')
-  return re.sub('\\[.*?\\]', '', text).replace('  ', ' ')
+  return re.sub('\\[.*?\\]', '', text.strip().replace(' [title]', '. ')).replace('  ', ' ')
 
 
 def hellaswag_item(doc: dict) -> MultipleChoiceItem:
   """lm-eval `hellaswag/hellaswag.yaml` + `utils.py` process_docs: query = preprocess(activity_label + ": " + ctx_a +
   " " + ctx_b.capitalize()) (Python's capitalize also lowercases the rest), choices = preprocess(ending) each."""
-  context = as_text(doc['ctx_a']) + ' ' + as_text(doc['ctx_b']).capitalize()
-  query = hellaswag_preprocess(as_text(doc['activity_label']) + ': ' + context)
-  return _choices_item(query, [hellaswag_preprocess(as_text(ending)) for ending in doc['endings']], int(doc['label']))
+  context = as_text(doc['activity_label']) + ': ' + as_text(doc['ctx_a']) + ' ' + as_text(doc['ctx_b']).capitalize()
+  endings = [hellaswag_preprocess(as_text(ending)) for ending in doc['endings']]
+  return _choices_item(hellaswag_preprocess(context), endings, int(doc['label']))
 
 
 def piqa_item(doc: dict) -> MultipleChoiceItem:
@@ -90,18 +77,14 @@ def siqa_item(doc: dict) -> MultipleChoiceItem:
 
 
 def winogrande_item(doc: dict) -> MultipleChoiceItem:
-  """lm-eval `winogrande/default.yaml` + `preprocess_winogrande.py`: partial evaluation.
-
-  Each option fills the blank to make a context, `sentence[:idx] + option`; both are scored on the same continuation,
-  " " + the text after the blank, stripped. Gold = TFDS label (ClassLabel ['1', '2'], so 0 means option1). lm-eval
-  reports `acc` only; its `choices` (the acc_norm lengths) are the two contexts.
-  """
+  """lm-eval `winogrande/default.yaml` + `preprocess_winogrande.py`, partial evaluation: each option fills the blank,
+  `sentence[:idx] + option`, both contexts scored on " " + the stripped rest; they are also the choices (acc_norm's
+  lengths). Gold = TFDS label (ClassLabel ['1', '2']: 0 is option1)."""
   sentence = as_text(doc['sentence'])
   blank = sentence.index('_')
-  suffix = sentence[blank + 1:].strip()
-  contexts = [sentence[:blank] + as_text(doc['option1']), sentence[:blank] + as_text(doc['option2'])]
-  return MultipleChoiceItem(requests=tuple((context, TARGET_DELIMITER + suffix) for context in contexts),
-                            choice_texts=tuple(contexts), gold=int(doc['label']))
+  contexts = tuple(sentence[:blank] + as_text(doc[option]) for option in ('option1', 'option2'))
+  return MultipleChoiceItem(requests=tuple((context, TARGET_DELIMITER + sentence[blank + 1:].strip())
+                                           for context in contexts), choice_texts=contexts, gold=int(doc['label']))
 
 
 ITEM = {'arc_easy': arc_item, 'hellaswag': hellaswag_item, 'piqa': piqa_item, 'siqa': siqa_item,
@@ -109,44 +92,30 @@ ITEM = {'arc_easy': arc_item, 'hellaswag': hellaswag_item, 'piqa': piqa_item, 's
 
 
 def take_items(task: str, docs: Sequence[dict], max_examples: int) -> list[MultipleChoiceItem]:
-  """The items of the first `max_examples` documents (0 = all) in the data source's order, fixed once prepared.
-
-  TFDS's catalog datasets are stored in a hashed order, not the source file's (HellaSwag and SIQA keep the file's), so
-  a partial run covers different documents than `lm_eval --limit N`; over the whole split the accuracies agree.
-  """
+  """The items of the first `max_examples` documents (0 = all) in the data source's order: for the catalog datasets a
+  hashed one, so not the documents of `lm_eval --limit N` (over the whole split the accuracies agree)."""
   count = len(docs) if max_examples <= 0 else min(max_examples, len(docs))
   if count == 0:
     raise DataError(f"task '{task}': the evaluated split has no documents")
   return [ITEM[task](docs[index]) for index in range(count)]
 
 
-# ---- documents ----------------------------------------------------------------------------------------------------
-
 # task -> (TFDS name, evaluated split); lm-eval evaluates ARC's test split, the others' validation (dev) split.
 CATALOG = {'arc_easy': ('ai2_arc/ARC-Easy', 'test'), 'piqa': ('piqa', 'validation'),
            'winogrande': ('winogrande', 'validation')}
-# task -> (its config field, the original file it names); both originals are dev sets, prepared as 'validation'.
-ORIGINAL = {
-    'hellaswag': ('config.eval.hellaswag_path', 'hellaswag_val.jsonl from https://github.com/rowanz/hellaswag (data/)'),
-    'siqa': ('config.eval.siqa_path',
-             'dev.jsonl (with dev-labels.lst beside it) from the Social IQa v1.4 release (socialiqa.zip)'),
-}
 
 
 def read(task: str, data_dir: str | None, jsonl_path: str = '') -> Sequence[dict]:
-  """The documents of `task`'s evaluated split, one of the five; `jsonl_path` is the original file (hellaswag, siqa).
-
-  Catalog datasets must be prepared (array_record) beforehand: one clear error names the dataset, split and data dir
-  if not. An original JSONL file is checked, then prepared into `data_dir` the first time it is read.
-  """
-  if task in ORIGINAL:
-    field, where_to_get = ORIGINAL[task]
+  """The documents of `task`'s evaluated split; `jsonl_path` is the original file (hellaswag, siqa), checked and
+  prepared into `data_dir` the first time it is read. Catalog datasets must have been prepared (array_record)."""
+  if task in ('hellaswag', 'siqa'):
+    builder_class = HellaswagOriginal if task == 'hellaswag' else SiqaOriginal
+    field, where_to_get = builder_class.CONFIG_FIELD, builder_class.SOURCE
     if not jsonl_path:
       raise NotFoundError(f"task '{task}' reads the original JSONL file, and none is given: set {field} to "
                           f'{where_to_get}')
     if not os.path.isfile(jsonl_path):
       raise NotFoundError(f"task '{task}': {field}={jsonl_path!r} is not a file; it should be {where_to_get}")
-    builder_class = HellaswagOriginal if task == 'hellaswag' else SiqaOriginal
     builder = builder_class(source_path=jsonl_path, data_dir=data_dir or None)
     if not builder.is_prepared():
       builder_class.read_source(jsonl_path)  # bad content fails here, before anything is written
@@ -173,35 +142,21 @@ def tfds_split(task: str, name: str, split: str, data_dir: str | None, how_to_pr
     ) from error
 
 
-# ---- the builders of the two original JSONL files -------------------------------------------------------------------
-
 @dataclasses.dataclass(eq=False)
 class SourceFileConfig(tfds.core.BuilderConfig):
-  """A builder config that carries the original file to prepare from."""
   source_path: str = ''
 
 
 def siqa_labels_path(jsonl_path: str) -> str:
-  """The original release keeps the labels beside the questions: `dev.jsonl` -> `dev-labels.lst`."""
+  """The original release's labels file: `dev.jsonl` -> `dev-labels.lst`."""
   return os.path.splitext(jsonl_path)[0] + '-labels.lst'
-
-
-def source_config(source_path: str) -> SourceFileConfig:
-  """The builder config for one source file: named after the SHA-256 of its bytes (and of its labels file, if any)."""
-  digest = hashlib.sha256()
-  for path in (source_path, siqa_labels_path(source_path)):
-    if os.path.isfile(path):
-      with open(path, 'rb') as file:
-        digest.update(file.read())
-  return SourceFileConfig(name=f'sha256_{digest.hexdigest()[:16]}', source_path=os.path.abspath(source_path),
-                          description=f'prepared from {os.path.abspath(source_path)}')
 
 
 def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
   """One JSON object per non-blank line, each with `fields`; DataError naming the line otherwise."""
+  docs = []
   with open(path, encoding='utf-8') as file:
     lines = [line for line in file if line.strip()]
-  docs = []
   for number, line in enumerate(lines, start=1):
     try:
       docs.append(json.loads(line))
@@ -214,22 +169,29 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
 
 
 class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Prepares the validation split from the file its config names, into array_record, in the file's order; a
-  subclass gives the FEATURES and `read_source(path)`, the file's examples, checked (DataError naming what is wrong)."""
+  """Prepares the validation split (both originals are dev sets), in the file's order, from the file its config names;
+  a subclass gives FEATURES, CONFIG_FIELD and SOURCE (where to get the file) and `read_source(path)`, the file's
+  examples, checked (DataError naming what is wrong)."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Prepared from the original JSONL release.'}
   FEATURES = {}
 
   def __init__(self, *, source_path: str = '', **kwargs):
     if source_path:  # else TFDS is rebuilding an unpickled builder from its own (data_dir, config, version)
-      kwargs['config'] = source_config(source_path)
+      digest = hashlib.sha256()  # a config per content (with its labels file, if any): reused only for the same bytes
+      for path in (source_path, siqa_labels_path(source_path)):
+        if os.path.isfile(path):
+          with open(path, 'rb') as file:
+            digest.update(file.read())
+      kwargs['config'] = SourceFileConfig(name=f'sha256_{digest.hexdigest()[:16]}',
+                                          source_path=os.path.abspath(source_path),
+                                          description=f'prepared from {os.path.abspath(source_path)}')
     super().__init__(**{'file_format': 'array_record', **kwargs})
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls):
-    # Nothing is downloaded, so there is no checksums file to find beside the code; TFDS's own lookup of it touches
-    # `importlib_resources`, which is not installed (TFDS imports it lazily), for any builder that lives in a package.
+    # No checksums file to find (nothing is downloaded); TFDS's lookup of it needs the uninstalled importlib_resources.
     return None
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -245,6 +207,8 @@ class _OriginalJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
 class HellaswagOriginal(_OriginalJsonlBuilder):
   """HellaSwag validation from `hellaswag_val.jsonl`, with the fields lm-eval's prompt needs (ctx_a, ctx_b apart)."""
+  CONFIG_FIELD = 'config.eval.hellaswag_path'
+  SOURCE = 'hellaswag_val.jsonl from https://github.com/rowanz/hellaswag (data/)'
   FEATURES = {'ind': tfds.features.Scalar(dtype=np.int64), 'activity_label': tfds.features.Text(),
               'ctx_a': tfds.features.Text(), 'ctx_b': tfds.features.Text(),
               'endings': tfds.features.Sequence(tfds.features.Text()), 'label': tfds.features.Scalar(dtype=np.int32),
@@ -261,6 +225,8 @@ class HellaswagOriginal(_OriginalJsonlBuilder):
 class SiqaOriginal(_OriginalJsonlBuilder):
   """Social IQa validation from v1.4's `dev.jsonl` (context, question, answerA/B/C) and the labels "1".."3": a `label`
   field on each line (e.g. an export of the HF dataset), else the release's separate labels file `dev-labels.lst`."""
+  CONFIG_FIELD = 'config.eval.siqa_path'
+  SOURCE = 'dev.jsonl (with dev-labels.lst beside it) from the Social IQa v1.4 release (socialiqa.zip)'
   ANSWER_FIELDS = ('context', 'question', 'answerA', 'answerB', 'answerC')
   # The label stays "1".."3" as the release has it; lm-eval's gold is label - 1.
   FEATURES = {field: tfds.features.Text() for field in ANSWER_FIELDS + ('label',)}
@@ -270,23 +236,17 @@ class SiqaOriginal(_OriginalJsonlBuilder):
     docs = _read_jsonl(path, cls.ANSWER_FIELDS)
     labels = [doc.get('label') for doc in docs]
     if any(label is None for label in labels):
-      labels = _read_siqa_labels(path, len(docs))
-    examples = []
-    for line, (doc, label) in enumerate(zip(docs, labels)):
-      label = str(label).strip()
+      labels_path = siqa_labels_path(path)
+      if not os.path.isfile(labels_path):
+        raise NotFoundError(f'{path} has no "label" field, and its labels file {labels_path} (as the original Social '
+                            'IQa release ships them: dev.jsonl + dev-labels.lst) is missing')
+      with open(labels_path, encoding='utf-8') as file:
+        labels = [line.strip() for line in file if line.strip()]
+      if len(labels) != len(docs):
+        raise DataError(f'{labels_path} has {len(labels)} labels for the {len(docs)} documents of {path}')
+    labels = [str(label).strip() for label in labels]
+    for line, label in enumerate(labels, start=1):
       if label not in ('1', '2', '3'):
-        raise DataError(f'{path}: document {line + 1} has label {label!r}; Social IQa labels are "1", "2" or "3"')
-      examples.append({field: doc[field] for field in cls.ANSWER_FIELDS} | {'label': label})
-    return examples
+        raise DataError(f'{path}: document {line} has label {label!r}; Social IQa labels are "1", "2" or "3"')
+    return [{field: doc[field] for field in cls.ANSWER_FIELDS} | {'label': label} for doc, label in zip(docs, labels)]
 
-
-def _read_siqa_labels(jsonl_path: str, count: int) -> list[str]:
-  labels_path = siqa_labels_path(jsonl_path)
-  if not os.path.isfile(labels_path):
-    raise NotFoundError(f'{jsonl_path} has no "label" field, and its labels file {labels_path} (as the original '
-                        'Social IQa release ships them: dev.jsonl + dev-labels.lst) is missing')
-  with open(labels_path, encoding='utf-8') as file:
-    labels = [line.strip() for line in file if line.strip()]
-  if len(labels) != count:
-    raise DataError(f'{labels_path} has {len(labels)} labels for the {count} documents of {jsonl_path}')
-  return labels
