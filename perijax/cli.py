@@ -13,8 +13,8 @@ and exit with status 1; any other exception is a bug and keeps its traceback.
 
 import os
 import sys
+import tempfile
 import threading
-import uuid
 
 from absl import app, flags
 
@@ -79,17 +79,15 @@ def config_and_overrides():
 def check_writable_dir(path, what='--workdir'):
   """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it)
   before anything expensive starts; creates nothing."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ArgumentError(f'{what}={path} is a file; expected a directory (new or existing)')
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    where = '' if existing == os.path.abspath(path) else f': {existing}'
-    raise ArgumentError(f'{what}={path}{where} is a file; expected a directory (new or existing)')
-  probe = os.path.join(existing, f'.perijax_write_probe_{uuid.uuid4().hex}')
+    raise ArgumentError(f'{what}={path}: {existing} is a file; expected a directory (new or existing)')
   try:
-    with open(probe, 'w') as f:
-      f.write('probe')
-    os.remove(probe)
+    tempfile.TemporaryFile(dir=existing).close()   # deleted as it closes (or never named: O_TMPFILE)
   except OSError as error:
     raise ArgumentError(f'{what}={path} is not writable ({existing}: {error.strerror or error}); expected a directory '
                         'this user can write to') from None

@@ -50,7 +50,6 @@ class ConfigError(UserError, ValueError):
 
 
 def _fail(field, value, allowed):
-  """Raises the one message of a bad field: its value and what is allowed."""
   raise ConfigError(f'config.{field} = {value!r} is not allowed: {allowed}')
 
 

@@ -1,13 +1,11 @@
 r"""The README's demo: tiny Pre-LN, Peri-LN and Post-LN models, each trained, then evaluated by the separate
-evaluation script, compared side by side.
+evaluation script, compared side by side (`bash experiments/demo.sh` sets up .venv and the corpus, then runs it).
 
-    bash experiments/demo.sh          # sets up .venv and the embedded corpus, then runs:
     python -m perijax.demo --root=runs/demo [--config=configs/tiny.py] [--placements=pre,peri,post] [--config.a.b=v]
 
-One `perijax.sweep` grid over `model.norm.placement`, one run per placement in ROOT/placement=<name>,seed=0/; a run
-already evaluated is skipped, so after an interruption the same command picks up where it stopped. Then the
-`perijax.report` report (per-layer residual variance, max |x| and float16 headroom; the growth-law fit; the Table-1
-comparison) is printed and written with its plots: ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
+One `perijax.sweep` grid over `model.norm.placement` (ROOT/placement=<name>,seed=0/): a run already evaluated is
+skipped, so after an interruption the same command picks up where it stopped. Then the `perijax.report` report is
+printed and written with its plots: ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
 """
 
 import json

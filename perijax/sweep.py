@@ -1,18 +1,15 @@
 r"""Sweeps a grid of config overrides × seeds: runs it here, prints one command per run, or writes (and submits) a
 SLURM array job or the `gcloud` commands of a TPU pod slice for it (README, "Experiments, sweeps and inspection").
 
-    python -m perijax.sweep --config=configs/tiny.py \
-        --sweep=model.norm.placement=pre,peri,post --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep
-    python -m perijax.sweep ... --print      # one `perijax.train && perijax.evaluate` line per run, for a scheduler
-    python -m perijax.sweep ... --launcher=slurm [--submit] [--partition=P --time=12:00:00 --gpus=1]
-    python -m perijax.sweep ... --launcher=tpu_vm --tpu=NAME --zone=ZONE   # gcloud commands, one per run
+    python -m perijax.sweep --config=configs/tiny.py --sweep=model.norm.placement=pre,peri,post \
+        --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep [--print | --launcher=slurm | --launcher=tpu_vm]
 
-`--config.a.b=value` fixes a field for every run; every swept field and value is checked against the config before
-anything runs. Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,
-seed=1`); ROOT/sweep.json lists the runs, their overrides and how each went. A run is finished when
-`eval/step_{train.steps}.json` exists: finished runs are skipped, others started again (the trainer resumes from their
-checkpoints); a failed run is recorded and the sweep goes on. The launchers run each unfinished run's `--print` line,
-so a run is the same run here, on SLURM or on a TPU pod slice.
+`--config.a.b=value` fixes a field for every run; every swept field and value is checked before anything runs.
+Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`);
+ROOT/sweep.json lists the runs and how each went. A run is finished when `eval/step_{train.steps}.json` exists:
+finished runs are skipped, others started again (the trainer resumes from their checkpoints); a failed run is
+recorded and the sweep goes on. The launchers run each unfinished run's `--print` line, so a run is the same run here,
+on SLURM or on a TPU pod slice.
 """
 
 import collections
@@ -106,7 +103,8 @@ def run_name(overrides: Dict[str, Any], names: Dict[str, str]) -> str:
   """'placement=peri,lr=0.001,seed=1', path-safe; a tuple value's items are joined by '+'."""
   labels = ['+'.join(map(str, value)) if isinstance(value, tuple) else format_value(value)
             for value in overrides.values()]
-  return _UNSAFE_NAME_CHARS.sub('_', ','.join(f'{names[f]}={label}' for f, label in zip(overrides, labels)) or 'run')
+  name = ','.join(f'{names[field]}={label}' for field, label in zip(overrides, labels))
+  return _UNSAFE_NAME_CHARS.sub('_', name or 'run')
 
 
 def resolve(config: ml_collections.ConfigDict, overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
