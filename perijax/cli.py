@@ -6,16 +6,15 @@
       cli.define_distributed_flags()     # --coordinator_address, --num_processes, --process_id
       cli.run(main)                      # main calls cli.config() (or cli.config_and_overrides()), ...
 
-Library modules define no flags: only a command's `__main__` block calls these. Expected errors (perijax.errors.
-UserError: a config field, flag, path, dataset or checkpoint the user can fix; absl's flag errors) print exactly one
-line, `perijax.<tool>: error: <what is wrong and what is allowed>`, on stderr and exit with status 1; any other
-exception is a bug and keeps its traceback.
+Library modules define no flags: only a command's `__main__` block calls these. Expected errors (a perijax.errors.
+UserError; absl's flag errors) print one line, `perijax.<tool>: error: <what is wrong and what is allowed>`, on stderr
+and exit with status 1; any other exception is a bug and keeps its traceback.
 """
 
 import os
 import sys
+import tempfile
 import threading
-import uuid
 
 from absl import app, flags
 
@@ -29,14 +28,12 @@ _ACCEPTS_OVERRIDES = [False]
 _REQUIRED = []    # (flag, what it is), checked after parsing: one line naming the flag
 
 
-def define_config_flags(required=True, default=None, overrides_only=False):
+def define_config_flags(default=None, overrides_only=False):
   """--config=FILE[:arg] (unless `overrides_only`: the config is the workdir's) and --config.a.b=value overrides."""
   _ACCEPTS_OVERRIDES[0] = True
-  if overrides_only:
-    return
-  flags.DEFINE_string('config', default, 'Config file with get_config() (configs/*.py), optionally FILE:arg; any '
-                      'field can then be overridden with --config.a.b=value.')
-  if required:
+  if not overrides_only:
+    flags.DEFINE_string('config', default, 'Config file with get_config() (configs/*.py), optionally FILE:arg; any '
+                        'field can then be overridden with --config.a.b=value.')
     require('config', 'a config file, e.g. --config=configs/tiny.py')
 
 
@@ -51,7 +48,7 @@ def define_workdir_flag(help_text='Run directory: config.json, metrics, checkpoi
 
 
 def define_distributed_flags():
-  """The multi-host flags of perijax.train and perijax.evaluate (not needed on TPU pods and SLURM)."""
+  """The multi-host flags of perijax.train and perijax.evaluate."""
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (not needed on TPU pods and '
                       'SLURM, where jax.distributed finds it).')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', lower_bound=1)
@@ -74,14 +71,13 @@ def config():
 
 def config_and_overrides():
   """(--config as given, its config with the overrides applied, {field: typed value} of the overrides), not yet
-  validated: for the commands that hand the file and overrides on to runs of their own (sweep, demo), which validate
-  each run's config."""
+  validated: for sweep and demo, which hand the file and overrides on to runs of their own and validate each."""
   config = config_lib.load_file(FLAGS.config)
   return FLAGS.config, config, config_lib.apply_overrides(config, _OVERRIDES)
 
 
 def check_writable_dir(path, what='--workdir'):
-  """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it),
+  """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it)
   before anything expensive starts; creates nothing."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise ArgumentError(f'{what}={path} is a file; expected a directory (new or existing)')
@@ -90,28 +86,21 @@ def check_writable_dir(path, what='--workdir'):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise ArgumentError(f'{what}={path}: {existing} is a file; expected a directory (new or existing)')
-  probe = os.path.join(existing, f'.perijax_write_probe_{uuid.uuid4().hex}')
   try:
-    with open(probe, 'w') as f:
-      f.write('probe')
-    os.remove(probe)
+    tempfile.TemporaryFile(dir=existing).close()   # deleted as it closes (or never named: O_TMPFILE)
   except OSError as error:
     raise ArgumentError(f'{what}={path} is not writable ({existing}: {error.strerror or error}); expected a directory '
-                    'this user can write to') from None
-
-
-def _tool_name():
-  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-  if spec and spec.name.startswith('perijax'):
-    return spec.name.removesuffix('.__main__')  # python -m perijax.evaluate runs the package's __main__
-  return os.path.basename(sys.argv[0])
+                        'this user can write to') from None
 
 
 def fail(message):
   """Prints the one error line and exits 1, skipping interpreter teardown: a failed Orbax read leaves work pending
   on its event loop whose tracebacks would otherwise follow the line. Nothing is half-written when input is bad."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  is_module = spec and spec.name.startswith('perijax')  # python -m perijax.evaluate runs the package's __main__
+  tool = spec.name.removesuffix('.__main__') if is_module else os.path.basename(sys.argv[0])
   sys.stdout.flush()
-  print(f'{_tool_name()}: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  print(f'{tool}: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
   os._exit(1)  # pylint: disable=protected-access
 
 
@@ -142,12 +131,14 @@ def _drop_abandoned_reads(unraisable):
   (sys.__unraisablehook__ if hasattr(unraisable, 'object') else threading.__excepthook__)(unraisable)
 
 
-def run(main):
-  """absl's app.run(main) with the one error path."""
+def run(main, takes_arguments=True):
+  """absl's app.run(main) with the one error path; without `takes_arguments`, a positional argument is an error."""
   sys.unraisablehook = threading.excepthook = _drop_abandoned_reads
 
   def guarded(argv):
     try:
+      if len(argv) > 1 and not takes_arguments:
+        raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
       return main(argv)
     except (UserError, app.UsageError) as error:
       fail(error)

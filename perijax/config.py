@@ -19,7 +19,7 @@ from perijax.placement import PLACEMENTS
 from perijax.precision import DTYPES
 from perijax.runtime import XLA_FLAGS_PRESETS
 
-# Checked field by field (a field absent from an older run's config.json is skipped, as it did not exist yet).
+# Checked field by field; a field absent from an older run's config.json is skipped, as it did not exist yet.
 POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads', 'model.scan_unroll',
             'model.rope_theta', 'model.init.std', 'model.norm.eps', 'model.norm.scale_init', 'train.steps',
             'train.batch_size', 'train.seq_len', 'train.log_every', 'train.stats_every', 'train.spike_factor',
@@ -54,7 +54,7 @@ def _fail(field, value, allowed):
 
 
 def _get(config, field):
-  """The field's value, or _ABSENT where the config lacks it."""
+  """The field's value, or _ABSENT where the config lacks it (a field an older run's config.json predates)."""
   for part in field.split('.'):
     if part not in config:
       return _ABSENT
@@ -131,16 +131,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-# ---- loading: `--config=FILE[:arg]` and `--config.a.b=text` overrides, the one loader every command uses --------
-
 # How `--config.a.b=text` is read for a field of each type: the parsers `--config.` flags themselves use.
-_VALUE_PARSERS = {
-    bool: flags.BooleanParser(),
-    int: flags.IntegerParser(),
-    float: flags.FloatParser(),
-    str: flags.ArgumentParser(),
-    tuple: tuple_parser.TupleParser(),
-}
+_VALUE_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
+                  str: flags.ArgumentParser(), tuple: tuple_parser.TupleParser()}
 
 
 def leaf_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
@@ -194,15 +187,12 @@ def load_file(config_arg: str) -> ml_collections.ConfigDict:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides, sections=None) -> dict:
   """Applies `--config.a.b=text` strings (the `--config.` prefix optional) in place; returns {field: typed value}.
-
-  `sections`: the top-level sections that may be overridden (all by default).
-  """
+  `sections`: the top-level sections that may be overridden (all by default)."""
   applied = {}
   for override in overrides:
-    assignment = override[len('--config.'):] if override.startswith('--config.') else override
-    if '=' not in assignment:
+    name, equals, text = override.removeprefix('--config.').partition('=')
+    if not equals:
       raise ConfigError(f'{override!r}: expected --config.<section>.<field>=<value>')
-    name, text = assignment.split('=', 1)
     if sections is not None and (name.split('.')[0] not in sections or '.' not in name):
       raise ConfigError(f'--config.{name}: this command may only override config.{{{",".join(sections)}}}.* (the '
                         "model and training fields come from the checkpoint's own config.json)")
@@ -212,7 +202,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides, sections=None)
 
 
 def load(config_arg: str, overrides=()) -> ml_collections.ConfigDict:
-  """`--config=FILE[:arg]` with the overrides applied, validated: what train, params, dryrun and sweep start from."""
+  """`--config=FILE[:arg]` with the overrides applied, validated: what train, params and dryrun start from."""
   config = load_file(config_arg)
   apply_overrides(config, overrides)
   return validate(config)

@@ -1,15 +1,11 @@
-r"""The README's demo: tiny Pre-LN, Peri-LN and Post-LN models, each trained and then evaluated by the separate
-evaluation script, compared side by side.
+r"""The README's demo: tiny Pre-LN, Peri-LN and Post-LN models, each trained, then evaluated by the separate
+evaluation script, compared side by side (`bash experiments/demo.sh` sets up .venv and the corpus, then runs it).
 
-    bash experiments/demo.sh          # sets up .venv and the embedded corpus, then runs:
     python -m perijax.demo --root=runs/demo [--config=configs/tiny.py] [--placements=pre,peri,post] [--config.a.b=v]
 
-One `perijax.sweep` grid over `model.norm.placement`: each run is `python -m perijax.train` then
-`python -m perijax.evaluate` in a process of its own, in ROOT/placement=<name>/, and a run already evaluated is
-skipped (run the command again after an interruption and it picks up where it stopped). Then the `perijax.report`
-report is printed (per-layer residual variance, max |x| and float16 headroom by layer; the growth-law fit of variance
-against depth; the Table-1 comparison of losses, task accuracies and stability counts), and written with its plots:
-ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
+One `perijax.sweep` grid over `model.norm.placement` (ROOT/placement=<name>,seed=0/): a run already evaluated is
+skipped, so after an interruption the same command picks up where it stopped. Then the `perijax.report` report is
+printed and written with its plots: ROOT/report.txt, ROOT/report.json, ROOT/plots/*.png.
 """
 
 import json
@@ -28,8 +24,7 @@ from perijax import runs as runs_lib
 from perijax import sweep
 from perijax.errors import ArgumentError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'tiny.py')
 PLACEMENTS = ('pre', 'peri', 'post')
 
 
@@ -50,13 +45,13 @@ def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, A
              if rundir.metrics_files(run.workdir)]
   text, data = report_lib.report(records)
   data['plots'] = plots.write_plots(records, os.path.join(root, 'plots'))
-  with open(os.path.join(root, 'report.txt'), 'w') as f:
+  text_path, json_path = os.path.join(root, 'report.txt'), os.path.join(root, 'report.json')
+  with open(text_path, 'w') as f:
     f.write(text + '\n')
-  with open(os.path.join(root, 'report.json'), 'w') as f:
+  with open(json_path, 'w') as f:
     json.dump(data, f, indent=1)
   log(text)
-  log(f'\nwritten: {os.path.join(root, "report.txt")}, {os.path.join(root, "report.json")}, plots: '
-      + ', '.join(data['plots']))
+  log(f'\nwritten: {text_path}, {json_path}, plots: ' + ', '.join(data['plots']))
   return data
 
 
@@ -72,8 +67,7 @@ def run_demo(config_arg: str, config: ml_collections.ConfigDict, fixed_overrides
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   try:
     run_demo(*cli.config_and_overrides(), flags.FLAGS.placements, flags.FLAGS.root)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -84,4 +78,4 @@ if __name__ == '__main__':
   cli.define_config_flags(default=DEFAULT_CONFIG)
   flags.DEFINE_string('root', os.path.join('runs', 'demo'), 'Directory of the runs, the report and the plots.')
   flags.DEFINE_list('placements', list(PLACEMENTS), 'Norm placements to train and compare.')
-  cli.run(main)
+  cli.run(main, takes_arguments=False)

@@ -1,9 +1,6 @@
-"""Bad input the user can fix: the one exception family every perijax tool reports as a single line.
-
-`perijax.cli.run` prints a UserError as `perijax.<tool>: error: <message>` and exits 1; any other exception is a bug
-and keeps its traceback. Each module's own error (ConfigError, CheckpointError, ShardingError, DataError, ...) derives
-from UserError and from the builtin it always was (ValueError or FileNotFoundError), so callers catching those still do.
-"""
+"""Bad input the user can fix: the one exception family `perijax.cli.run` reports as a single line (any other
+exception is a bug and keeps its traceback). Each error also derives from the builtin it always was (ValueError or
+FileNotFoundError), so callers catching those still do."""
 
 
 class UserError(Exception):

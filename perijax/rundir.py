@@ -1,17 +1,5 @@
 """The run directory (WORKDIR) of one training run: the only module that knows its layout.
 
-    config.json              the resolved config (perijax.train)
-    tokenizer.json           which tokenizer the run used; tokenizer.model: a copy of its sentencepiece model, if any
-    checkpoints/<step>/      Orbax checkpoints (perijax/checkpoint.py)
-    checkpoints_damaged/     steps set aside by --resume_from_intact (perijax/checkpoint.py)
-    metrics.jsonl            training metrics, one JSON object per line (a local workdir: appended to)
-    metrics/part_<n>.jsonl   the same lines on an object store, which cannot append (perijax/metrics.py)
-    tensorboard/             training TensorBoard event files
-    wandb_run_id             the W&B run id, so a resumed run continues the same W&B run
-    eval/step_<N>.json       perijax.evaluate's result for checkpoint N; eval/tensorboard/ its TensorBoard scalars
-    eval/lm_eval/            task scores in lm-eval's results format (perijax/tasks/lm_eval_results.py)
-    train.log, eval.log      perijax.sweep's logs of the commands it ran for the run
-
 Every path is an `etils.epath.Path`, as Orbax's are, so WORKDIR may be local or an object-store URL
 (`gs://bucket/runs/x`; epath reads and writes it through gcsfs or TensorFlow's gfile, whichever is installed).
 """
@@ -20,7 +8,7 @@ import re
 
 from etils import epath
 
-SENTENCEPIECE_MODEL = 'tokenizer.model'  # the name tokenizer.json records for the model copy
+SENTENCEPIECE_MODEL = 'tokenizer.model'  # the copy of a run's sentencepiece model, as tokenizer.json records it
 
 
 def is_local(workdir) -> bool:
@@ -33,32 +21,28 @@ def root(workdir) -> epath.Path:
   return path.absolute() if is_local(workdir) else path  # Orbax wants absolute paths
 
 
-def config_file(workdir) -> epath.Path:
-  return root(workdir) / 'config.json'
+def _entry(*parts):
+  """The function `workdir -> WORKDIR/parts...` of one entry of the layout."""
+  def path(workdir) -> epath.Path:
+    return root(workdir).joinpath(*parts)
+  return path
 
 
-def tokenizer_file(workdir) -> epath.Path:
-  return root(workdir) / 'tokenizer.json'
-
-
-def checkpoints(workdir) -> epath.Path:
-  return root(workdir) / 'checkpoints'
-
-
-def damaged_checkpoints(workdir) -> epath.Path:
-  return root(workdir) / 'checkpoints_damaged'
+# The layout: every file and directory of a workdir.
+config_file = _entry('config.json')                 # the resolved config (perijax.train)
+tokenizer_file = _entry('tokenizer.json')           # which tokenizer the run used
+checkpoints = _entry('checkpoints')                 # <step>/: Orbax checkpoints (perijax/checkpoint.py)
+damaged_checkpoints = _entry('checkpoints_damaged')   # steps set aside by --resume_from_intact
+metrics_file = _entry('metrics.jsonl')              # training metrics, one JSON object per line (local: appended to)
+metrics_dir = _entry('metrics')                     # part_<n>.jsonl: the same lines on an object store (metrics.py)
+tensorboard = _entry('tensorboard')                 # training TensorBoard event files
+wandb_id_file = _entry('wandb_run_id')              # so a resumed run continues the same W&B run
+eval_dir = _entry('eval')                           # step_<N>.json: evaluation results; lm_eval/: in lm-eval's format
+eval_tensorboard = _entry('eval', 'tensorboard')    # evaluation TensorBoard scalars
 
 
 def checkpoint_state(workdir, step) -> epath.Path:
   return checkpoints(workdir) / str(step) / 'state'
-
-
-def metrics_file(workdir) -> epath.Path:
-  return root(workdir) / 'metrics.jsonl'
-
-
-def metrics_dir(workdir) -> epath.Path:
-  return root(workdir) / 'metrics'
 
 
 def metrics_part(workdir, number) -> epath.Path:
@@ -72,18 +56,6 @@ def metrics_files(workdir) -> list:
   return ([metrics_file(workdir)] if metrics_file(workdir).exists() else []) + found
 
 
-def tensorboard(workdir) -> epath.Path:
-  return root(workdir) / 'tensorboard'
-
-
-def wandb_id_file(workdir) -> epath.Path:
-  return root(workdir) / 'wandb_run_id'
-
-
-def eval_dir(workdir) -> epath.Path:
-  return root(workdir) / 'eval'
-
-
 def eval_result(workdir, step) -> epath.Path:
   return eval_dir(workdir) / f'step_{step}.json'
 
@@ -94,12 +66,8 @@ def eval_results(workdir) -> dict:
   return {int(match.group(1)): path for path in found if (match := re.fullmatch(r'step_(\d+)\.json', path.name))}
 
 
-def eval_tensorboard(workdir) -> epath.Path:
-  return eval_dir(workdir) / 'tensorboard'
-
-
 def command_log(workdir, command) -> epath.Path:
-  """perijax.sweep's log of `command` ('train' or 'eval') for this run."""
+  """perijax.sweep's log of `command` ('train' or 'eval') for this run: WORKDIR/train.log, WORKDIR/eval.log."""
   return root(workdir) / f'{command}.log'
 
 

@@ -1,6 +1,5 @@
-"""Reading runs: a workdir's config, metrics.jsonl lines and evals (`load_runs`), and its per-layer statistics lines
-at chosen steps (`chosen_stats`). What `python -m perijax.report` and the experiments read.
-"""
+"""Reading runs: a workdir's config, metrics lines and evals (`load_runs`), and its per-layer statistics lines at chosen
+steps (`chosen_stats`): what `python -m perijax.report` and the experiments read."""
 
 import dataclasses
 import json
@@ -32,8 +31,8 @@ class RunRecord:
 
 
 def find_workdirs(paths: Sequence[str]) -> List[str]:
-  """Expands sweep roots into their runs' workdirs; raises FileNotFoundError naming a path that is neither.
-  Through epath, as `perijax.rundir`, so a gs:// path works too."""
+  """Expands each sweep root into its runs' workdirs: those its sweep.json lists, in grid order, then any other run
+  under it (an earlier grid's). Raises FileNotFoundError naming a path that is neither. gs:// paths work too."""
   workdirs = []
   for path in paths:
     if not epath.Path(path).is_dir():
@@ -41,30 +40,26 @@ def find_workdirs(paths: Sequence[str]) -> List[str]:
     if rundir.is_run(path):
       workdirs.append(path)
       continue
-    # A sweep root: its sweep.json's runs in grid order, then any other run under it (an earlier grid's).
     children = sorted(os.path.join(path, d.name) for d in epath.Path(path).iterdir()
                       if not d.name.startswith('.') and d.is_dir() and rundir.is_run(d))
-    sweep_json = epath.Path(path) / 'sweep.json'
-    listed = ([os.path.join(path, run['name']) for run in json.loads(sweep_json.read_text())['runs']]
-              if sweep_json.exists() else [])
-    listed = [d for d in listed if d in children]
     if not children:
       raise FileNotFoundError(f'{path!r} has no config.json or metrics.jsonl and no run subdirectories; '
                               'expected a run workdir or a sweep root')
-    workdirs.extend(listed + [d for d in children if d not in listed])
+    sweep_json = epath.Path(path) / 'sweep.json'
+    listed = json.loads(sweep_json.read_text())['runs'] if sweep_json.exists() else []
+    order = {os.path.join(path, run['name']): index for index, run in enumerate(listed)}
+    workdirs.extend(sorted(children, key=lambda child: order.get(child, len(order))))  # stable: the rest by name
   return workdirs
 
 
 def read_metrics(workdir: str) -> List[Dict[str, Any]]:
-  """The run's metrics lines (`rundir.metrics_files`), one per step, sorted. A resumed run logs the steps after its
-  checkpoint twice: the later line wins. A torn last line (a killed run) is skipped."""
+  """The run's metrics lines, one per step, sorted. A resumed run logs the steps after its checkpoint twice: the later
+  line wins. A torn last line (a killed run) is skipped."""
   by_step = {}
   for path in rundir.metrics_files(workdir):
     for number, text in enumerate(path.read_text().splitlines(), 1):
-      if not text.strip():
-        continue
       try:
-        line = json.loads(text)
+        line = json.loads(text) if text.strip() else {}
       except json.JSONDecodeError:
         print(f'perijax.runs: skipping unreadable line {number} of {path}', file=sys.stderr)
         continue
@@ -74,9 +69,8 @@ def read_metrics(workdir: str) -> List[Dict[str, Any]]:
 
 
 def load_run(workdir: str, name: Optional[str] = None) -> RunRecord:
-  config = {}
-  if rundir.config_file(workdir).exists():
-    config = json.loads(rundir.config_file(workdir).read_text())
+  config_file = rundir.config_file(workdir)
+  config = json.loads(config_file.read_text()) if config_file.exists() else {}
   evals = {step: json.loads(path.read_text()) for step, path in rundir.eval_results(workdir).items()}
   return RunRecord(name or os.path.basename(os.path.normpath(workdir)), workdir, config, read_metrics(workdir), evals)
 
@@ -90,18 +84,12 @@ def load_runs(paths: Sequence[str]) -> List[RunRecord]:
   return [load_run(w, n) for w, n in zip(workdirs, names)]
 
 
-# ---- per-layer stats at chosen steps ---------------------------------------------------------------------------------
-
-def stats_lines(run: RunRecord) -> List[Dict[str, Any]]:
-  """Lines with per-layer stats; a run whose metrics have none falls back on its evals' `layers`."""
-  lines = [line for line in run.metrics if line.get('residual_var')]
-  return lines or [{'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
-                   if run.evals[step].get('layers', {}).get('residual_var')]
-
-
 def chosen_stats(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[Optional[Dict[str, Any]]]:
-  """The stats line for each requested step (the last one at or before it), or the first and last by default."""
-  lines = stats_lines(run)
+  """The per-layer stats line for each requested step (the last one at or before it), or the first and last by
+  default. A run whose metrics have no stats falls back on its evals' `layers`."""
+  lines = [line for line in run.metrics if line.get('residual_var')] or [
+      {'step': step, **run.evals[step]['layers']} for step in sorted(run.evals)
+      if run.evals[step].get('layers', {}).get('residual_var')]
   if steps is None:
     return [lines[0], lines[-1]] if lines else [None, None]
   return [next((line for line in reversed(lines) if line['step'] <= step), None) for step in steps]

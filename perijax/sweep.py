@@ -1,19 +1,15 @@
-r"""Sweeps a grid of config overrides × seeds: runs it here, one workdir per run, prints one command per run, or
-writes (and submits) a SLURM array job or the `gcloud` commands of a TPU pod slice for it.
+r"""Sweeps a grid of config overrides × seeds: runs it here, prints one command per run, or writes (and submits) a
+SLURM array job or the `gcloud` commands of a TPU pod slice for it (README, "Experiments, sweeps and inspection").
 
-    python -m perijax.sweep --config=configs/tiny.py \
-        --sweep=model.norm.placement=pre,peri,post --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep
-    python -m perijax.sweep ... --print      # one `perijax.train && perijax.evaluate` line per run, for a scheduler
-    python -m perijax.sweep ... --launcher=slurm [--submit] [--partition=P --time=12:00:00 --gpus=1]
-    python -m perijax.sweep ... --launcher=tpu_vm --tpu=NAME --zone=ZONE   # gcloud commands, one per run
+    python -m perijax.sweep --config=configs/tiny.py --sweep=model.norm.placement=pre,peri,post \
+        --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep [--print | --launcher=slurm | --launcher=tpu_vm]
 
-`--config.a.b=value` flags fix a field for every run (as for `perijax.train`); every swept field and value is checked
-against the config before anything runs. Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g.
-`ROOT/placement=peri,lr=0.001,seed=1`); `ROOT/sweep.json` lists the runs, their overrides and how each one went. A run
-is finished when `eval/step_{train.steps}.json` exists: finished runs are skipped, the others started again (the
-trainer resumes from their checkpoints). A failed run is recorded and the sweep goes on. The launchers run each
-unfinished run's `--print` line, so a run trained here, on SLURM (ROOT/sweep.sbatch: an array job, one task per run) or
-on every worker of a TPU pod slice (one `gcloud compute tpus tpu-vm ssh --worker=all` command per run) is the same run.
+`--config.a.b=value` fixes a field for every run; every swept field and value is checked before anything runs.
+Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`);
+ROOT/sweep.json lists the runs and how each went. A run is finished when `eval/step_{train.steps}.json` exists:
+finished runs are skipped, others started again (the trainer resumes from their checkpoints); a failed run is
+recorded and the sweep goes on. The launchers run each unfinished run's `--print` line, so a run is the same run here,
+on SLURM or on a TPU pod slice.
 """
 
 import collections
@@ -42,7 +38,6 @@ from perijax.errors import ArgumentError
 SEED_FIELD = 'train.seed'
 _UNSAFE_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
 _SLURM_TIME = re.compile(r'^(\d+-)?\d+(:\d+){0,2}$')   # minutes, [D-]HH:MM[:SS], ... as sbatch --time reads them
-
 # `run_command(argv, log_path) -> exit status`: the one place a sweep touches processes, so tests can replace it.
 RunCommand = Callable[[Sequence[str], str], int]
 
@@ -58,8 +53,6 @@ class Run:
   detail: str = ''
 
 
-# ---- the grid: --sweep specs x seeds -> runs, each config resolved and validated -------------------------------------
-
 def split_values(text: str) -> List[str]:
   """Splits 'a,b,(c,d)' at commas outside brackets, so a tuple field can be swept too."""
   values, depth, start = [], 0, 0
@@ -73,14 +66,14 @@ def split_values(text: str) -> List[str]:
 
 def parse_sweep(config: ml_collections.ConfigDict, spec: str) -> Tuple[str, List[Any]]:
   """'optimizer.lr=1e-3,3e-3' -> ('optimizer.lr', [0.001, 0.003]), typed like the config's field."""
-  if '=' not in spec:
+  field, equals, text = spec.partition('=')
+  if not equals:
     raise ArgumentError(f'--sweep={spec!r}: expected FIELD=VALUE[,VALUE...], e.g. model.norm.placement=pre,peri')
-  field, text = spec.split('=', 1)
-  field = field.strip().removeprefix('config.')
-  raw_values = split_values(text)
-  if not text.strip() or any(not v for v in raw_values):
+  texts = split_values(text)
+  if not all(texts):
     raise ArgumentError(f'--sweep={spec!r}: empty value in the list')
-  values = [config_lib.parse_value(config, field, v) for v in raw_values]
+  field = field.strip().removeprefix('config.')
+  values = [config_lib.parse_value(config, field, value) for value in texts]
   if len(set(map(repr, values))) != len(values):
     raise ArgumentError(f'--sweep={spec!r}: a value is repeated ({values})')
   return field, values
@@ -107,10 +100,11 @@ def short_names(fields: Sequence[str]) -> Dict[str, str]:
 
 
 def run_name(overrides: Dict[str, Any], names: Dict[str, str]) -> str:
-  def label(value):
-    return '+'.join(map(str, value)) if isinstance(value, tuple) else format_value(value)
-  name = ','.join(f'{names[field]}={label(value)}' for field, value in overrides.items()) or 'run'
-  return _UNSAFE_NAME_CHARS.sub('_', name)
+  """'placement=peri,lr=0.001,seed=1', path-safe; a tuple value's items are joined by '+'."""
+  labels = ['+'.join(map(str, value)) if isinstance(value, tuple) else format_value(value)
+            for value in overrides.values()]
+  name = ','.join(f'{names[field]}={label}' for field, label in zip(overrides, labels))
+  return _UNSAFE_NAME_CHARS.sub('_', name or 'run')
 
 
 def resolve(config: ml_collections.ConfigDict, overrides: Dict[str, Any]) -> ml_collections.ConfigDict:
@@ -125,11 +119,9 @@ def resolve(config: ml_collections.ConfigDict, overrides: Dict[str, Any]) -> ml_
 def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds: int, root: str,
                 fixed_overrides: Optional[Dict[str, Any]] = None,
                 validate: Optional[Callable[[ml_collections.ConfigDict], Any]] = None) -> List[Run]:
-  """Grid × seeds -> runs, each with its overrides (swept fields in order, then `train.seed`) and final step.
-
-  Raises ArgumentError or ConfigError (ValueErrors) before anything runs if a field does not exist, a value does not
-  parse, the grid is ambiguous, or `validate` (e.g. `perijax.config.validate`) rejects a run's resolved config.
-  """
+  """Grid × seeds -> runs, each with its overrides (swept fields in order, then `train.seed`) and final step. Raises
+  ArgumentError or ConfigError (ValueErrors) before anything runs if a field does not exist, a value does not parse,
+  the grid is ambiguous, or `validate` (e.g. `perijax.config.validate`) rejects a run's resolved config."""
   if seeds < 1:
     raise ArgumentError(f'--seeds={seeds}: need at least 1 seed')
   grid = [parse_sweep(config, spec) for spec in sweeps]
@@ -157,12 +149,9 @@ def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds:
   return runs
 
 
-# ---- running: one `perijax.train` and one `perijax.evaluate` process per run, here or as printed lines ---------------
-
 def train_command(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str) -> List[str]:
-  overrides = {**fixed_overrides, **run.overrides}
   return ([python, '-m', 'perijax.train', f'--config={config_arg}', f'--workdir={run.workdir}'] +
-          [f'--config.{field}={format_value(value)}' for field, value in overrides.items()])
+          [f'--config.{field}={format_value(value)}' for field, value in {**fixed_overrides, **run.overrides}.items()])
 
 
 def evaluate_command(workdir: str, step: int, python: str) -> List[str]:
@@ -199,28 +188,22 @@ def write_sweep_json(root: str, runs: Sequence[Run], header: Dict[str, Any]) -> 
 
 def execute_run(run: Run, config_arg: str, fixed_overrides: Dict[str, Any], python: str,
                 run_command: RunCommand, evaluate: bool = True) -> None:
-  """Trains (or resumes) and evaluates one run; sets `run.status` and `run.detail`, never raises for a failed run.
-  Without `evaluate`, a run is finished once trained to its last step."""
-  if is_finished(run) or (not evaluate and latest_checkpoint_step(run.workdir) == run.steps):
+  """Trains (or resumes) and, with `evaluate`, evaluates one run (without, a run trained to its last step is
+  finished); sets `run.status` and `run.detail`, never raises for a failed run."""
+  trained = latest_checkpoint_step(run.workdir) == run.steps   # then it only needs its evaluation
+  if is_finished(run) or (trained and not evaluate):
     run.status, run.detail = 'skipped', 'already finished'
     return
-  if latest_checkpoint_step(run.workdir) != run.steps:   # a run trained to the end only needs its evaluation
-    train_log = str(rundir.command_log(run.workdir, 'train'))
-    status = run_command(train_command(run, config_arg, fixed_overrides, python), train_log)
-    if status != 0:
-      run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {train_log}'
-      return
+  train_log, eval_log = (str(rundir.command_log(run.workdir, command)) for command in ('train', 'eval'))
+  if not trained and (status := run_command(train_command(run, config_arg, fixed_overrides, python), train_log)):
+    run.status, run.detail = 'failed', f'perijax.train exited with {status}; see {train_log}'
+    return
   step = latest_checkpoint_step(run.workdir)
   if step is None:
     run.status, run.detail = 'failed', f'no checkpoint in {rundir.checkpoints(run.workdir)} to evaluate'
-    return
-  if evaluate:
-    eval_log = str(rundir.command_log(run.workdir, 'eval'))
-    status = run_command(evaluate_command(run.workdir, step, python), eval_log)
-    if status != 0:
-      run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
-      return
-  if is_finished(run) if evaluate else step == run.steps:
+  elif evaluate and (status := run_command(evaluate_command(run.workdir, step, python), eval_log)):
+    run.status, run.detail = 'eval_failed', f'perijax.evaluate exited with {status}; see {eval_log}'
+  elif is_finished(run) if evaluate else step == run.steps:
     run.status, run.detail = 'finished', ''
   else:
     run.status, run.detail = 'ended_early', f'training stopped at step {step} of {run.steps} (diverged?)'
@@ -230,8 +213,7 @@ def run_sweep(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: 
               python: str = sys.executable, run_command: RunCommand = subprocess_run_command,
               sweep_args: Optional[Dict[str, Any]] = None,
               log: Callable[[str], None] = progress.write, evaluate: bool = True) -> List[Run]:
-  """Runs every unfinished run in order (`evaluate`: train then evaluate; else train only), recording each in
-  ROOT/sweep.json; returns the runs with their status."""
+  """Runs every unfinished run in order (see `execute_run`), recording each in ROOT/sweep.json; returns the runs."""
   fixed_overrides = dict(fixed_overrides or {})
   os.makedirs(root, exist_ok=True)
   header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **(sweep_args or {})}
@@ -260,14 +242,12 @@ def print_commands(runs: Sequence[Run], config_arg: str, fixed_overrides: Dict[s
           shlex.join(evaluate_command(run.workdir, run.steps, python)) for run in runs]
 
 
-# ---- launchers: the runs' `--print` lines as a SLURM array job, or on every worker of a TPU pod slice ------------
-
 def slurm_script(lines: Sequence[str], names: Sequence[str], *, root: str, job_name: str, chdir: str,
                  partition: str = '', time: str = '', gpus: int = 0, cpus: int = 0, max_parallel: int = 0,
                  options: Sequence[str] = ()) -> str:
   """An sbatch script whose array task i runs `lines[i]` (run `names[i]`), each logging to ROOT/slurm/%A_%a.out.
-  `chdir`: the directory the lines' relative paths (config file, workdirs) are relative to. `options`: any further
-  sbatch options, e.g. '--account=proj' or '--qos=high', one `#SBATCH` line each."""
+  `chdir`: the directory the lines' relative paths are relative to. `options`: further sbatch options, e.g.
+  '--account=proj', one `#SBATCH` line each."""
   if not lines or len(lines) != len(names):
     raise ArgumentError(f'an array job needs one name per command line (got {len(lines)} lines, {len(names)} names)')
   if time and not _SLURM_TIME.match(time):
@@ -275,15 +255,13 @@ def slurm_script(lines: Sequence[str], names: Sequence[str], *, root: str, job_n
   bad = [option for option in options if not option.startswith('--') or '\n' in option]
   if bad:
     raise ArgumentError(f'--slurm_option={bad[0]!r}: expected one sbatch option, e.g. --account=proj')
-  array = f'0-{len(lines) - 1}' + (f'%{max_parallel}' if max_parallel else '')
-  sbatch = [f'--job-name={job_name}', f'--array={array}', f'--output={os.path.join(root, "slurm", "%A_%a.out")}',
-            f'--chdir={chdir}', '--ntasks=1']
+  sbatch = [f'--job-name={job_name}', f'--array=0-{len(lines) - 1}' + (f'%{max_parallel}' if max_parallel else ''),
+            f'--output={os.path.join(root, "slurm", "%A_%a.out")}', f'--chdir={chdir}', '--ntasks=1']
   sbatch += [f'--{name}={value}' for name, value in (('partition', partition), ('time', time), ('gpus', gpus),
                                                      ('cpus-per-task', cpus)) if value] + list(options)
   script = ['#!/bin/bash', f'# perijax sweep of {len(lines)} runs under {root}: array task i trains and evaluates '
-            'run i.']
-  script += [f'#SBATCH {shlex.quote(option)}' for option in sbatch]
-  script += ['set -euo pipefail', 'case "$SLURM_ARRAY_TASK_ID" in']
+            'run i.', *[f'#SBATCH {shlex.quote(option)}' for option in sbatch], 'set -euo pipefail',
+            'case "$SLURM_ARRAY_TASK_ID" in']
   for index, (line, name) in enumerate(zip(lines, names)):
     script += [f'  {index})  # {name}', f'    {line}', '    ;;']
   script += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', 'esac', '']
@@ -294,7 +272,7 @@ def submit_slurm(path: str) -> str:
   """`sbatch --parsable PATH`; returns the job id, or raises ArgumentError with sbatch's own message."""
   if shutil.which('sbatch') is None:
     raise ArgumentError(f'--submit: sbatch is not on PATH (not a SLURM login node?); the script is {path}, submit it '
-                      'with `sbatch` where SLURM runs')
+                        'with `sbatch` where SLURM runs')
   result = subprocess.run(['sbatch', '--parsable', path], capture_output=True, text=True, check=False)
   if result.returncode != 0:
     raise ArgumentError(f'sbatch {path} exited with {result.returncode}: {" ".join(result.stderr.split())}')
@@ -302,17 +280,17 @@ def submit_slurm(path: str) -> str:
 
 
 def tpu_vm_commands(lines: Sequence[str], names: Sequence[str], *, tpu: str, zone: str, remote_dir: str) -> list[str]:
-  """One `gcloud compute tpus tpu-vm ssh ... --worker=all` line per run, running its line on every worker of the pod
-  (JAX finds the other workers from the TPU metadata: no coordinator flags). Paths in the lines are read on the
-  workers, relative to `remote_dir` (the perijax checkout there); the sweep root must be a path all workers share."""
+  """Per run, a comment naming it and a `gcloud compute tpus tpu-vm ssh ... --worker=all` line running its line on
+  every worker of the pod (JAX finds the other workers itself) in `remote_dir`, the perijax checkout there. Paths in
+  the lines are read on the workers: the sweep root must be one they all share."""
   if not tpu or not zone:
     raise ArgumentError('--launcher=tpu_vm needs --tpu=NAME and --zone=ZONE (the pod slice `gcloud compute tpus '
-                      'tpu-vm list --zone=ZONE` shows)')
+                        'tpu-vm list --zone=ZONE` shows)')
+  gcloud = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', tpu, f'--zone={zone}', '--worker=all']
+  remote = f'cd {shlex.quote(remote_dir)} && ' if remote_dir else ''
   commands = []
   for line, name in zip(lines, names):
-    remote = f'cd {shlex.quote(remote_dir)} && {line}' if remote_dir else line
-    commands += [f'# {name}', shlex.join(['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', tpu, f'--zone={zone}',
-                                          '--worker=all', f'--command={remote}'])]
+    commands += [f'# {name}', shlex.join(gcloud + [f'--command={remote}{line}'])]
   return commands
 
 
@@ -320,11 +298,9 @@ def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dic
            launcher: str, sweep_args: Dict[str, Any], launch_flags) -> str:
   """--launcher=slurm|tpu_vm for the unfinished runs; returns what to tell the user. Raises ArgumentError."""
   pending = [run for run in runs if not is_finished(run)]
-  left_out = f' ({len(runs) - len(pending)} finished runs left out)' if len(pending) < len(runs) else ''
   if not pending:
     return f'every run under {root} is finished; nothing to launch'
-  lines = print_commands(pending, config_arg, fixed_overrides, python)
-  names = [run.name for run in pending]
+  lines, names = print_commands(pending, config_arg, fixed_overrides, python), [run.name for run in pending]
   if launcher == 'tpu_vm':
     return '\n'.join(tpu_vm_commands(lines, names, tpu=launch_flags.tpu, zone=launch_flags.zone,
                                      remote_dir=launch_flags.remote_dir))
@@ -340,37 +316,34 @@ def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dic
   for run in runs:
     run.status, run.detail = ('pending', f'slurm array task {pending.index(run)}' + (f' of job {job}' if job else '')
                               ) if run in pending else ('skipped', 'already finished')
-  header = {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args, 'launcher': 'slurm'}
-  write_sweep_json(root, runs, {**header, 'slurm_job': job})
+  write_sweep_json(root, runs, {'config': config_arg, 'fixed_overrides': fixed_overrides, **sweep_args,
+                                'launcher': 'slurm', 'slurm_job': job})
+  left_out = f' ({len(runs) - len(pending)} finished runs left out)' if len(pending) < len(runs) else ''
   if job:
     return f'submitted slurm job {job}: {len(pending)} array tasks{left_out}; logs in {root}/slurm/'
   return f'wrote {path}: {len(pending)} array tasks{left_out}; submit it with: sbatch {shlex.quote(path)}'
 
 
-FLAGS = flags.FLAGS
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
+  values = flags.FLAGS
   config_arg, config, fixed_overrides = cli.config_and_overrides()
-  runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides, validate=config_lib.validate)
-  if FLAGS.print and FLAGS.launcher != 'local':
-    raise ArgumentError(f'give --print or --launcher={FLAGS.launcher}, not both')
-  if FLAGS.submit and FLAGS.launcher != 'slurm':
+  runs = expand_grid(config, values.sweep, values.seeds, values.root, fixed_overrides, validate=config_lib.validate)
+  if values.print and values.launcher != 'local':
+    raise ArgumentError(f'give --print or --launcher={values.launcher}, not both')
+  if values.submit and values.launcher != 'slurm':
     raise ArgumentError('--submit submits a SLURM script; it needs --launcher=slurm')
-  if FLAGS.print:
-    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
-    return
-  sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
-  if FLAGS.launcher != 'local':
-    python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
-    print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, sweep_args, FLAGS))
-    return
-  finished = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
-                       sweep_args=sweep_args)
-  if any(run.status in ('failed', 'eval_failed') for run in finished):
-    sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look
+  sweep_args = {'sweep': list(values.sweep), 'seeds': values.seeds}
+  if values.print:
+    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, values.python or 'python')))
+  elif values.launcher != 'local':
+    python = values.python or ('python' if values.launcher == 'tpu_vm' else sys.executable)
+    print(launch(runs, values.root, config_arg, fixed_overrides, python, values.launcher, sweep_args, values))
+  else:
+    runs = run_sweep(runs, values.root, config_arg, fixed_overrides, python=values.python or sys.executable,
+                     sweep_args=sweep_args)
+    if any(run.status in ('failed', 'eval_failed') for run in runs):
+      sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look
 
 
 if __name__ == '__main__':
@@ -378,6 +351,7 @@ if __name__ == '__main__':
   flags.DEFINE_multi_string('sweep', [], 'FIELD=V1,V2,...: a swept config field and its values (repeatable).')
   flags.DEFINE_integer('seeds', 1, 'Seeds per grid point: train.seed = 0 .. seeds-1.')
   flags.DEFINE_string('root', None, 'Directory that holds one workdir per run and sweep.json.')
+  cli.require('root', 'the directory of the runs, e.g. --root=runs/sweep')
   flags.DEFINE_bool('print', False, 'Print one command line per run instead of running; writes nothing.')
   flags.DEFINE_string('python', None, 'Python interpreter in the commands (default: this one; `python` with --print '
                       'and --launcher=tpu_vm, whose commands run on other machines).')
@@ -388,12 +362,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('time', '', 'slurm: --time limit of each array task, e.g. 12:00:00.')
   flags.DEFINE_integer('gpus', 0, 'slurm: --gpus of each array task; 0 = not set.', lower_bound=0)
   flags.DEFINE_integer('cpus', 0, 'slurm: --cpus-per-task; 0 = not set.', lower_bound=0)
-  flags.DEFINE_integer('max_parallel', 0, 'slurm: array tasks running at once (--array=...%N); 0 = no limit.',
-                       lower_bound=0)
+  flags.DEFINE_integer('max_parallel', 0, 'slurm: array tasks at once (--array=...%N); 0 = no limit.', lower_bound=0)
   flags.DEFINE_multi_string('slurm_option', [], 'slurm: another #SBATCH option, e.g. --account=proj (repeatable).')
   flags.DEFINE_string('tpu', '', 'tpu_vm: the TPU VM (pod slice) name.')
   flags.DEFINE_string('zone', '', 'tpu_vm: its zone.')
   flags.DEFINE_string('remote_dir', 'perijax', 'tpu_vm: the perijax checkout on the workers (relative to home), '
                       'where the commands run.')
-  cli.require('root', 'the directory of the runs, e.g. --root=runs/sweep')
-  cli.run(main)
+  cli.run(main, takes_arguments=False)
