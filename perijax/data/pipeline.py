@@ -1,10 +1,8 @@
 """grain input pipelines over `tfds.data_source`: shuffle, tokenize, pack, batch, shard across JAX processes.
 
-Every batch is a dict of numpy arrays of shape [batch_size, seq_len], batch_size being THIS process's share:
-  inputs, targets  int32   model input tokens and the tokens to predict
-  segment_ids      int32   1, 2, 3... per packed document within a row; 0 = padding
-  positions        int32   0-based position within its document (chunk)
-  weights          float32 1 where a target is to be predicted, 0 on padding
+Every batch is a dict of [batch_size, seq_len] numpy arrays, batch_size being THIS process's share: int32 `inputs`
+and `targets` (the tokens to predict), `segment_ids` (1, 2, 3... per packed document in a row; 0 = padding) and
+`positions` (0-based within a document's chunk), and float32 `weights` (1 on a target to predict, 0 on padding).
 
 Packing rule (no prediction across documents, no token lost): a document's tokens are t = encode(text) + [eos]; its
 inputs are [eos] + t[:-1] (EOS doubles as beginning-of-document) and its targets are t. A document longer than seq_len
@@ -12,10 +10,9 @@ is cut into seq_len chunks (inputs and targets cut at the same places), each pac
 positions restarting at 0. Chunks are packed into rows first-fit (grain's FirstFitPackIterDataset over
 PACKING_BINS_PER_ROW * batch_size bins), the rest of a row padded.
 
-Sharding: process i of n reads examples i, i+n, i+2n... of the split, so the global batch is batch_size * n. Training
-shuffles that shard with the seed, reshuffles every epoch and never stops; its iterator is a grain DatasetIterator,
-checkpointable in Orbax with grain.checkpoint.CheckpointSave/CheckpointRestore. Evaluation reads the shard once, in
-order (EvalBatches).
+Sharding: process i of n reads examples i, i+n, i+2n... of the split (a global batch is batch_size * n). Training
+shuffles its shard with the seed, anew every epoch, endlessly, through a grain DatasetIterator that Orbax checkpoints
+(grain.checkpoint.CheckpointSave/CheckpointRestore). Evaluation reads the shard once, in order (EvalBatches).
 """
 
 import functools
@@ -37,20 +34,37 @@ BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
 PACKING_BINS_PER_ROW = 4   # more open rows -> less padding, rows of one batch drawn from more documents
 READ_THREADS = 4           # threads reading and tokenizing examples (per grain worker)
 READ_BUFFER = 256          # examples read ahead of the packer
-_NOT_PREPARED_ELSEWHERE = ('perijax only reads prepared datasets: prepare it once with TFDS elsewhere, as '
-                           'array_record (c4 needs Apache Beam, lm1b needs TensorFlow), and place it in data.data_dir '
-                           '(a local path or a gs:// bucket).')
 
 
 def open_source(data_config, split: str) -> Sequence[Any]:
-  """`tfds.data_source` of the split (or with data.source != 'tfds' its files: sources.py), checked: prepared,
-  non-empty, readable, with a text field."""
+  """The split as a random-access source, `tfds.data_source` or with data.source != 'tfds' its files (sources.py),
+  checked: prepared, non-empty, readable, its first record holding text."""
+  field = data_config.text_field
   if data_config.get('source', 'tfds') != 'tfds':  # configs written before data.source existed read TFDS
-    return sources.open_file_source(data_config, split)
-  name, field = data_config.name, data_config.text_field
-  where = f'data dir {data_config.data_dir!r}' if data_config.data_dir else "TFDS's default data dir"
+    source = sources.open_file_source(data_config, split)
+    what = f'split {split!r} of data.path {data_config.path!r} ({data_config.source})'
+  else:
+    where = f'data dir {data_config.data_dir!r}' if data_config.data_dir else "TFDS's default data dir"
+    source, what = _tfds_source(data_config, split, where), f'TFDS dataset {data_config.name!r} split {split!r} in {where}'
+  if len(source) == 0:
+    raise DataError(f'{what} is empty: nothing to read.')
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_config.data_dir or None, download=False)
+    first = source[0]
+  except DataError:  # a file source's own message
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    raise DataError(f'{what} cannot be read (corrupt or incomplete files?): {type(error).__name__}: {error}') from error
+  if field not in first:
+    raise DataError(f'data.text_field {field!r} is not a feature of {what}; its features: {sorted(first)}.')
+  if not isinstance(first[field], (str, bytes)):
+    raise DataError(f'data.text_field {field!r} in {what} holds {type(first[field]).__name__}, not text.')
+  return source
+
+
+def _tfds_source(data_config, split: str, where: str):
+  name = data_config.name
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_config.data_dir or None, download=False)
   except tfds.core.registered.DatasetNotFoundError as error:
     raise DataError(f'data.name {name!r} is not a TFDS dataset (e.g. {corpus.DATASET_NAME!r}, "c4/en", '
                     f'"lm1b"): {str(error).splitlines()[0]}') from error
@@ -58,23 +72,12 @@ def open_source(data_config, split: str) -> Sequence[Any]:
     if isinstance(error, ValueError) and 'Unknown split' in str(error):
       raise DataError(f'Split {split!r} of {name!r}: {str(error).splitlines()[0]} (check data.train_split / '
                       'data.eval_split).') from error
-    fix = (f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}' if name == corpus.DATASET_NAME
-           else _NOT_PREPARED_ELSEWHERE)
+    fix = (f'Prepare it once with:  {corpus.prepare_command(data_config.data_dir)}' if name == corpus.DATASET_NAME else
+           'perijax only reads prepared datasets: prepare it once with TFDS elsewhere, as array_record (c4 needs '
+           'Apache Beam, lm1b needs TensorFlow), and place it in data.data_dir (a local path or a gs:// bucket).')
     reason = (str(error).strip().splitlines() or [''])[0]
     raise NotFoundError(f'TFDS dataset {name!r} (split {split!r}) is not prepared as array_record in {where}. '
                         f'{fix}\n(TFDS said: {type(error).__name__}: {reason})') from error
-  if len(source) == 0:
-    raise DataError(f'TFDS dataset {name!r} split {split!r} in {where} is empty: nothing to read.')
-  try:
-    first = source[0]
-  except Exception as error:  # pylint: disable=broad-except
-    raise DataError(f'TFDS dataset {name!r} split {split!r} in {where} cannot be read (corrupt or incomplete '
-                    f'files?): {type(error).__name__}: {error}') from error
-  if field not in first:
-    raise DataError(f'data.text_field {field!r} is not a feature of {name!r}; its features: {sorted(first)}.')
-  if not isinstance(first[field], (str, bytes)):
-    raise DataError(f'data.text_field {field!r} of {name!r} holds {type(first[field]).__name__}, not text.')
-  return source
 
 
 def example_text(example: dict[str, Any], text_field: str) -> str:
@@ -96,11 +99,11 @@ class ChunkDocument(grain.experimental.FlatMapTransform):
 
   max_fan_out = 1 << 20  # required by the FlatMap interface; FlatMapIterDataset does not bound it
 
-  def __init__(self, seq_len: int, eos_id: int):
-    self.seq_len, self.eos_id = seq_len, eos_id
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
 
   def flat_map(self, tokens):
-    inputs = np.concatenate([np.array([self.eos_id], np.int32), tokens[:-1]])
+    inputs = np.roll(tokens, 1)  # [eos] + t[:-1], as t ends with eos
     return [{'inputs': inputs[start:start + self.seq_len], 'targets': tokens[start:start + self.seq_len]}
             for start in range(0, len(tokens), self.seq_len)]
 
@@ -129,7 +132,7 @@ def _packed_batches(data_config, tokenizer: tokenizers.Tokenizer, split: str, *,
     documents = documents.shuffle(seed=seed % 2**32).repeat()  # a new order every epoch, all from the seed
   tokens = documents.map(functools.partial(tokenize_document, tokenizer, data_config.text_field)).to_iter_dataset(
       grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BUFFER))
-  chunks = grain.experimental.FlatMapIterDataset(tokens, ChunkDocument(seq_len, tokenizer.eos_id))
+  chunks = grain.experimental.FlatMapIterDataset(tokens, ChunkDocument(seq_len))
   rows = grain.experimental.FirstFitPackIterDataset(chunks, length_struct={'inputs': seq_len, 'targets': seq_len},
                                                     num_packing_bins=PACKING_BINS_PER_ROW * batch_size,
                                                     shuffle_bins=False)
@@ -196,10 +199,8 @@ def make_eval_iterator(data_config, tokenizer: tokenizers.Tokenizer, *, split: s
 
 
 def bytes_per_token(data_config, tokenizer: tokenizers.Tokenizer, split: str, max_docs: int = 2000) -> float:
-  """UTF-8 bytes of text per target token (EOS included) over the first `max_docs` documents (0 = all) of `split`.
-
-  Bits per byte = (mean loss per target token in nats) / ln 2 / bytes_per_token.
-  """
+  """UTF-8 bytes of text per target token (EOS included) over the first `max_docs` documents (0 = all) of `split`:
+  bits per byte = (mean loss per target token in nats) / ln 2 / bytes_per_token."""
   source = open_source(data_config, split)
   num_docs = min(max_docs, len(source)) if max_docs > 0 else len(source)
   texts = [example_text(source[index], data_config.text_field) for index in range(num_docs)]

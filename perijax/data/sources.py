@@ -4,6 +4,7 @@
 `{data.text_field: text}`, so shuffling, sharding, packing and resumption are exactly those of TFDS sources. pyarrow
 and datasets are imported only when their source is selected; `datasets.load_from_disk` never reaches the network.
 """
+
 import glob
 import json
 import os
@@ -14,16 +15,6 @@ from perijax.errors import DataError
 
 FILE_SOURCES = ('jsonl', 'parquet', 'hf_disk')
 DataSourceError = DataError  # what a bad source, path or field raises (a ValueError, reported by the CLI as one line)
-
-
-def split_paths(data_config, split: str) -> list[str]:
-  """The files of `split`: data.path with '{split}' replaced, glob-expanded, sorted."""
-  pattern = data_config.path.replace('{split}', split)
-  paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
-  if not paths:
-    raise DataError(f'data.path {data_config.path!r} matches no file for split {split!r} (looked for {pattern!r}; '
-                    f'data.source = {data_config.source!r})')
-  return paths
 
 
 class JsonlSource:
@@ -110,19 +101,16 @@ def open_hf_disk(data_config, split: str):
 
 
 def open_file_source(data_config, split: str):
-  """The split as a random-access source, checked: files there, not empty, the first record holds text."""
-  if data_config.source == 'jsonl':
-    source = JsonlSource(split_paths(data_config, split), data_config.text_field)
-  elif data_config.source == 'parquet':
-    source = ParquetSource(split_paths(data_config, split), data_config.text_field)
-  elif data_config.source == 'hf_disk':
-    source = open_hf_disk(data_config, split)
-  else:
+  """The split's files (data.path with '{split}' replaced, glob-expanded, sorted) as a random-access source;
+  pipeline.open_source checks that it holds text."""
+  if data_config.source == 'hf_disk':
+    return open_hf_disk(data_config, split)
+  readers = {'jsonl': JsonlSource, 'parquet': ParquetSource}
+  if data_config.source not in readers:
     raise DataError(f'data.source {data_config.source!r} is not a file source; expected one of {FILE_SOURCES}')
-  if len(source) == 0:
-    raise DataError(f'split {split!r} of data.path {data_config.path!r} ({data_config.source}) is empty')
-  text = source[0][data_config.text_field]
-  if not isinstance(text, (str, bytes)):
-    raise DataError(f'data.text_field {data_config.text_field!r} in split {split!r} of {data_config.path!r} '
-                    f'holds {type(text).__name__}, not text')
-  return source
+  pattern = data_config.path.replace('{split}', split)
+  paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+  if not paths:
+    raise DataError(f'data.path {data_config.path!r} matches no file for split {split!r} (looked for {pattern!r}; '
+                    f'data.source = {data_config.source!r})')
+  return readers[data_config.source](paths, data_config.text_field)

@@ -1,9 +1,8 @@
-"""Tokenizers: byte-level (the default, no files) and SentencePiece.
+"""Tokenizers, byte-level (the default, no files) and SentencePiece, and their record in a run's workdir.
 
 Each has `encode(text) -> list[int]` (no BOS/EOS added), `decode(ids) -> str`, `vocab_size`, `pad_id`, `eos_id` and
 `name`. The pipeline appends `eos_id` after every document and uses it as the beginning-of-document input too, so no
-separate BOS exists. A run records its tokenizer in the workdir (`save_tokenizer`) and evaluation reads it back
-(`load_tokenizer`), so both always use exactly the same one.
+separate BOS exists. Evaluation reads the record training wrote, so both always use exactly the same tokenizer.
 """
 
 import io
@@ -18,6 +17,7 @@ from perijax import rundir
 from perijax.errors import DataError, NotFoundError
 
 KNOWN_TOKENIZERS = ('byte', 'sentencepiece')
+RECORDED_IDS = ('vocab_size', 'pad_id', 'eos_id')  # in the workdir's record, checked when read back
 
 
 class ByteTokenizer:
@@ -80,25 +80,22 @@ class SentencePieceTokenizer:
 Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str, *,
-                        model_type: str = 'bpe', byte_fallback: bool = True) -> str:
-  """Trains a SentencePiece model on `texts` (one document per item); returns the path of `<model_prefix>.model`.
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_prefix: str) -> str:
+  """Trains a BPE SentencePiece model on `texts` (one document each); returns the path of `<model_prefix>.model`.
 
-  Normalization is off and whitespace kept as is, '\\n' a piece of its own, so decode(encode(text)) == text
-  (byte_fallback covers characters never seen in training).
+  Normalization is off, whitespace kept and '\\n' a piece of its own, so decode(encode(text)) == text (byte fallback
+  covers characters never seen in training).
   """
-  model_path = epath.Path(f'{model_prefix}.model')
-  model_path.parent.mkdir(parents=True, exist_ok=True)
-  model = io.BytesIO()
+  model_path, model = epath.Path(f'{model_prefix}.model'), io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=(text for text in texts if text),  # sentencepiece rejects empty sentences
-        model_writer=model, vocab_size=vocab_size, model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        model_writer=model, vocab_size=vocab_size, model_type='bpe', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         normalization_rule_name='identity', remove_extra_whitespaces=False, user_defined_symbols=['\n'],
-        byte_fallback=byte_fallback, character_coverage=1.0, hard_vocab_limit=False,
-        max_sentence_length=1 << 16, minloglevel=2)
+        byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False, max_sentence_length=1 << 16, minloglevel=2)
   except RuntimeError as error:
     raise DataError(f'SentencePiece training for {model_path} failed (vocab_size={vocab_size}): {error}') from error
+  model_path.parent.mkdir(parents=True, exist_ok=True)
   model_path.write_bytes(model.getvalue())
   return str(model_path)
 
@@ -117,8 +114,7 @@ def make_tokenizer(data_config) -> Tokenizer:
 def save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
   """Writes `workdir/tokenizer.json` (and a copy of a sentencepiece model as `workdir/tokenizer.model`)."""
   rundir.root(workdir).mkdir(parents=True, exist_ok=True)
-  record = {'name': tokenizer.name, 'vocab_size': tokenizer.vocab_size,
-            'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id}
+  record = {key: getattr(tokenizer, key) for key in ('name', *RECORDED_IDS)}
   if tokenizer.name == 'sentencepiece':
     (rundir.root(workdir) / rundir.SENTENCEPIECE_MODEL).write_bytes(tokenizer.model_proto)
     record.update(model_file=rundir.SENTENCEPIECE_MODEL, trained_from=tokenizer.path)
@@ -126,7 +122,7 @@ def save_tokenizer(tokenizer: Tokenizer, workdir: str) -> None:
 
 
 def load_tokenizer(workdir: str) -> Tokenizer:
-  """The tokenizer `save_tokenizer` recorded in `workdir`, checked against the record's ids."""
+  """The tokenizer `save_tokenizer` recorded in `workdir`, checked against the recorded ids."""
   record_path = rundir.tokenizer_file(workdir)
   if not record_path.is_file():
     raise NotFoundError(f'{record_path} does not exist: {workdir} is not a perijax workdir, or its run predates '
@@ -136,8 +132,8 @@ def load_tokenizer(workdir: str) -> Tokenizer:
     raise DataError(f'{record_path} names tokenizer {record["name"]!r}; known: {", ".join(KNOWN_TOKENIZERS)}.')
   tokenizer = (ByteTokenizer() if record['name'] == 'byte' else
                SentencePieceTokenizer.from_file(str(rundir.root(workdir) / record['model_file'])))
-  recorded = tuple(record[key] for key in ('vocab_size', 'pad_id', 'eos_id'))
-  if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id) != recorded:
-    raise DataError(f'{record_path} says vocab_size/pad_id/eos_id = {"/".join(map(str, recorded))} but the tokenizer '
-                    f'read back has {tokenizer.vocab_size}/{tokenizer.pad_id}/{tokenizer.eos_id}.')
+  read_back = {key: getattr(tokenizer, key) for key in RECORDED_IDS}
+  if read_back != {key: record[key] for key in RECORDED_IDS}:
+    raise DataError(f'{record_path} records {", ".join(f"{key}={record[key]}" for key in RECORDED_IDS)} but the '
+                    f'tokenizer read back has {read_back}.')
   return tokenizer
