@@ -45,7 +45,8 @@ def open_source(data_config, split: str) -> Sequence[Any]:
     what = f'split {split!r} of data.path {data_config.path!r} ({data_config.source})'
   else:
     where = f'data dir {data_config.data_dir!r}' if data_config.data_dir else "TFDS's default data dir"
-    source, what = _tfds_source(data_config, split, where), f'TFDS dataset {data_config.name!r} split {split!r} in {where}'
+    source = _tfds_source(data_config, split, where)
+    what = f'TFDS dataset {data_config.name!r} split {split!r} in {where}'
   if len(source) == 0:
     raise DataError(f'{what} is empty: nothing to read.')
   try:
