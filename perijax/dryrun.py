@@ -19,12 +19,10 @@ FLAGS = flags.FLAGS
 _TOPOLOGY = None  # (topology.Topology, whether libtpu compiles for it)
 if __name__ == '__main__':
   from perijax import topology as topology_lib  # imports no jax
-  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size, >= 1); set before jax starts.',
-                       lower_bound=1)
-  flags.DEFINE_string('accelerator', None, 'Accelerator for memory and speed: a name in perijax/hardware.py; '
-                      'default config.train.accelerator, or h100 if that is cpu.')
-  flags.DEFINE_string('topology', None, 'A Cloud TPU slice to compile for, e.g. v5e-256, v4-128, v5p-512 (needs '
-                      'libtpu: the tpu extra; otherwise simulated CPU devices).')
+  flags.DEFINE_integer('devices', None, 'Simulated CPU devices (the pod size); set before jax starts.', lower_bound=1)
+  flags.DEFINE_string('accelerator', None, 'For memory and speed: a name in perijax/hardware.py; default '
+                      'config.train.accelerator, or h100 if that is cpu.')
+  flags.DEFINE_string('topology', None, 'Cloud TPU slice to compile for, e.g. v5p-512 (with libtpu: the tpu extra).')
   flags.DEFINE_integer('num_slices', 1, 'Slices (joined by DCN: config.mesh.dcn_*) of --topology, or of --devices.')
   flags.DEFINE_float('mfu', 0.4, 'Assumed model FLOPs utilisation for the step-time estimate.')
   flags.DEFINE_string('json', None, 'Also write the report as JSON to this path.')
@@ -154,9 +152,8 @@ def accelerator_spec(name):
 
 
 def dry_run(config, accelerator='h100', mfu=0.4, devices=None, num_slices=None):
-  """The report (a dict, see module doc) of `config`'s train step compiled for `devices` (default: this process's;
-  `num_slices` simulated slices). ConfigError / ShardingError (one line; for a mesh the model cannot be laid out on,
-  naming meshes that would work) for a bad config or mesh."""
+  """The report (a dict) of `config`'s train step compiled for `devices` (default: this process's; `num_slices`
+  simulated slices). ConfigError / ShardingError (one line, naming meshes that would work) for a bad config or mesh."""
   config_lib.validate(config)
   spec = accelerator_spec(accelerator)
   if not 0 < mfu <= 1:

@@ -1,9 +1,6 @@
-"""The device mesh and where every array lives on it, from `config.mesh`.
-
-The model names its axes (`embed`, `heads`, `mlp`, ...); `config.mesh.logical_axis_rules` maps each name onto mesh
-axes `data`, `fsdp`, `tensor`. Over several TPU slices each mesh axis is a DCN part (across slices:
-`config.mesh.dcn_*`) times an ICI part (within a slice: `config.mesh.data/fsdp/tensor`).
-"""
+"""The device mesh and where every array lives on it: `config.mesh.logical_axis_rules` maps the model's axis names
+(`embed`, `heads`, `mlp`, ...) onto the mesh axes `data`, `fsdp`, `tensor`. Over several TPU slices each mesh axis is
+a DCN part (across slices: `config.mesh.dcn_*`) times an ICI part (within a slice: `config.mesh.data/fsdp/tensor`)."""
 
 import math
 import os
@@ -49,13 +46,10 @@ def slice_count(devices):
 
 
 def make_mesh(mesh_config, devices=None, num_slices=None):
-  """A mesh over all devices of all processes; over several slices, a hybrid mesh whose DCN part
-  (`mesh.dcn_data` x `mesh.dcn_fsdp`; data parallel across slices by default) joins per-slice ICI meshes.
-  `num_slices` simulates slices on devices that have none (CPU): consecutive devices form a slice.
-
+  """A mesh over all devices of all processes; over several slices (`num_slices` simulates them on CPU devices:
+  consecutive devices form one), per-slice ICI meshes joined by a DCN part, data parallel across slices by default.
   Auto axes, not jax.make_mesh's default Explicit ones: Flax's logical partitioning is GSPMD-style, and with Explicit
-  axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded").
-  """
+  axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded")."""
   devices = jax.devices() if devices is None else devices
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   slices = num_slices or slice_count(devices)

@@ -1,8 +1,6 @@
 """Real TPU slices as compile-only devices, so a CPU host can compile for a pod (as MaxText's train_compile does).
-
-Names follow Cloud TPU's: v4 and v5p count TensorCores (two per chip, one JAX device per chip: megacore), v5e and v6e
-count chips. No jax at module level: the dry run parses the name before it decides how jax starts.
-"""
+Names are Cloud TPU's: v4 and v5p count TensorCores (two per chip, one JAX device per chip: megacore), v5e and v6e
+count chips. No jax at module level: the dry run parses the name before it decides how jax starts."""
 
 import dataclasses
 import importlib.util
