@@ -1,22 +1,16 @@
-"""Peak dense matmul rates and memory of accelerators, for MFU and the dry run's step-time estimate.
+"""Accelerators' peak dense bfloat16/float16 matmul rates (the vendors' non-sparse figures) and memory, for MFU and
+the dry run; the CPU has no published peak, so perijax measures it."""
 
-Peaks are the vendors' dense (non-sparse) bfloat16/float16 figures. The CPU has no published peak: perijax measures it.
-"""
-
-import time
+import timeit
 
 import jax
 import jax.numpy as jnp
 
-# XLA:CPU allocates each step's temporaries as one block (380 MB for Peri-LN at d_model 512), from whichever thread
-# runs the step. glibc serves a block that large from a thread with a fresh mmap, unmaps it when the step ends, and the
-# kernel zeroes every page again next step: 40-120 ms of system time per step, more for a larger block (Peri-LN's) and
-# whenever memory is fragmented, so Peri/Pre step time varied from 1.00 to 1.06 (benchmarks/RESULTS.md). These
-# tunables keep the block: one arena (the main heap, which can grow to any size), no mmapped chunks, and no trimming of
-# freed memory, so later steps reuse the same pages. The price is memory: steps overlap (the next is dispatched before
-# the last frees its block), so the heap settles at a few blocks within ~10 steps (peri at d_model 512: 2.2 GB resident
-# instead of 1.15 GB). glibc reads them only at process start: benchmarks/run.py re-executes itself with them,
-# experiments/demo.sh exports them, and for your own CPU runs: export GLIBC_TUNABLES=<this>.
+# XLA:CPU allocates each step's temporaries as one block of a few hundred MB, which glibc maps afresh and unmaps every
+# step, the kernel zeroing every page again: 40-120 ms of system time per step, more for Peri-LN's larger block
+# (benchmarks/RESULTS.md). These keep the block (one arena, no mmapped chunks, no trimming), at the price of a few
+# blocks resident. glibc reads them at process start only: export GLIBC_TUNABLES=<this> (benchmarks/run.py re-executes
+# itself with them, experiments/demo.sh exports them).
 CPU_GLIBC_TUNABLES = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296'
 
 # name: (peak FLOP/s in bfloat16/float16, memory per device in bytes, HBM bandwidth bytes/s)
@@ -33,17 +27,11 @@ ACCELERATORS = {
 
 
 def measured_matmul_flops(size=1024, dtype=jnp.float32, repeats=5):
-  """FLOP/s of one device on a dense square matmul, the best of `repeats` runs (MFU's denominator on CPU)."""
-  device = jax.local_devices()[0]
-  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  """FLOP/s of this process's first device on a dense square matmul, the best of `repeats` (MFU's CPU denominator)."""
   matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  a = jnp.ones((size, size), dtype)
+  matmul(a).block_until_ready()  # compiles
+  return 2 * size ** 3 / min(timeit.repeat(lambda: matmul(a).block_until_ready(), number=1, repeat=repeats))
 
 
 def peak_flops(accelerator):

@@ -1,8 +1,5 @@
-"""What a training process sets up before it compiles anything: XLA flags and the persistent compilation cache.
-
-`setup(config.train)` runs first in `perijax.train`'s main, before jax starts its backends (XLA reads XLA_FLAGS once,
-when the first backend starts; the cache is set before the first compile).
-"""
+"""What a training process sets before it compiles anything: XLA flags (read once, when jax starts its first backend,
+so `setup(config.train)` runs first in `perijax.train`'s main) and the persistent compilation cache."""
 
 import os
 
@@ -41,7 +38,7 @@ def setup(train_config):
   """Applies `train.xla_flags_preset` to XLA_FLAGS and turns on the compilation cache in `train.compilation_cache_dir`
   (JAX_COMPILATION_CACHE_DIR in the environment wins). Fields absent from older runs' configs mean off."""
   preset = train_config.get('xla_flags_preset', 'none')
-  if preset in XLA_FLAGS_PRESETS and preset != 'none':  # an unknown one fails validation, before any compile
+  if XLA_FLAGS_PRESETS.get(preset):  # 'none' adds nothing; an unknown one fails validation, before any compile
     os.environ['XLA_FLAGS'] = xla_flags(preset, os.environ.get('XLA_FLAGS', ''))
   cache_dir = train_config.get('compilation_cache_dir', '')
   if cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):

@@ -1,14 +1,9 @@
-"""The device mesh and where every array lives on it, from `config.mesh`.
-
-The model names its axes (`embed`, `heads`, `mlp`, ...); `config.mesh.logical_axis_rules` maps each name onto mesh
-axes `data`, `fsdp`, `tensor`. This module turns that table into `NamedSharding`s and checks, before anything is
-compiled, that every sharded dimension divides evenly. Over several TPU slices each mesh axis is a DCN part (across
-slices: `config.mesh.dcn_*`) times an ICI part (within a slice: `config.mesh.data/fsdp/tensor`).
-"""
+"""The device mesh and where every array lives on it: `config.mesh.logical_axis_rules` maps the model's axis names
+(`embed`, `heads`, `mlp`, ...) onto the mesh axes `data`, `fsdp`, `tensor`. Over several TPU slices each mesh axis is
+a DCN part (across slices: `config.mesh.dcn_*`) times an ICI part (within a slice: `config.mesh.data/fsdp/tensor`)."""
 
 import math
 import os
-import types
 
 import flax.linen as nn
 import jax
@@ -34,19 +29,15 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     jax.distributed.initialize()
 
 
-def mesh_shape(mesh_config, device_count):
-  """Resolves -1 to the devices the other axes leave, and checks the product is the device count."""
-  sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+def _fill(sizes, total, unit):
+  """The sizes ({name: size}, at most one -1: what the others leave) of axes that must multiply to `total` units."""
   fixed = math.prod(size for size in sizes.values() if size != -1)
-  if -1 in sizes.values():
-    if device_count % fixed:
-      raise ShardingError(f'config.mesh {sizes}: the fixed axes (product {fixed}) do not divide the '
-                          f'{device_count} devices; choose sizes whose product divides {device_count}')
-    sizes = {axis: device_count // fixed if size == -1 else size for axis, size in sizes.items()}
-  if math.prod(sizes.values()) != device_count:
-    raise ShardingError(f'config.mesh {sizes} has {math.prod(sizes.values())} devices but there are {device_count}; '
-                        f'data x fsdp x tensor must equal the device count (use -1 for one axis to fill it)')
-  return tuple(sizes[axis] for axis in MESH_AXES)
+  if -1 in sizes.values() and total % fixed == 0:
+    sizes = {name: total // fixed if size == -1 else size for name, size in sizes.items()}
+  if math.prod(sizes.values()) != total:
+    raise ShardingError(f'config.mesh {" x ".join(sizes)} = {sizes} has {fixed} {unit}s but there are {total} {unit}s: '
+                        f'their product must be the {unit} count (or divide it, with -1 for one axis to fill the rest)')
+  return tuple(sizes.values())
 
 
 def slice_count(devices):
@@ -55,36 +46,25 @@ def slice_count(devices):
 
 
 def make_mesh(mesh_config, devices=None, num_slices=None):
-  """A mesh over all devices of all processes; over several slices, a hybrid mesh whose DCN part
-  (`mesh.dcn_data` x `mesh.dcn_fsdp`; data parallel across slices by default) joins per-slice ICI meshes.
-
-  `num_slices` simulates slices on devices that have none (CPU): consecutive devices form a slice.
+  """A mesh over all devices of all processes; over several slices (`num_slices` simulates them on CPU devices:
+  consecutive devices form one), per-slice ICI meshes joined by a DCN part, data parallel across slices by default.
   Auto axes, not jax.make_mesh's default Explicit ones: Flax's logical partitioning is GSPMD-style, and with Explicit
-  axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded").
-  """
+  axes a data-sharded Dense fails in the backward pass ("ShardingTypeError: Contracting dimensions are sharded")."""
   devices = jax.devices() if devices is None else devices
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   slices = num_slices or slice_count(devices)
   if len(devices) % slices:
     raise ShardingError(f'{len(devices)} devices do not split into {slices} slices of equal size')
-  ici = mesh_shape(mesh_config, len(devices) // slices)
+  ici = _fill({axis: mesh_config[axis] for axis in MESH_AXES}, len(devices) // slices, 'device')
   if slices == 1:
     return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types, devices=devices)
-  dcn = {'dcn_data': mesh_config.get('dcn_data', -1), 'dcn_fsdp': mesh_config.get('dcn_fsdp', 1)}
-  fixed = math.prod(size for size in dcn.values() if size != -1)
-  dcn = {k: slices // fixed if size == -1 and slices % fixed == 0 else size for k, size in dcn.items()}
-  if math.prod(dcn.values()) != slices:
-    raise ShardingError(f'config.mesh.dcn_data x dcn_fsdp = {dcn} must multiply to the {slices} slices (use -1 '
-                        f'for one of them to fill it)')
-  dcn = (dcn['dcn_data'], dcn['dcn_fsdp'], 1)
-  simulated = slice_count(devices) != slices
-  if simulated:  # tag each device with its slice for create_hybrid_device_mesh, and untag its result
-    per_slice = len(devices) // slices
-    devices = [types.SimpleNamespace(device=d, slice_index=i // per_slice, platform=d.platform,
-                                     device_kind=d.device_kind, id=d.id) for i, d in enumerate(devices)]
-  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-  if simulated:
-    grid = np.vectorize(lambda d: d.device, otypes=[object])(grid)
+  dcn = _fill({'dcn_data': mesh_config.get('dcn_data', -1), 'dcn_fsdp': mesh_config.get('dcn_fsdp', 1)}, slices,
+              'slice') + (1,)
+  if slice_count(devices) == slices:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  else:  # simulated: each slice's devices in order, the slices in a DCN grid, as create_hybrid_device_mesh lays them
+    grid = np.asarray(devices, dtype=object).reshape(dcn + ici).transpose(0, 3, 1, 4, 2, 5)
+    grid = grid.reshape([outer * inner for outer, inner in zip(dcn, ici)])
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
@@ -95,18 +75,16 @@ def logical_rules(mesh_config):
 
 def shardings_of(boxed_tree, mesh, rules):
   """NamedShardings for a tree whose leaves are boxed with logical axis names (unboxed leaves: replicated)."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
 
 
 def check_divisible(abstract_tree, shardings, mesh):
-  """Every sharded dimension must split evenly over its mesh axes; says which tensor does not."""
+  """Every sharded dimension must split evenly over its mesh axes; says which tensors do not."""
   problems = []
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_tree),
                                     jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
     for dim, axes in zip(leaf.shape, sharding.spec):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-      ways = math.prod(mesh.shape[a] for a in axes)
+      ways = math.prod(mesh.shape[axis] for axis in jax.tree.leaves(axes))  # axes: None, a name or a tuple of names
       if dim % ways:
         problems.append(f'{jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} over mesh axes '
                         f'{axes} ({ways} ways)')
@@ -122,12 +100,11 @@ def batch_sharding(mesh, rules):
 
 
 def check_batch(global_batch, mesh, process_count, grad_accum_steps=1):
-  """The micro-batch must split over the data-parallel devices and over the processes feeding them."""
+  """The micro-batch (returned) must split over the data-parallel devices and over the processes feeding them."""
   if global_batch % grad_accum_steps:
     raise ShardingError(f'config.train.batch_size = {global_batch} is not divisible by '
                         f'config.optimizer.grad_accum_steps = {grad_accum_steps}')
-  micro = global_batch // grad_accum_steps
-  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  micro, ways = global_batch // grad_accum_steps, mesh.shape['data'] * mesh.shape['fsdp']
   if micro % ways:
     raise ShardingError(f'batch of {micro} sequences (config.train.batch_size / grad_accum_steps) is not divisible '
                         f'by data x fsdp = {ways} devices; use a multiple of {ways}')

@@ -1,10 +1,6 @@
 """Real TPU slices as compile-only devices, so a CPU host can compile for a pod (as MaxText's train_compile does).
-
-`parse('v5e-256', num_slices=2)` turns a Cloud TPU name into the topology libtpu's compiler takes; `devices(...)` asks
-libtpu (the `tpu` extra) for that many compile-only devices through `jax.experimental.topologies`. Names follow Cloud
-TPU's: v4 and v5p count TensorCores (two per chip, one JAX device per chip: megacore), v5e and v6e count chips.
-Nothing here imports jax at module level: the dry run parses the name before it decides how jax starts.
-"""
+Names are Cloud TPU's: v4 and v5p count TensorCores (two per chip, one JAX device per chip: megacore), v5e and v6e
+count chips. No jax at module level: the dry run parses the name before it decides how jax starts."""
 
 import dataclasses
 import importlib.util
@@ -39,20 +35,6 @@ class Topology:
     return self.devices_per_slice * self.num_slices
 
 
-def chip_grid(chips, dims):
-  """The slice's chips as a torus shape: 2D (v5e/v6e) 16 -> 4x4, 128 -> 8x16; 3D (v4/v5p) 4 -> 2x2x1, 8 -> 2x2x2,
-  then the last, middle, first dimension doubled in turn (64 -> 4x4x4, 256 -> 4x8x8), as Cloud TPU lays slices out."""
-  if dims == 2:
-    x = 2 ** (int(math.log2(chips)) // 2)
-    return (x, chips // x)
-  if chips == 4:
-    return (2, 2, 1)
-  grid = [2, 2, 2]
-  for i in range(int(math.log2(chips // 8))):
-    grid[2 - i % 3] *= 2
-  return tuple(grid)
-
-
 def parse(name, num_slices=1):
   """`Topology` of a Cloud TPU name such as 'v4-128', 'v5p-512', 'v5e-256', 'v6e-64'; ValueError (one line) if not."""
   match = re.fullmatch(r'(v4|v5p|v5e|v6e)-(\d+)', name or '')
@@ -67,8 +49,16 @@ def parse(name, num_slices=1):
                      f'{largest}; {allowed}')
   if not isinstance(num_slices, int) or num_slices < 1:
     raise ValueError(f'--num_slices={num_slices!r}: expected a positive number of slices')
+  # The chips as a torus, laid out as Cloud TPU does: 2D 16 -> 4x4, 128 -> 8x16; 3D 4 -> 2x2x1, 8 -> 2x2x2, then the
+  # last, middle, first dimension doubled in turn (64 -> 4x4x4, 256 -> 4x8x8).
   chips = size // cores_per_device
-  grid = chip_grid(chips, dims)
+  if dims == 2:
+    side = 2 ** (int(math.log2(chips)) // 2)
+    grid = (side, chips // side)
+  else:
+    grid = [2, 2, min(chips // 4, 2)]
+    for i in range(max(int(math.log2(chips)) - 3, 0)):
+      grid[2 - i % 3] *= 2
   full = 16 if dims == 2 else 4  # a dimension this long is a full ring of the pod, so it wraps
   wrap = tuple(d >= full for d in grid) + ((False,) if dims == 2 else ())
   if dims == 3 and not all(wrap):
@@ -81,7 +71,7 @@ def parse(name, num_slices=1):
 def prepare(name, num_slices):
   """Before jax starts: (Topology, True) if libtpu will compile for it; else says so in one line and returns
   (Topology, False), the caller simulating its devices on the CPU. ValueError (one line) for a bad name or count."""
-  topology = parse(name, int(num_slices) if str(num_slices).isdigit() else num_slices)
+  topology = parse(name, num_slices)
   if importlib.util.find_spec('libtpu') is None:
     print(f"perijax.dryrun: libtpu is not installed (pip install -e '.[tpu]'), so the TPU compiler cannot compile "
           f'for {name} x {num_slices}: simulating {topology.devices} CPU devices instead', file=sys.stderr, flush=True)
