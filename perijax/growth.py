@@ -1,23 +1,12 @@
-"""The growth law of a per-layer statistic with depth (docs/paper.md, claim 1): linear, power or exponential?
+"""The growth law of a per-layer statistic with depth (docs/paper.md, claim 1; README.md says how to read the fit).
 
-Peri-LN adds a normalized term per sub-layer, so its residual variance should grow like `a + b·l` with the layer index
-l; Pre-LN adds F's raw output, whose scale can compound, so it may grow like `a·e^(r·l)`; `a·l^p` is the third usual
-candidate. Every law is fitted by least squares of log(value): a per-layer statistic of a batch has roughly
-multiplicative noise, and a raw-space loss would let the deepest, largest layers decide alone. Power and exponential
-are linear regressions (of log value on log l, and on l). Linear is fitted under a + b·l > 0 at every layer as a
-profile search: such a line is A·(1 + (ρ - 1)·t), t = 0 at the first layer and 1 at the last; for each ρ the best
-log A is the mean residual, and log ρ is searched on a grid, then refined by golden section.
-
-Every law has two parameters plus the noise variance, so AIC = n·log(RSS/n) + 6 (RSS of the log residuals; BIC gives
-the same differences). The verdict is the law of lowest AIC when every other is at least MARGIN = 10 above it
-(essentially no support for the other, Burnham & Anderson 2002); otherwise 'inconclusive', and `contenders` names the
-laws within the margin of the best.
-
-`values` is [layers] or [seeds, layers]. Several seeds are fitted as the per-layer mean of log(value) (the geometric
-mean): a layer's seeds are not independent points of the curve, so n counts layers. Intervals are 95% percentile
-bootstraps over layers (one curve) or over seeds (several); with few of either they cover somewhat less (simulated:
-83-97% at 8-48 layers, ~80% at 3-5 seeds). Non-finite or non-positive values, or fewer than 3 layers: no fit, verdict
-'inconclusive' and a `note` saying why.
+Linear `a + b·l` (Peri-LN adds a normalized term per sub-layer), exponential `a·e^(r·l)` (Pre-LN's raw sub-layer
+outputs can compound) and power `a·l^p` are fitted by least squares of log(value): a batch statistic has roughly
+multiplicative noise, and a raw-space loss would let the largest layers decide alone. With two parameters each,
+AIC = n·log(RSS/n) + 6; the verdict is the law of lowest AIC when every other is at least MARGIN = 10 above it
+(Burnham & Anderson 2002), else 'inconclusive'. Several seeds ([seeds, layers]) are fitted as the per-layer geometric
+mean, n counting layers; 95% percentile-bootstrap intervals resample layers (one curve) or seeds (several) and cover
+somewhat less with few of either (simulated: 83-97% at 8-48 layers, ~80% at 3-5 seeds).
 """
 
 import dataclasses
@@ -72,6 +61,8 @@ def _line_rss(t, log_y, log_rho):
 
 
 def _fit_linear(layers, log_y, first, last):
+  """A line positive at every layer is A·(1 + (ρ - 1)·t), t = 0 at the first layer and 1 at the last: for each ρ the
+  best log A is the mean residual; log ρ is searched on a grid, then refined by golden section."""
   t = (layers - first) / (last - first)
   best = np.argmin(_line_rss(t[..., None, :], log_y[..., None, :], _LOG_RHO_GRID), -1)
   low = _LOG_RHO_GRID[np.maximum(best - 1, 0)]
@@ -123,8 +114,8 @@ def _check_layers(layers, num_layers):
 
 def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int = BOOTSTRAP,
                seed: int = 0) -> GrowthFit:
-  """Fits the three laws to `values` [layers] or [seeds, layers] against `layers` (1..L by default), compares them
-  by AIC and takes intervals from `bootstrap` resamples (seeded by `seed`). Raises ValueError for bad `layers`."""
+  """The three laws fitted to `values` [layers] or [seeds, layers] at `layers` (1..L by default), with intervals from
+  `bootstrap` resamples. No fit, with a `note`, for non-finite or non-positive values or fewer than 3 layers."""
   given_shape = np.shape(values)
   values = np.asarray(values, dtype=np.float64)
   values = values[None] if values.ndim == 1 else values

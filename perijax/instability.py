@@ -1,11 +1,8 @@
-"""The divergence rule: when a training run has diverged, from its logged losses alone (README.md, "Metrics").
-
-A run diverged at the first logged step where the loss is not finite, or where an exponential moving average of the
-loss (decay `ema_decay` per optimizer step, so losses logged every k steps weigh decay^k and the rule does not depend
-on `train.log_every`) has stayed more than `margin` nats above its own running minimum for `patience_steps` steps:
-the run lost what it had learned and did not win it back. A spike that recovers within `patience_steps`, a plateau, a
-slowly falling loss, or a run that ends mid-excursion is not divergence. "Final loss above the first" was replaced by
-this rule because it depended on where a run happened to stop.
+"""The divergence rule (README.md, "Metrics"): a run diverged at its first logged non-finite loss, or where an
+exponential moving average of the loss (decay `ema_decay` per optimizer step, so the rule does not depend on
+`train.log_every`) has stayed more than `margin` nats above its running minimum for `patience_steps` steps. Unlike
+"final loss above the first", it does not depend on where a run happened to stop: a spike that recovers, a plateau or
+a run that ends mid-excursion is not divergence.
 """
 
 import dataclasses

@@ -1,11 +1,6 @@
-"""Where training numbers go (process 0 only): WORKDIR/metrics.jsonl, TensorBoard, Weights & Biases if
-config.wandb.enabled, and a console line. Keys and files: README.md, "Metrics", "Object-store workdirs" and
-"Weights & Biases".
-
-An object store (a gs:// workdir) cannot append, and rewriting one growing file would cost more each window, so there
-each log step rewrites the current part file whole (perijax.rundir.metrics_part; a new part after PART_LINES lines
-or when a resumed run starts). W&B (imported only when enabled) keeps its run id in the workdir, so a resumed training
-continues the same W&B run.
+"""Where training numbers go (process 0 only): WORKDIR/metrics.jsonl, or part files on an object store, which cannot
+append; TensorBoard; W&B if config.wandb.enabled (imported only then, its run id kept in the workdir so a resumed
+training continues the same W&B run); a console line. README.md, "Metrics" and "Weights & Biases", says the rest.
 """
 
 import json
@@ -25,9 +20,8 @@ WINDOW_KEYS = ('loss', 'grad_norm', 'layer_grad_norm')  # per-step values a logg
 
 
 def window_summary(steps):
-  """`steps`: [{loss, grad_norm, layer_grad_norm}] of each step since the last logged line. Their means over the steps
-  where each is finite (a skipped step's gradient norm is not), and `grad_norm_max`, the window's largest finite
-  global gradient norm; NaN where no step was finite."""
+  """Means of each step's WINDOW_KEYS since the last logged line over the steps where each is finite (a skipped
+  step's gradient norm is not), and `grad_norm_max`; NaN where no step was finite."""
   summary = {}
   for key in WINDOW_KEYS:
     values = np.asarray([step[key] for step in steps], np.float64)

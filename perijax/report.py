@@ -1,11 +1,8 @@
-r"""The report on one or many runs: the tables of perijax/tables.py, growth-law fits of variance with depth
-(perijax/growth.py) and Table 1; --plots writes the figures of perijax/plots.py, --json every number.
+r"""The report on one or many runs (README.md, "Experiments, sweeps and inspection", says what each part shows).
 
     python -m perijax.report DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
 
-A DIR is a run's workdir or a sweep root (perijax/runs.py); the README ("Experiments, sweeps and inspection") says what
-each section shows. Table 1 groups the runs that differ only in `train.seed`: each column is mean ± sample std over the
-seeds, with `diverged k/n` by perijax/instability.py's rule; the tasks' average uses acc_norm where a task reports it.
+A DIR is a run's workdir or a sweep root (perijax/runs.py).
 """
 
 import json
@@ -75,7 +72,7 @@ def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
-  """The numbers Table 1 compares, for one run."""
+  """The numbers Table 1 compares, for one run; `avg` uses each task's acc_norm where it reports one."""
   logged = [line for line in run.metrics if line.get('loss') is not None]
   losses = [float(line['loss']) for line in logged]
   divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
@@ -151,7 +148,8 @@ def mean_std(values: Sequence[Any]) -> Dict[str, Any]:
 
 
 def aggregate(groups: Sequence[Tuple[str, List[RunRecord]]]) -> List[Dict[str, Any]]:
-  """Table 1 rows: one per group, every column as mean_std over the group's seeds."""
+  """Table 1 rows: one per group, every column as mean_std over the group's seeds, `diverged` by
+  perijax/instability.py's rule with each run's own parameters."""
   rows = []
   for label, members in groups:
     summaries = [summarize_run(run) for run in members]
@@ -193,7 +191,8 @@ def table1(rows: Sequence[Dict[str, Any]]) -> str:
     body = [[row['group'], str(row['n_seeds'])]
             + [format_mean_std(row['columns'][k]) if k in row['columns'] else '-' for k in keys]
             + [f'{row[k]}/{row["n_seeds"]}' for k in counts] for row in rows]
-    text += [f'\nTable 1 ({title}): mean ± std over seeds', format_table([['config', 'n_seeds'] + keys + counts], body)]
+    headers = ['config', 'n_seeds'] + keys + counts
+    text += [f'\nTable 1 ({title}): mean ± std over seeds', format_table([headers], body)]
   if any(c['n_finite'] < c['n'] for row in rows for c in row['columns'].values()):
     text.append('* over the seeds whose value is finite (a diverged seed has none)')
   return '\n'.join(text)
