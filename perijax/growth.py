@@ -1,29 +1,12 @@
-"""The growth law of a per-layer statistic with depth (docs/paper.md, claim 1): linear, power or exponential?
+"""The growth law of a per-layer statistic with depth (docs/paper.md, claim 1; README.md says how to read the fit).
 
-Peri-LN adds a normalized term per sub-layer, so its residual variance should grow like `a + b·l` with the layer index
-l; Pre-LN adds F's raw output, whose scale can compound, so its variance may grow like `a·e^(r·l)`; `a·l^p` is the
-third usual candidate. `fit_growth` fits the three to the same data, in the same space, with the same loss, and says
-which one the data support.
-
-Space and loss: least squares of log(value), i.e. a Gaussian likelihood in log space, for every law. A per-layer
-statistic measured on a batch has roughly multiplicative noise (known to a few percent whatever its size), and a
-raw-space loss would let the deepest, largest layers decide alone. Power and exponential are then linear regressions
-(of log value on log l, and on l). Linear is a nonlinear fit of log(a + b·l) under a + b·l > 0 at every layer, done
-as a profile search: a line positive at the first and last layer is A·(1 + (ρ - 1)·t), t = 0 at the first layer and
-1 at the last; for a given ρ the best log A is the mean residual, and log ρ is searched on a grid, then refined by
-golden section.
-
-Comparison: every law has two parameters plus the noise variance, so with n layers AIC = n·log(RSS/n) + 6 (terms
-common to all laws dropped; RSS = the sum of squared log residuals) and the difference between two laws is
-n·log(RSS_1 / RSS_2); BIC gives the same differences. The verdict is the law of lowest AIC when every other law is at
-least MARGIN = 10 above it (ΔAIC > 10: essentially no support for the other, Burnham & Anderson 2002); otherwise
-'inconclusive', and `contenders` names the laws within the margin of the best.
-
-Seeds: `values` is [layers] or [seeds, layers]. With several seeds the laws are fitted to the per-layer mean of
-log(value) over seeds (the geometric mean): the seeds of one layer are not independent points of the curve, so n
-counts layers. Intervals are 95% percentile bootstraps: over layers (resampled with replacement) for one curve, over
-seeds for several; with few of either they cover somewhat less (simulated: 83-97% at 8-48 layers, ~80% at 3-5 seeds).
-Non-finite or non-positive values, or fewer than 3 layers: no fit, verdict 'inconclusive' and a `note` saying why.
+Linear `a + b·l` (Peri-LN adds a normalized term per sub-layer), exponential `a·e^(r·l)` (Pre-LN's raw sub-layer
+outputs can compound) and power `a·l^p` are fitted by least squares of log(value): a batch statistic has roughly
+multiplicative noise, and a raw-space loss would let the largest layers decide alone. With two parameters each,
+AIC = n·log(RSS/n) + 6; the verdict is the law of lowest AIC when every other is at least MARGIN = 10 above it
+(Burnham & Anderson 2002), else 'inconclusive'. Several seeds ([seeds, layers]) are fitted as the per-layer geometric
+mean, n counting layers; 95% percentile-bootstrap intervals resample layers (one curve) or seeds (several) and cover
+somewhat less with few of either (simulated: 83-97% at 8-48 layers, ~80% at 3-5 seeds).
 """
 
 import dataclasses
@@ -44,13 +27,12 @@ _MSE_FLOOR = 1e-18   # two laws that both fit to rounding error tie instead of c
 class LawFit:
   params: Dict[str, float]                     # e.g. {'a': ..., 'b': ...}, see PARAMS
   intervals: Dict[str, Tuple[float, float]]    # 95% bootstrap interval of each parameter
-  aic: float                                   # n·log(RSS/n) + 6
+  aic: float
   delta_aic: float                             # aic minus the best law's aic
 
 
 @dataclasses.dataclass(frozen=True)
 class GrowthFit:
-  """The three laws fitted to one curve (or the geometric mean of several seeds' curves), and the verdict."""
   num_layers: int
   num_seeds: int
   verdict: str                     # 'linear' | 'power' | 'exponential' | 'inconclusive'
@@ -75,14 +57,14 @@ def _regress(x, y):
 def _line_rss(t, log_y, log_rho):
   """RSS of the best line of shape 1 + (ρ - 1)·t, its scale in closed form (log_rho broadcasts against t[..., 0])."""
   residual = log_y - np.log1p(np.expm1(log_rho)[..., None] * t)
-  residual = residual - residual.mean(-1, keepdims=True)
-  return (residual ** 2).sum(-1)
+  return ((residual - residual.mean(-1, keepdims=True)) ** 2).sum(-1)
 
 
 def _fit_linear(layers, log_y, first, last):
+  """A line positive at every layer is A·(1 + (ρ - 1)·t), t = 0 at the first layer and 1 at the last: for each ρ the
+  best log A is the mean residual; log ρ is searched on a grid, then refined by golden section."""
   t = (layers - first) / (last - first)
-  grid_rss = _line_rss(t[..., None, :], log_y[..., None, :], _LOG_RHO_GRID)
-  best = np.argmin(grid_rss, -1)
+  best = np.argmin(_line_rss(t[..., None, :], log_y[..., None, :], _LOG_RHO_GRID), -1)
   low = _LOG_RHO_GRID[np.maximum(best - 1, 0)]
   high = _LOG_RHO_GRID[np.minimum(best + 1, _LOG_RHO_GRID.size - 1)]
   for _ in range(50):   # golden section: the bracket of two grid steps shrinks to 1e-10
@@ -90,8 +72,7 @@ def _fit_linear(layers, log_y, first, last):
     go_left = _line_rss(t, log_y, left) < _line_rss(t, log_y, right)
     high, low = np.where(go_left, right, high), np.where(go_left, low, left)
   log_rho = (low + high) / 2
-  log_shape = np.log1p(np.expm1(log_rho)[..., None] * t)
-  scale = np.exp((log_y - log_shape).mean(-1))
+  scale = np.exp((log_y - np.log1p(np.expm1(log_rho)[..., None] * t)).mean(-1))
   slope = scale * np.expm1(log_rho) / (last - first)
   return scale - slope * first, slope, _line_rss(t, log_y, log_rho)
 
@@ -110,17 +91,16 @@ def _aic(rss, n):
 
 
 def verdicts_of_curves(curves, layers: Optional[Sequence[float]] = None) -> np.ndarray:
-  """The verdict for each row of `curves` [curves, layers], each an independent curve: fit_growth's rule, without
-  intervals, vectorised (for simulations)."""
+  """fit_growth's verdict for each row of `curves` [curves, layers], an independent curve each; no intervals,
+  vectorised (for simulations)."""
   curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
   layers = _check_layers(layers, curves.shape[-1])
   valid = np.all(np.isfinite(curves) & (curves > 0), axis=-1)
   log_y = np.log(np.where(valid[:, None], curves, 1.0))
   fits = fit_laws(np.broadcast_to(layers, log_y.shape), log_y, layers.min(), layers.max())
   aic = np.stack([_aic(fits[law][2], layers.size) for law in LAWS], -1)
-  contenders = aic - aic.min(-1, keepdims=True) < MARGIN
-  names = np.array(LAWS)[np.argmin(aic, -1)]
-  return np.where(valid & (contenders.sum(-1) == 1), names, 'inconclusive')
+  single = (aic - aic.min(-1, keepdims=True) < MARGIN).sum(-1) == 1
+  return np.where(valid & single, np.array(LAWS)[np.argmin(aic, -1)], 'inconclusive')
 
 
 def _check_layers(layers, num_layers):
@@ -134,23 +114,22 @@ def _check_layers(layers, num_layers):
 
 def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int = BOOTSTRAP,
                seed: int = 0) -> GrowthFit:
-  """Fits linear, power and exponential growth to `values` [layers] or [seeds, layers] against `layers` (1..L by
-  default), compares them by AIC and bootstraps `bootstrap` resamples (seeded by `seed`) for the intervals."""
+  """The three laws fitted to `values` [layers] or [seeds, layers] at `layers` (1..L by default), with intervals from
+  `bootstrap` resamples. No fit, with a `note`, for non-finite or non-positive values or fewer than 3 layers."""
   given_shape = np.shape(values)
   values = np.asarray(values, dtype=np.float64)
   values = values[None] if values.ndim == 1 else values
   num_seeds, num_layers = values.shape if values.ndim == 2 else (0, 0)
-  layers = _check_layers(layers, num_layers) if values.ndim == 2 else None
-
-  def no_fit(note):
-    return GrowthFit(num_layers, num_seeds, 'inconclusive', (), {}, float('nan'), note)
+  note = ''
   if values.ndim != 2 or num_layers < 3:
-    return no_fit(f'need values of shape [layers] or [seeds, layers] with at least 3 layers, got {given_shape}')
-  if not np.all(np.isfinite(values)):
-    return no_fit(f'{np.sum(~np.isfinite(values))} non-finite value(s) (overflow or divergence); no fit')
-  if not np.all(values > 0):
-    return no_fit(f'{np.sum(values <= 0)} value(s) <= 0: a growth law needs positive values; no fit')
-
+    note = f'need values of shape [layers] or [seeds, layers] with at least 3 layers, got {given_shape}'
+  elif not np.all(np.isfinite(values)):
+    note = f'{np.sum(~np.isfinite(values))} non-finite value(s) (overflow or divergence); no fit'
+  elif not np.all(values > 0):
+    note = f'{np.sum(values <= 0)} value(s) <= 0: a growth law needs positive values; no fit'
+  if note:
+    return GrowthFit(num_layers, num_seeds, 'inconclusive', (), {}, float('nan'), note)
+  layers = _check_layers(layers, num_layers)
   log_values = np.log(values)
   log_y = log_values.mean(0)
   first, last = layers.min(), layers.max()
@@ -164,7 +143,6 @@ def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int 
     index = index[(np.diff(index, axis=-1) > 0).sum(-1) >= 2]   # at least 3 distinct layers
     resampled_y, resampled_layers = log_y[index], layers[index]
   resampled = fit_laws(resampled_layers, resampled_y, first, last)
-
   aic = {law: float(_aic(fits[law][2], num_layers)) for law in LAWS}
   best = min(aic.values())
   contenders = tuple(sorted((law for law in LAWS if aic[law] - best < MARGIN), key=aic.get))
@@ -172,10 +150,9 @@ def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int 
   for law in LAWS:
     bounds = [np.nanpercentile(resampled[law][i], [2.5, 97.5]) if resampled[law][i].size else (np.nan, np.nan)
               for i in (0, 1)]
-    laws[law] = LawFit(params={name: float(fits[law][i]) for i, name in enumerate(PARAMS[law])},
-                       intervals={name: (float(bounds[i][0]), float(bounds[i][1]))
-                                  for i, name in enumerate(PARAMS[law])},
-                       aic=aic[law], delta_aic=aic[law] - best)
+    laws[law] = LawFit({name: float(fits[law][i]) for i, name in enumerate(PARAMS[law])},
+                       {name: (float(bounds[i][0]), float(bounds[i][1])) for i, name in enumerate(PARAMS[law])},
+                       aic[law], aic[law] - best)
   verdict = contenders[0] if len(contenders) == 1 else 'inconclusive'
   note = '' if len(contenders) == 1 else f'{" and ".join(contenders)} within ΔAIC < {MARGIN:g} of each other'
   return GrowthFit(num_layers, num_seeds, verdict, contenders, laws, float(np.exp(log_y[-1] - log_y[0])), note)

@@ -1,13 +1,6 @@
-"""Where training numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, Weights & Biases if config.wandb.enabled,
-and a console line. Process 0 only. The keys of a line and what they mean: README.md, "Metrics".
-
-A local metrics.jsonl is appended to (a resumed run continues it). An object store (a gs:// workdir) cannot append, and
-rewriting one growing file would cost more each window, so there the lines go to WORKDIR/metrics/part_000001.jsonl,
-part_000002.jsonl, ...: each log step rewrites the current part whole (at most PART_LINES lines), and a new part starts
-after PART_LINES lines or when a resumed run starts. `perijax.rundir.metrics_files` lists them in the order written.
-TensorBoard and W&B get the same numbers as scalars (`scalars`). W&B (imported only when enabled) names the run after
-the workdir and keeps its id in WORKDIR/wandb_run_id, so a resumed training continues the same W&B run; WANDB_MODE and
-WANDB_DIR in the environment win over config.wandb.mode and the default directory (the workdir).
+"""Where training numbers go (process 0 only): WORKDIR/metrics.jsonl, or part files on an object store, which cannot
+append; TensorBoard; W&B if config.wandb.enabled (imported only then, its run id kept in the workdir so a resumed
+training continues the same W&B run); a console line. README.md, "Metrics" and "Weights & Biases", says the rest.
 """
 
 import json
@@ -23,22 +16,19 @@ from tensorboardX import SummaryWriter
 from perijax import rundir
 
 PART_LINES = 100  # lines per metrics part file on an object store
-
-
 WINDOW_KEYS = ('loss', 'grad_norm', 'layer_grad_norm')  # per-step values a logged line summarizes over its window
 
 
 def window_summary(steps):
-  """`steps`: [{loss, grad_norm, layer_grad_norm}] of each step since the last logged line. Returns their means over
-  the steps where each is finite (a skipped step's gradient norm is not; skipped_steps and forward_overflows count
-  those) and `grad_norm_max`, the window's largest finite global gradient norm. NaN where no step was finite."""
+  """Means of each step's WINDOW_KEYS since the last logged line over the steps where each is finite (a skipped
+  step's gradient norm is not), and `grad_norm_max`; NaN where no step was finite."""
   summary = {}
   for key in WINDOW_KEYS:
     values = np.asarray([step[key] for step in steps], np.float64)
     finite = np.isfinite(values)
     count = finite.sum(axis=0)
-    mean = np.where(count > 0, np.where(finite, values, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
-    summary[key] = mean.tolist()
+    summary[key] = np.where(count > 0, np.where(finite, values, 0.0).sum(axis=0) / np.maximum(count, 1),
+                            np.nan).tolist()
     if key == 'grad_norm':
       summary['grad_norm_max'] = float(np.max(values[finite])) if count else math.nan
   return summary
@@ -48,30 +38,30 @@ def scalars(record):
   """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
   flat = {}
   for key, value in record.items():
-    if isinstance(value, list) and all(item is None or isinstance(item, (int, float)) for item in value):  # not massive_*
+    if isinstance(value, list) and all(item is None or isinstance(item, (int, float)) for item in value):
       flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value) if item is not None})
-    elif isinstance(value, (int, float, bool)):
+    elif isinstance(value, (int, float, bool)):   # not text, not the massive_* lists of dicts
       flat[key] = float(value)
   return flat
 
 
 class MetricsWriter:
-  """Writes metrics lines (appended to metrics.jsonl, or part files on an object store) and the same numbers to
-  TensorBoard and, if `config.wandb.enabled`, to W&B."""
+  """Writes metrics lines to metrics.jsonl (or part files on an object store), TensorBoard and W&B."""
 
   def __init__(self, workdir, total_steps, config):
     self.enabled = jax.process_index() == 0
     self.total_steps, self.started, self.first_step, self.wandb_run = total_steps, time.time(), None, None
     self.workdir, self.jsonl, self.part, self.part_lines = workdir, None, None, []
-    if self.enabled:
-      if rundir.is_local(workdir):
-        self.jsonl = rundir.metrics_file(workdir).open('a')
-      else:  # parts are numbered after those of earlier starts of the run
-        self.part = len(rundir.metrics_files(workdir))
-        rundir.metrics_dir(workdir).mkdir(parents=True, exist_ok=True)
-      self.tensorboard = SummaryWriter(str(rundir.tensorboard(workdir)))
-      if config.wandb.enabled:
-        self.wandb_run = start_wandb_run(workdir, config)
+    if not self.enabled:
+      return
+    if rundir.is_local(workdir):
+      self.jsonl = rundir.metrics_file(workdir).open('a')
+    else:  # parts are numbered after those of earlier starts of the run
+      self.part = len(rundir.metrics_files(workdir))
+      rundir.metrics_dir(workdir).mkdir(parents=True, exist_ok=True)
+    self.tensorboard = SummaryWriter(str(rundir.tensorboard(workdir)))
+    if config.wandb.enabled:
+      self.wandb_run = start_wandb_run(workdir, config)
 
   def write(self, step, record):
     if not self.enabled:
@@ -93,26 +83,27 @@ class MetricsWriter:
       self.wandb_run.log(numbers, step=step)
 
   def console(self, step, record):
-    """step, loss, tokens/s and the time left at the recent rate."""
+    """step, loss, tokens/s and the time left at the rate since the first line."""
     if not self.enabled:
       return
+    eta = '?'
     if self.first_step is None:
       self.first_step, self.started = step, time.time()
-      eta = '?'
     else:
-      rate = (time.time() - self.started) / max(step - self.first_step, 1)
-      eta = _duration(rate * (self.total_steps - step))
+      left = int((time.time() - self.started) / max(step - self.first_step, 1) * (self.total_steps - step))
+      eta = f'{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}'
     print(f"step {step:>6}/{self.total_steps}  loss {record.get('loss', math.nan):7.4f}  "
           f"tok/s {record.get('tokens_per_sec', 0):9.0f}  mfu {record.get('mfu', 0):5.1%}  "
           f"scale {record.get('loss_scale', 1):8.0f}  skipped {record.get('skipped_steps', 0)}  ETA {eta}", flush=True)
 
   def close(self):
-    if self.enabled:
-      if self.jsonl is not None:
-        self.jsonl.close()
-      self.tensorboard.close()
-      if self.wandb_run is not None:
-        self.wandb_run.finish()
+    if not self.enabled:
+      return
+    if self.jsonl is not None:
+      self.jsonl.close()
+    self.tensorboard.close()
+    if self.wandb_run is not None:
+      self.wandb_run.finish()
 
 
 def start_wandb_run(workdir, config):
@@ -129,8 +120,3 @@ def start_wandb_run(workdir, config):
   return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None, name=rundir.root(workdir).name,
                     id=run_id, resume='allow', mode=os.environ.get('WANDB_MODE') or config.wandb.mode,
                     dir=os.environ.get('WANDB_DIR') or local_dir, config=config.to_dict())
-
-
-def _duration(seconds):
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

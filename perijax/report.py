@@ -1,14 +1,8 @@
-r"""The report on one or many runs: per-layer tables (residual variance, max |x|, float16 headroom, the norms' γ),
-growth-law fits of variance with depth, the increment decomposition, massive activations and Table 1; --plots writes
-the figures of perijax/plots.py, --json every number.
+r"""The report on one or many runs (README.md, "Experiments, sweeps and inspection", says what each part shows).
 
     python -m perijax.report DIR [DIR ...] [--steps=a,b,c] [--plots=OUT_DIR] [--json=OUT]
 
-A DIR is a run's workdir or a sweep root (perijax/runs.py). The README ("Experiments, sweeps and inspection") says
-what each section shows. Table 1 groups the runs that differ only in `train.seed`; each column is mean ± sample std
-(ddof=1) over the seeds whose value is finite (`*` where some seed's was not), with `diverged k/n` by
-perijax/instability.py's rule (the run's own parameters). The tasks' average uses each task's acc_norm where it
-reports one and acc otherwise (winogrande has only acc).
+A DIR is a run's workdir or a sweep root (perijax/runs.py).
 """
 
 import json
@@ -40,8 +34,8 @@ def growth_fits(run: RunRecord, steps: Optional[Sequence[int]] = None) -> List[D
 
 
 def group_growth_fits(members: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
-  """The same fits across the seeds of one configuration ([seeds, layers]: the law of the per-layer geometric mean,
-  intervals over seeds), at each chosen step where every seed has stats with the same number of layers."""
+  """The fits across the seeds of one configuration (the law of the per-layer geometric mean, intervals over seeds),
+  at each chosen step where every seed has stats with the same number of layers."""
   return [{'steps': [line['step'] for line in lines], **growth.fit_growth([_variance(l) for l in lines]).to_dict()}
           for lines in zip(*[chosen_stats(run, steps) for run in members])
           if all(lines) and len({len(line['residual_var']) for line in lines}) == 1]
@@ -63,22 +57,22 @@ def growth_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
   headers = ['run', 'step', 'layers', 'verdict', 'ΔAIC lin', 'ΔAIC pow', 'ΔAIC exp', 'linear', 'power',
              'exponential', 'Var L/Var 1']
   rows = [_growth_row(run.name, str(fit['step']), fit) for run in runs for fit in growth_fits(run, steps)]
-  for label, members in group_runs(runs):
-    if len(members) > 1:
-      rows += [_growth_row(f'{label} ({len(members)} seeds)', '/'.join(map(str, sorted(set(fit['steps'])))), fit)
-               for fit in group_growth_fits(members, steps)]
+  rows += [_growth_row(f'{label} ({len(members)} seeds)', '/'.join(map(str, sorted(set(fit['steps'])))), fit)
+           for label, members in group_runs(runs) if len(members) > 1 for fit in group_growth_fits(members, steps)]
   return format_table([headers], rows, keep=2)
 
-
-# ---- per-run summary and Table 1 ---------------------------------------------------------------------------------
 
 def _last(run: RunRecord, key: str, default=None):
   values = [line[key] for line in run.metrics if line.get(key) is not None]
   return values[-1] if values else default
 
 
+def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
+  return float(np.mean(values)) if values and None not in values else None
+
+
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
-  """The numbers Table 1 compares, for one run."""
+  """The numbers Table 1 compares, for one run; `avg` uses each task's acc_norm where it reports one."""
   logged = [line for line in run.metrics if line.get('loss') is not None]
   losses = [float(line['loss']) for line in logged]
   divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
@@ -99,13 +93,11 @@ def summarize_run(run: RunRecord) -> Dict[str, Any]:
   if run.evals:
     step = max(run.evals)
     tasks = run.evals[step].get('tasks') or {}
-    preferred = [t.get('acc_norm') if t.get('acc_norm') is not None else t.get('acc') for t in tasks.values()]
-    accs = [t.get('acc') for t in tasks.values()]
     summary.update(
         eval_step=step, eval_loss=run.evals[step].get('loss'),
         tasks={name: {'acc': t.get('acc'), 'acc_norm': t.get('acc_norm')} for name, t in tasks.items()},
-        avg_acc=float(np.mean(accs)) if accs and None not in accs else None,
-        avg=float(np.mean(preferred)) if preferred and None not in preferred else None)
+        avg_acc=_mean_or_none([t.get('acc') for t in tasks.values()]),   # winogrande has only acc
+        avg=_mean_or_none([t.get('acc') if t.get('acc_norm') is None else t['acc_norm'] for t in tasks.values()]))
   return summary
 
 
@@ -134,16 +126,15 @@ def group_runs(runs: Sequence[RunRecord]) -> List[Tuple[str, List[RunRecord]]]:
     differing = [field for field in sorted(set().union(*configs))
                  if len({json.dumps(c.get(field), default=str) for c in configs}) > 1]
   names = sweep.short_names(differing)
-  labelled = []
-  for key, (config, members) in groups.items():
+
+  def label(key, config, members):
     if config is None:
-      label = key or 'run'
-    elif differing:
-      label = ','.join(f'{names[f]}={config.get(f)}' for f in differing)
-    else:
-      label = _without_seed(members[0].name) or members[0].name
-    labelled.append((label, members))
-  return labelled
+      return key or 'run'
+    if differing:
+      return ','.join(f'{names[f]}={config.get(f)}' for f in differing)
+    return _without_seed(members[0].name) or members[0].name
+
+  return [(label(key, config, members), members) for key, (config, members) in groups.items()]
 
 
 def mean_std(values: Sequence[Any]) -> Dict[str, Any]:
@@ -157,7 +148,8 @@ def mean_std(values: Sequence[Any]) -> Dict[str, Any]:
 
 
 def aggregate(groups: Sequence[Tuple[str, List[RunRecord]]]) -> List[Dict[str, Any]]:
-  """Table 1 rows: one per group, every column as mean_std over the group's seeds."""
+  """Table 1 rows: one per group, every column as mean_std over the group's seeds, `diverged` by
+  perijax/instability.py's rule with each run's own parameters."""
   rows = []
   for label, members in groups:
     summaries = [summarize_run(run) for run in members]
@@ -174,6 +166,7 @@ def aggregate(groups: Sequence[Tuple[str, List[RunRecord]]]) -> List[Dict[str, A
 
 
 def format_mean_std(cell: Dict[str, Any]) -> str:
+  """'mean ± std', '*' when some seed's value was not finite; '-' when none was recorded."""
   if cell['n'] == 0:
     return '-'
   if cell['mean'] is None:
@@ -194,13 +187,11 @@ def table1(rows: Sequence[Dict[str, Any]]) -> str:
   quality = [k for k in quality if any(row['columns'].get(k, {}).get('n') for row in rows) or k == 'final_loss']
   stability = ['spikes', 'fp16_overflows', 'forward_overflows', 'skipped_steps']
   text = []
-  for title, keys, extra in (('quality', quality, []), ('stability', stability, ['diverged', 'finished'])):
-    headers = ['config', 'n_seeds'] + keys + extra
-    body = []
-    for row in rows:
-      cells = [format_mean_std(row['columns'][k]) if k in row['columns'] else '-' for k in keys]
-      counts = [f'{row[k]}/{row["n_seeds"]}' for k in extra]
-      body.append([row['group'], str(row['n_seeds'])] + cells + counts)
+  for title, keys, counts in (('quality', quality, []), ('stability', stability, ['diverged', 'finished'])):
+    body = [[row['group'], str(row['n_seeds'])]
+            + [format_mean_std(row['columns'][k]) if k in row['columns'] else '-' for k in keys]
+            + [f'{row[k]}/{row["n_seeds"]}' for k in counts] for row in rows]
+    headers = ['config', 'n_seeds'] + keys + counts
     text += [f'\nTable 1 ({title}): mean ± std over seeds', format_table([headers], body)]
   if any(c['n_finite'] < c['n'] for row in rows for c in row['columns'].values()):
     text.append('* over the seeds whose value is finite (a diverged seed has none)')

@@ -1,8 +1,6 @@
-"""Per-layer statistics of the residual stream and of each sub-layer's raw output F(.).
-
-Cheap reductions computed inside the jitted step only when asked for. They are the raw material of the per-layer
-variance summaries (docs/paper.md, claims 1 and 2). Every statistic is over real tokens only: padding (segment id 0)
-is masked out.
+"""Per-layer statistics of the residual stream and of each sub-layer's raw output F(.): cheap reductions inside the
+jitted step, only on statistics steps, over real tokens only (padding, segment id 0, is masked out). What each one
+means: README.md, "Metrics" and "Per-layer statistics".
 """
 
 import math
@@ -38,30 +36,24 @@ def tensor_stats(x, mask=None):
   """Variance over the hidden dim (averaged over tokens), RMS, max |x| and the count of float16 overflows."""
   x = x.astype(jnp.float32)
   mask = token_mask(None, x.shape) if mask is None else mask
-  real = mask[..., None] > 0
-  magnitude = jnp.abs(x)
-  return {
-      'var': _token_mean(jnp.var(x, axis=-1), mask),
-      'rms': jnp.sqrt(_token_mean(jnp.mean(jnp.square(x), axis=-1), mask)),
-      'max_abs': jnp.max(jnp.where(real, magnitude, 0.0)),
-      # A value past 65504 (or already inf/nan) cannot be stored in float16.
-      'fp16_overflow': jnp.sum(real & ((magnitude > FP16_MAX) | ~jnp.isfinite(x))).astype(jnp.int32),
-  }
+  real, magnitude = mask[..., None] > 0, jnp.abs(x)
+  return {'var': _token_mean(jnp.var(x, axis=-1), mask),
+          'rms': jnp.sqrt(_token_mean(jnp.mean(jnp.square(x), axis=-1), mask)),
+          'max_abs': jnp.max(jnp.where(real, magnitude, 0.0)),
+          # A value past 65504 (or already inf/nan) cannot be stored in float16.
+          'fp16_overflow': jnp.sum(real & ((magnitude > FP16_MAX) | ~jnp.isfinite(x))).astype(jnp.int32)}
 
 
 def increment_stats(before, after, mask):
-  """What drives the growth (docs/paper.md, section 2): per token, over the hidden dim,
-  Var(x + Δ) - Var(x) = Var(Δ) + 2·Cov(x, Δ) with x the stream entering the sub-layer and Δ = after - before, each
-  averaged over real tokens. Δ is the sub-layer's net change of the stream: the added term for every placement that
-  adds to the stream, and N(x + F) - x for those that normalize the stream after the add (post, pre_post)."""
+  """Var(x + Δ) - Var(x) = Var(Δ) + 2·Cov(x, Δ) per token over the hidden dim, averaged over real tokens, x the
+  stream entering the sub-layer and Δ = after - before its net change (docs/paper.md, section 2)."""
   before, after = before.astype(jnp.float32), after.astype(jnp.float32)
   delta = after - before
-  centered = lambda a: a - jnp.mean(a, axis=-1, keepdims=True)
-  return {
-      'increment_var': _token_mean(jnp.var(after, axis=-1) - jnp.var(before, axis=-1), mask),
-      'delta_var': _token_mean(jnp.var(delta, axis=-1), mask),
-      'cross_cov': _token_mean(jnp.mean(centered(before) * centered(delta), axis=-1), mask),
-  }
+  centered_before = before - jnp.mean(before, axis=-1, keepdims=True)
+  centered_delta = delta - jnp.mean(delta, axis=-1, keepdims=True)
+  return {'increment_var': _token_mean(jnp.var(after, axis=-1) - jnp.var(before, axis=-1), mask),
+          'delta_var': _token_mean(jnp.var(delta, axis=-1), mask),
+          'cross_cov': _token_mean(jnp.mean(centered_before * centered_delta, axis=-1), mask)}
 
 
 def median_abs(magnitude, real, steps=MEDIAN_BISECTION_STEPS):
@@ -70,8 +62,10 @@ def median_abs(magnitude, real, steps=MEDIAN_BISECTION_STEPS):
   relative 2^(64 / 2^steps) - 1 of the exact lower median, and 0 when half the entries are below 2^-64 x the max."""
   real = jnp.broadcast_to(real, magnitude.shape)
   half = jnp.sum(real, dtype=jnp.float32) / 2
-  count_at_most = lambda log_value: jnp.sum(real & (magnitude <= jnp.exp2(log_value)), dtype=jnp.float32)
   top = jnp.log2(jnp.maximum(jnp.max(jnp.where(real, magnitude, 0.0)), jnp.finfo(jnp.float32).tiny))
+
+  def count_at_most(log_value):
+    return jnp.sum(real & (magnitude <= jnp.exp2(log_value)), dtype=jnp.float32)
 
   def halve(_, bracket):  # invariant: count(<= 2^low) < half <= count(<= 2^high)
     low, high = bracket
@@ -79,7 +73,7 @@ def median_abs(magnitude, real, steps=MEDIAN_BISECTION_STEPS):
     enough = count_at_most(middle) >= half
     return jnp.where(enough, low, middle), jnp.where(enough, middle, high)
 
-  low, high = jax.lax.fori_loop(0, steps, halve, (top - 64.0, top))
+  _, high = jax.lax.fori_loop(0, steps, halve, (top - 64.0, top))
   return jnp.where(count_at_most(top - 64.0) >= half, 0.0, jnp.exp2(high))
 
 
@@ -98,9 +92,8 @@ def massive_stats(x, mask, k):
 
 
 def sublayer_stats(residual, raw_output, residual_in, mask, massive_k):
-  """Statistics after one sub-layer over the real tokens of `mask`: `residual_*` for the stream, `output_*` for F's
-  raw output (each with its massive_k largest |x|), and the increment decomposition against `residual_in`, the stream
-  entering the sub-layer."""
+  """After one sub-layer: `residual_*` for the stream, `output_*` for F's raw output (each with its massive_k largest
+  |x|), and the increment decomposition against `residual_in`, the stream entering the sub-layer."""
   stats = increment_stats(residual_in, residual, mask)
   for prefix, tensor in (('residual', residual), ('output', raw_output)):
     both = {**tensor_stats(tensor, mask), **massive_stats(tensor, mask, massive_k)}
@@ -120,21 +113,16 @@ def locate_tokens(stats, inputs, positions):
 
 
 def layer_summary(stats):
-  """Turns the model's stats ({name: [num_layers, 2 sub-layers (attention, mlp)]}) into the per-layer lists that
-  metrics.jsonl and eval/step_N.json hold (README.md, "Metrics" and "Per-layer statistics", says what each is):
-  residual_var and residual_rms after the layer's MLP sub-layer, max_abs and fp16_overflow over its residual states
-  and raw sub-layer outputs, attn_/mlp_ out_var, increment_var, delta_var, cross_cov, attn_logit_max, and
-  massive_residual, massive_attn_out, massive_mlp_out (`massive_entries`)."""
+  """The model's stats ({name: [num_layers, 2 sub-layers (attention, mlp)]}) as the per-layer lists of metrics.jsonl
+  and eval/step_N.json: the stream's after the layer's MLP sub-layer, max_abs and fp16_overflow over the layer's
+  residual states and raw sub-layer outputs, the others per sub-layer (`attn_*`, `mlp_*`)."""
   s = {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
   max_abs = np.maximum(s['residual_max_abs'], s['output_max_abs']).max(axis=1)
   summary = {
-      'residual_var': s['residual_var'][:, 1].tolist(),
-      'residual_rms': s['residual_rms'][:, 1].tolist(),
-      'max_abs': max_abs.tolist(),
-      'fp16_headroom': (max_abs / FP16_MAX).tolist(),
+      'residual_var': s['residual_var'][:, 1].tolist(), 'residual_rms': s['residual_rms'][:, 1].tolist(),
+      'max_abs': max_abs.tolist(), 'fp16_headroom': (max_abs / FP16_MAX).tolist(),
       'fp16_overflow': (s['residual_fp16_overflow'] + s['output_fp16_overflow']).sum(axis=1).astype(int).tolist(),
-      'attn_out_var': s['output_var'][:, 0].tolist(),
-      'mlp_out_var': s['output_var'][:, 1].tolist(),
+      'attn_out_var': s['output_var'][:, 0].tolist(), 'mlp_out_var': s['output_var'][:, 1].tolist(),
       **({'attn_logit_max': s['attention_logit_max_abs'].tolist()} if 'attention_logit_max_abs' in s else {}),
   }
   for index, sublayer in enumerate(('attn', 'mlp')):
@@ -157,14 +145,13 @@ def massive_entries(s, prefix, index):
 
 
 def massive_flags(entries, abs_threshold=MASSIVE_ABS_THRESHOLD, ratio_threshold=MASSIVE_RATIO_THRESHOLD):
-  """Per layer, how many of its top-k |x| are massive by Sun et al. 2024's criterion: |x| > abs_threshold and
-  > ratio_threshold x the median |x| (config.train.massive_abs_threshold, massive_ratio_threshold)."""
+  """Per layer, how many of its top-k |x| are massive: |x| > abs_threshold and > ratio_threshold x the median |x|."""
   return [sum(v > abs_threshold and r > ratio_threshold for v, r in zip(e['abs'], e['ratio'])) for e in entries]
 
 
 def merge_massive(per_batch):
-  """The massive activations of several batches' model stats as one: the k largest of all batches' top-k, with
-  where they sit. (Their median |x| is averaged with the other statistics.)"""
+  """Several batches' massive activations as one: the k largest of all batches' top-k, with where they sit (their
+  median |x| is averaged with the other statistics)."""
   merged = {}
   for prefix in ('residual', 'output'):
     if f'{prefix}_massive_abs' not in per_batch[0]:
@@ -178,13 +165,11 @@ def merge_massive(per_batch):
   return merged
 
 
-# ---- attention logits (Wortsman et al. 2023, arXiv:2309.14322: attention-logit growth precedes instability) -------
-
 def max_attention_logit(q, k, segment_ids, block=256):
-  """The largest |q·k / √head_dim| over the (query, key) pairs attention uses: causal, within one packed document,
-  padding (segment 0) left out. q [batch, length, heads, head_dim], k [batch, length, kv_heads, head_dim] as they
-  enter the softmax (after RoPE and any QK-norm). In float32, `block` queries at a time: only [batch, heads, block,
-  length] logits exist at once. Statistics steps only; no gradient flows through it."""
+  """The largest |q·k / √head_dim| over the (query, key) pairs attention uses (causal, within one packed document,
+  no padding): attention-logit growth precedes instability (Wortsman et al. 2023, arXiv:2309.14322). q [batch,
+  length, heads, head_dim], k [batch, length, kv_heads, head_dim] as they enter the softmax. In float32, `block`
+  queries at a time, so only [batch, heads, block, length] logits exist at once; no gradient flows through it."""
   q, k = jax.lax.stop_gradient(q).astype(jnp.float32), jax.lax.stop_gradient(k).astype(jnp.float32)
   batch, length, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -202,8 +187,6 @@ def max_attention_logit(q, k, segment_ids, block=256):
   return jnp.max(jax.lax.map(block_max, jnp.arange(0, length, size)))
 
 
-# ---- norm scales γ --------------------------------------------------------------------------------------------------
-
 def norm_scales(params):
   """The parameter tree with every leaf but the norms' scales γ set to None: what `scale_summary` reads, small enough
   to gather on the host (jit it with a replicated output sharding when the parameters are sharded)."""
@@ -211,12 +194,8 @@ def norm_scales(params):
 
 
 def scale_summary(params, model_config):
-  """Mean, min and max of the norms' γ, per layer for each kind of norm and whole for the others:
-    in_norm_scale_{mean,min,max}, out_norm_scale_*: lists by layer over the layer's sub-layer input / output norms
-      (placement.norm_role: Post-LN's norm is an output norm, Pre-LN's an input norm); None for a layer without one
-      (Mix-LN), the key absent when no layer has one;
-    qk_norm_scale_*: lists by layer over the query and key norms (model.norm.qk_norm);
-    final_norm_scale_*, embed_norm_scale_*: numbers, when the model has that norm.
+  """Mean, min and max of the norms' γ (keys in README.md, "Metrics"): lists by layer for the input, output
+  (placement.norm_role) and QK norms, None for a layer without one; numbers for the final and embedding norms.
   `params` as the model's, scanned or looped, or `norm_scales(params)`."""
   placements = placement_lib.layer_placements(model_config.norm, model_config.num_layers)
   # The first layer of each run of equal placements: where scanned stack `layers_<g>` starts.
@@ -234,17 +213,16 @@ def scale_summary(params, model_config):
         names = [p.key for p in path]
         if names[-1] != 'scale':
           continue
-        for layer, row in enumerate(np.asarray(leaf, np.float64).reshape(-1 if stacked else 1, leaf.shape[-1]),
-                                    first):
+        rows = np.asarray(leaf, np.float64).reshape(-1 if stacked else 1, leaf.shape[-1])
+        for layer, row in enumerate(rows, first):
           if names[-2] in ('query_norm', 'key_norm'):
             kind = 'qk_norm'
           else:  # 'attention_in_norm', 'mlp_norm', ...: the sub-layer's name, then the name placement gave N
             kind = placement_lib.norm_role(placements[layer], names[-2].split('_', 1)[1]) + '_norm'
           per_layer.setdefault((kind, layer), []).append(row)
-  for kind in ('in_norm', 'out_norm', 'qk_norm'):
-    if any(k == kind for k, _ in per_layer):
-      for name, reduce in reductions:
-        summary[f'{kind}_scale_{name}'] = [
-            float(reduce(np.concatenate(per_layer[kind, layer]))) if (kind, layer) in per_layer else None
-            for layer in range(model_config.num_layers)]
+  for kind in sorted({kind for kind, _ in per_layer}):
+    for name, reduce in reductions:
+      summary[f'{kind}_scale_{name}'] = [
+          float(reduce(np.concatenate(per_layer[kind, layer]))) if (kind, layer) in per_layer else None
+          for layer in range(model_config.num_layers)]
   return summary

@@ -1,7 +1,7 @@
-"""Text tables of per-layer statistics: one function per table (`layer_tables`, `scale_tables`, `increment_table`,
-`massive_table`, `massive_placements`), and the number and column formatting every perijax table shares.
-"""
+"""The report's text tables of per-layer statistics (layers, the norms' γ, increments, massive activations) and the
+number and column formatting every perijax table shares."""
 
+import itertools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -12,6 +12,9 @@ from perijax.runs import RunRecord, chosen_stats
 
 LAYER_QUANTITIES = (('residual_var', 'residual variance'), ('max_abs', 'max |x|'),
                     ('fp16_headroom', 'float16 headroom (max |x| / 65504)'))
+SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
+               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
+INCREMENT_COLUMNS = (('increment_var', 'ΔVar'), ('delta_var', 'Var(Δ)'), ('cross_cov', '2Cov'))
 _MAX_TABLE_WIDTH = 120
 
 
@@ -22,13 +25,9 @@ def format_number(value: Any) -> str:
   if isinstance(value, (int, np.integer)):
     return str(int(value))
   value = float(value)
-  if not math.isfinite(value):
-    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
-  if value == 0:
-    return '0'
-  if 1e-2 <= abs(value) < 1e4:
-    return f'{value:.4g}'
-  return f'{value:.2e}'
+  if value == 0 or not math.isfinite(value):
+    return '0' if value == 0 else f'{value:g}'   # nan, inf, -inf
+  return f'{value:.4g}' if 1e-2 <= abs(value) < 1e4 else f'{value:.2e}'
 
 
 def format_table(headers: Sequence[Sequence[str]], rows: Sequence[Sequence[str]], keep: int = 1,
@@ -37,15 +36,12 @@ def format_table(headers: Sequence[Sequence[str]], rows: Sequence[Sequence[str]]
   of whole `unit`-column groups (e.g. one run's steps), each block repeating the first `keep` columns."""
   all_rows = [list(map(str, r)) for r in list(headers) + list(rows)]
   widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
-  units = [list(range(i, min(i + unit, len(widths)))) for i in range(keep, len(widths), unit)]
-  blocks, current = [], list(range(keep))
-  for columns in units:
-    width = sum(widths[i] + 2 for i in current + columns)
-    if len(current) > keep and width > _MAX_TABLE_WIDTH:
-      blocks.append(current)
-      current = list(range(keep))
-    current += columns
-  blocks.append(current)
+  blocks = [list(range(keep))]
+  for start in range(keep, len(widths), unit):
+    columns = list(range(start, min(start + unit, len(widths))))
+    if len(blocks[-1]) > keep and sum(widths[i] + 2 for i in blocks[-1] + columns) > _MAX_TABLE_WIDTH:
+      blocks.append(list(range(keep)))
+    blocks[-1] += columns
   text = []
   for block in blocks:
     for n, row in enumerate(all_rows):
@@ -56,11 +52,11 @@ def format_table(headers: Sequence[Sequence[str]], rows: Sequence[Sequence[str]]
   return '\n'.join(text).rstrip('\n')
 
 
-def _short_labels(runs: Sequence[RunRecord]) -> Tuple[List[str], str]:
-  """Column labels: the run names if short, else #1, #2, ... with a legend."""
+def _short_labels(runs: Sequence[RunRecord]) -> Tuple[List[str], List[str]]:
+  """Column labels: the run names if short, else #1, #2, ... with a legend (a list of lines, maybe empty)."""
   if all(len(r.name) <= 16 for r in runs):
-    return [r.name for r in runs], ''
-  return [f'#{i}' for i in range(1, len(runs) + 1)], '\n'.join(f'  #{i} = {r.name}' for i, r in enumerate(runs, 1))
+    return [r.name for r in runs], []
+  return [f'#{i}' for i in range(1, len(runs) + 1)], ['\n'.join(f'  #{i} = {r.name}' for i, r in enumerate(runs, 1))]
 
 
 def _at(values: Optional[Sequence[Any]], layer: int) -> Any:
@@ -70,23 +66,18 @@ def _at(values: Optional[Sequence[Any]], layer: int) -> Any:
 
 def layer_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
   """Per quantity, a table of layers (rows) by run and step (columns)."""
-  labels, legend = _short_labels(runs)
+  labels, text = _short_labels(runs)
   chosen = [chosen_stats(run, steps) for run in runs]
   num_layers = max([len(line['residual_var']) for lines in chosen for line in lines if line] or [0])
   if not num_layers:
     return 'no per-layer stats in these runs (metrics lines every train.stats_every steps, or eval `layers`)'
   header_runs = ['layer'] + [label if i == 0 else '' for label, lines in zip(labels, chosen) for i in range(len(lines))]
   header_steps = [''] + [f'step {line["step"]}' if line else 'no stats' for lines in chosen for line in lines]
-  text = [legend] if legend else []
   for key, title in LAYER_QUANTITIES:
     rows = [[str(layer + 1)] + [format_number(_at((line or {}).get(key), layer)) for lines in chosen for line in lines]
             for layer in range(num_layers)]
     text += [f'\n{title}', format_table([header_runs, header_steps], rows, unit=max(len(chosen[0]), 1))]
   return '\n'.join(text)
-
-
-SCALE_KINDS = (('in_norm', 'input norms'), ('out_norm', 'output norms'), ('qk_norm', 'QK norms'),
-               ('final_norm', 'final norm'), ('embed_norm', 'embedding norm'))
 
 
 def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
@@ -106,17 +97,13 @@ def scale_tables(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = Non
 
     per_layer = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), list)]
     whole = [(kind, title) for kind, title in SCALE_KINDS if isinstance(line.get(f'{kind}_scale_mean'), float)]
-    if not per_layer and not whole:
-      continue
-    depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
-    rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
-    rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
-    headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
-    text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
+    if per_layer or whole:
+      depth = len(line[f'{per_layer[0][0]}_scale_mean']) if per_layer else 0
+      rows = [[str(layer + 1)] + [cell(kind, layer) for kind, _ in per_layer] for layer in range(depth)]
+      rows += [[title, cell(kind)] + [''] * (len(per_layer) - 1) for kind, title in whole]
+      headers = ['layer'] + ([title for _, title in per_layer] or ['γ'])
+      text += [f'\n{run.name} (step {line["step"]})', format_table([headers], rows)]
   return '\n'.join(text)
-
-
-INCREMENT_COLUMNS = (('increment_var', 'ΔVar'), ('delta_var', 'Var(Δ)'), ('cross_cov', '2Cov'))
 
 
 def increment_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
@@ -136,15 +123,14 @@ def increment_table(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = 
       headers[0] += [label] + blank
       headers[1] += [f'step {line["step"]}'] + blank
       headers[2] += [title for _, title in terms]
-  rows = []
-  for layer in range(num_layers):
-    row = [str(layer + 1)]
-    for line in (line for lines in chosen for line in lines):
-      for key, _ in terms:
-        value = _at(line.get(key), layer)
-        row.append(format_number(2 * value if key.endswith('cross_cov') and value is not None else value))
-    rows.append(row)
-  return '\n'.join(([legend] if legend else []) + [format_table(headers, rows, unit=len(terms))])
+
+  def cell(line, key, layer):
+    value = _at(line.get(key), layer)
+    return format_number(2 * value if key.endswith('cross_cov') and value is not None else value)
+
+  rows = [[str(layer + 1)] + [cell(line, key, layer) for lines in chosen for line in lines for key, _ in terms]
+          for layer in range(num_layers)]
+  return '\n'.join(legend + [format_table(headers, rows, unit=len(terms))])
 
 
 def token_texts(run: RunRecord):
@@ -207,7 +193,6 @@ def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
     return f'{run.name}: no massive-activation statistics'
   abs_threshold, ratio_threshold = massive_thresholds(run)
   texts = token_texts(run)
-  shown = lambda token: str(token) if texts is None else ('<doc>' if texts(token) == '<doc>' else repr(texts(token)))
   headers = ['layer'] + [title for name, _, _ in stats_lib.MASSIVE_TENSORS for title in (f'{name} |x|', 'ratio', 'at')]
   rows = []
   for layer in range(len(line['massive_residual'])):
@@ -217,25 +202,23 @@ def massive_table(run: RunRecord, steps: Optional[Sequence[int]] = None) -> str:
       if not entry.get('abs'):
         row += ['-'] * 3
         continue
-      value, ratio = entry['abs'][0], entry['ratio'][0]
-      star = '*' if value > abs_threshold and ratio > ratio_threshold else ''
-      row += [format_number(value) + star, format_number(ratio),
-              f'{entry["position"][0]}/{entry["channel"][0]} {shown(entry["token"][0])}']
+      value, ratio, token = entry['abs'][0], entry['ratio'][0], entry['token'][0]
+      text = str(token) if texts is None else ('<doc>' if texts(token) == '<doc>' else repr(texts(token)))
+      row += [format_number(value) + ('*' if value > abs_threshold and ratio > ratio_threshold else ''),
+              format_number(ratio), f'{entry["position"][0]}/{entry["channel"][0]} {text}']
     rows.append(row)
   return (f'{run.name}, step {line["step"]} (* = |x| > {abs_threshold:g} and > {ratio_threshold:g} x median |x|; '
-          'at = position in the document/channel token)\n'
-          + format_table([headers], rows))
+          'at = position in the document/channel token)\n' + format_table([headers], rows))
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:
   """[1, 2, 3, 5] -> '1-3,5'; [] -> 'none'."""
-  ranges = []
-  for layer in layers:
-    if ranges and layer == ranges[-1][1] + 1:
-      ranges[-1][1] = layer
-    else:
-      ranges.append([layer, layer])
-  return ','.join(f'{a}-{b}' if b > a else str(a) for a, b in ranges) or 'none'
+  runs = [[layer for _, layer in run] for _, run in itertools.groupby(enumerate(layers), lambda p: p[1] - p[0])]
+  return ','.join(f'{run[0]}-{run[-1]}' if len(run) > 1 else str(run[0]) for run in runs) or 'none'
+
+
+def _share(value: Optional[float]) -> str:
+  return '-' if value is None else f'{value:.0%}'
 
 
 def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]] = None) -> str:
@@ -243,18 +226,12 @@ def massive_placements(runs: Sequence[RunRecord], steps: Optional[Sequence[int]]
   at the first token and at delimiters, and the largest ratio to the median |x|, so placements compare at a glance."""
   headers = ['run', 'placement', 'step', 'residual', 'attn_out', 'mlp_out', 'channels', 'first token', 'delimiters',
              'max ratio']
-  rows = []
-  for run in runs:
-    summary = massive_summary(run, steps)
-    if summary is None:
-      continue
-    share = lambda value: '-' if value is None else f'{value:.0%}'
-    rows.append([run.name, str(run.placement or '-'),
-                 str(summary['step'])] + [_layer_ranges(summary[f'{name}_layers'])
-                                          for name, _, _ in stats_lib.MASSIVE_TENSORS]
-                + [','.join(map(str, summary['channels'][:4])) or '-', share(summary['first_token_share']),
-                   share(summary['delimiter_share']), format_number(summary['max_ratio'])])
+  rows = [[run.name, str(run.placement or '-'), str(summary['step'])]
+          + [_layer_ranges(summary[f'{name}_layers']) for name, _, _ in stats_lib.MASSIVE_TENSORS]
+          + [','.join(map(str, summary['channels'][:4])) or '-', _share(summary['first_token_share']),
+             _share(summary['delimiter_share']), format_number(summary['max_ratio'])]
+          for run, summary in ((run, massive_summary(run, steps)) for run in runs) if summary is not None]
   if not rows:
     return 'no massive-activation statistics in these runs'
-  return 'Where massive activations sit (layers per tensor; channels, first token, delimiters: residual stream)\n' + (
-      format_table([headers], rows, keep=3))
+  return ('Where massive activations sit (layers per tensor; channels, first token, delimiters: residual stream)\n'
+          + format_table([headers], rows, keep=3))
