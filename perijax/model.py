@@ -40,6 +40,11 @@ def dense_init(std, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
+def dense(precision, width, std, axes, name):
+  return nn.Dense(width, use_bias=False, dtype=precision.compute, param_dtype=precision.param,
+                  kernel_init=dense_init(std, axes), name=name)
+
+
 def output_init_std(model_config):
   """Init std of the sub-layers' output projections: Megatron-LM's std / sqrt(2 * layers) when
   `model.init.depth_scaled_outputs`, so that the residual sum of 2 * layers terms keeps its scale at init."""
@@ -132,19 +137,14 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, p = self.config, self.precision
-
-    def dense(name, width, axes=('embed', 'mlp'), std=cfg.init.std):
-      return nn.Dense(width, use_bias=False, dtype=p.compute, param_dtype=p.param, kernel_init=dense_init(std, axes),
-                      name=name)
-
     tokens = flatten_tokens(x)
-    up = dense('up', mlp_dim(cfg))
+    up = dense(p, mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'up')
     if cfg.mlp_activation == 'swiglu':
-      h = nn.silu(dense('gate', mlp_dim(cfg))(tokens)) * up(tokens)
+      h = nn.silu(dense(p, mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'gate')(tokens)) * up(tokens)
     else:
       h = nn.gelu(up(tokens))
     h = nn.with_logical_constraint(h, ('batch', 'mlp'))
-    return dense('down', cfg.d_model, ('mlp', 'embed'), output_init_std(cfg))(h).reshape(x.shape)
+    return dense(p, cfg.d_model, output_init_std(cfg), ('mlp', 'embed'), 'down')(h).reshape(x.shape)
 
 
 class Layer(nn.Module):
@@ -184,13 +184,8 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`.
-
-  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*' |
-  'increment_var' | 'delta_var' | 'cross_cov' | '*_median_abs': [layers, 2]}, {'attention_logit_max_abs': [layers]}
-  and {'*_massive_abs' | '*_massive_token' | '*_massive_position' | '*_massive_channel': [layers, 2, massive_k]}
-  (perijax/stats.py).
-  """
+  """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`, else perijax/stats.py's
+  per-layer statistics: [layers, 2 sub-layers] each, attention_logit_max_abs [layers], *_massive_* [layers, 2, k]."""
   config: Any  # config.model
   massive_k: int = stats_lib.MASSIVE_K  # largest |x| kept per tensor on statistics steps (config.train.massive_k)
 
@@ -227,8 +222,7 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                        kernel_init=dense_init(cfg.init.std, ('embed', 'vocab')), name='lm_head')(x)
+      logits = dense(p, cfg.vocab_size, cfg.init.std, ('embed', 'vocab'), 'lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     if not collect_stats:
       return logits, None

@@ -23,5 +23,6 @@ class Precision:
   @classmethod
   def from_config(cls, model_config) -> 'Precision':
     compute = DTYPES[model_config.compute_dtype]
-    return cls(DTYPES[model_config.param_dtype], compute, *(
-        jnp.float32 if getattr(model_config, f'{kind}_in_float32') else compute for kind in ('norm', 'softmax', 'loss')))
+    reductions = (jnp.float32 if getattr(model_config, f'{kind}_in_float32') else compute
+                  for kind in ('norm', 'softmax', 'loss'))
+    return cls(DTYPES[model_config.param_dtype], compute, *reductions)
