@@ -1,12 +1,9 @@
 """Orbax checkpoints of a run: the train state and the data iterator, saved together, restorable onto any mesh.
 
-WORKDIR/checkpoints/<step>/ holds three items: `state` (params, optimizer state, loss-scale state, step and the run's
-counters), `data` (the grain iterator's position, one file per process) and `config` (the run's resolved config,
-JSON). Orbax renames a step into place only once complete; then process 0 writes `<step>/checksums.json` (`Manager`),
-the size and CRC-32 of every file. A step without it is an unfinished save; resuming (resume_step) and evaluating
-verify every file against it and report damage with its step and path (DamagedCheckpointError), never restoring it.
-There is no RNG state to keep: nothing in a step is random (no dropout), the initialisation comes from
-config.train.seed and the data order from the iterator state.
+WORKDIR/checkpoints/<step>/ holds `state` (the TrainState), `data` (the grain iterator's position, one file per
+process) and `config` (the resolved config, JSON), and `checksums.json` (`Manager`): the size and CRC-32 of every file,
+written once the save is complete. Resuming and evaluating verify every file against it and never restore a damaged
+step. No RNG state: nothing in a step is random, the init comes from config.train.seed, the data order from `data`.
 """
 
 import glob
@@ -23,7 +20,6 @@ from perijax import rundir
 from perijax.errors import UserError
 
 MANIFEST = 'checksums.json'
-_BLOCK = 1 << 20
 # Orbax rewrites these as it renames a finished step into place (commit time): bookkeeping, not data.
 _REWRITTEN_AT_RENAME = ('_CHECKPOINT_METADATA', 'commit_success.txt')
 
@@ -48,13 +44,12 @@ def _checksums(step_dir):
   """{relative path: [bytes, crc32]} of every file of a step but the manifest; CRC-32 runs at GB/s, streamed."""
   sums = {}
   for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
+    for path in (os.path.join(root, name) for name in files):
       relative = os.path.relpath(path, step_dir)
       if not relative.startswith(MANIFEST) and relative not in _REWRITTEN_AT_RENAME:
         crc = 0
         with open(path, 'rb') as f:
-          while block := f.read(_BLOCK):
+          while block := f.read(1 << 20):
             crc = zlib.crc32(block, crc)
         sums[relative] = [os.path.getsize(path), crc]
   return dict(sorted(sums.items()))
@@ -94,11 +89,9 @@ def verify(directory, step):
 
 
 class Manager(ocp.CheckpointManager):
-  """Orbax's CheckpointManager that writes a step's checksums.json once its save is complete.
-
-  Asynchronous saves: in Orbax's post-finalization callback, into the still temporary directory, so the manifest
-  appears with the step when Orbax renames it into place; synchronous ones (and any the callback missed): right after.
-  """
+  """Orbax's CheckpointManager that writes a step's checksums.json once its save is complete: an asynchronous save's
+  in Orbax's post-finalization callback, into the still temporary directory, so that it appears with the step when
+  Orbax renames it into place; a synchronous one's (and any the callback missed) right after."""
 
   def __init__(self, directory, options, item_names):
     self._unsealed, self._saving = None, False
@@ -132,12 +125,11 @@ class Manager(ocp.CheckpointManager):
 
 
 def make_manager(workdir, checkpoint_config=None, read_only=False):
+  c = checkpoint_config
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=checkpoint_config.keep if checkpoint_config else None,
-      # Steps that are multiples of keep_period are never deleted (evaluate --watch may reach them late).
-      keep_period=(checkpoint_config.keep_period or None) if checkpoint_config else None,
-      enable_async_checkpointing=bool(checkpoint_config and checkpoint_config.async_save),
-      create=not read_only, read_only=read_only)
+      max_to_keep=c.keep if c else None,
+      keep_period=(c.keep_period or None) if c else None,  # never deleted: evaluate --watch may reach them late
+      enable_async_checkpointing=bool(c and c.async_save), create=not read_only, read_only=read_only)
   return Manager(checkpoint_dir(workdir), options=options, item_names=('state', 'data', 'config'))
 
 
@@ -157,22 +149,21 @@ def resume_step(manager, workdir, resume_from_intact=False):
       if not isinstance(error, IncompleteCheckpointError):
         damage = damage or error
       set_aside.append((step, error))
+  damaged_dir = str(rundir.damaged_checkpoints(workdir))  # local: checksums are only checked on local stores
   if damage is not None and not resume_from_intact:
     newest = (f'the newest intact one is step {chosen}; rerun with --resume_from_intact to resume from it'
               if chosen is not None else 'no intact checkpoint remains; rerun with --resume_from_intact to start '
               'afresh')
-    raise DamagedCheckpointError(f'{damage}; {newest} (damaged steps are moved to '
-                                 f'{rundir.damaged_checkpoints(workdir)}, not deleted)')
-  if set_aside and jax.process_index() == 0:
-    damaged_dir = str(rundir.damaged_checkpoints(workdir))  # local: checksums are only checked on local stores
-    os.makedirs(damaged_dir, exist_ok=True)
-    for step, error in set_aside:
-      print(f'{error}; moved to {damaged_dir}/{step}', flush=True)
-      target = os.path.join(damaged_dir, str(step))
-      while os.path.exists(target):  # the same step set aside before: keep both
-        target += '_'
-      shutil.move(os.path.join(str(manager.directory), str(step)), target)
+    raise DamagedCheckpointError(f'{damage}; {newest} (damaged steps are moved to {damaged_dir}, not deleted)')
   if set_aside:
+    if jax.process_index() == 0:
+      os.makedirs(damaged_dir, exist_ok=True)
+      for step, error in set_aside:
+        print(f'{error}; moved to {damaged_dir}/{step}', flush=True)
+        target = os.path.join(damaged_dir, str(step))
+        while os.path.exists(target):  # the same step set aside before: keep both
+          target += '_'
+        shutil.move(os.path.join(str(manager.directory), str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('perijax_checkpoints_set_aside')
@@ -202,8 +193,7 @@ def restore(manager, step, abstract_state, shardings, data_iterator=None):
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return manager.restore(step, args=ocp.args.Composite(**items))['state']
   except (ValueError, KeyError, TypeError) as error:
     raise CheckpointError(f'checkpoint {step} in {manager.directory} does not match this config: '
                           f'{str(error).splitlines()[0][:300]}') from error
-  return restored['state']

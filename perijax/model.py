@@ -4,7 +4,6 @@ Every parameter and the main activations carry logical axis names; `config.mesh.
 the device mesh. The placement itself lives in `placement.residual_sublayer`; this file never branches on it.
 """
 
-import functools
 import itertools
 import math
 from typing import Any
@@ -41,11 +40,23 @@ def dense_init(std, axes):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
 
 
+def dense(precision, width, std, axes, name):
+  return nn.Dense(width, use_bias=False, dtype=precision.compute, param_dtype=precision.param,
+                  kernel_init=dense_init(std, axes), name=name)
+
+
 def output_init_std(model_config):
-  """Init std of the sub-layers' output projections (attention out, MLP down): Megatron-LM's std / sqrt(2 * layers)
-  when `model.init.depth_scaled_outputs`, so that the residual sum of 2 * layers terms keeps its scale at init."""
+  """Init std of the sub-layers' output projections: Megatron-LM's std / sqrt(2 * layers) when
+  `model.init.depth_scaled_outputs`, so that the residual sum of 2 * layers terms keeps its scale at init."""
   init = model_config.init
   return init.std / math.sqrt(2 * model_config.num_layers) if init.depth_scaled_outputs else init.std
+
+
+def make_norm(model_config, precision, name, kind=None, **options):
+  """A norm as `model.norm` says (of `kind` if given), its statistics in the precision policy's dtype."""
+  p = precision
+  return Norm(kind or model_config.norm.kind, model_config.norm.eps, p.norm, p.compute, p.param,
+              scale_init=model_config.norm.scale_init, name=name, **options)
 
 
 def flatten_tokens(x):
@@ -57,28 +68,22 @@ def flatten_tokens(x):
 def rope(x, positions, theta):
   """Rotary position embedding on [batch, length, heads, head_dim], rotating the two halves of head_dim."""
   half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[:, :, None, None].astype(jnp.float32) * freq
+  angle = positions[:, :, None, None].astype(jnp.float32) * theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def einsum_attention(q, k, v, mask, dtype):
-  """Causal attention written out, with logits and softmax in `dtype`.
-
-  Used for `model.attention_impl='einsum'` (on CPU its gradient is faster than jax.nn.dot_product_attention's) and
-  whenever softmax_in_float32 is off: jax.nn.dot_product_attention always upcasts the logits to float32, so it cannot
-  show what a float16 softmax does.
-  """
+  """Causal attention written out, with logits and softmax in `dtype`: for `model.attention_impl='einsum'` (on CPU
+  its gradient is faster) and for a softmax not in float32, which jax.nn.dot_product_attention cannot show."""
   groups = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   logits = jnp.einsum('btnh,bsnh->bnts', q.astype(dtype), k.astype(dtype)) / jnp.sqrt(q.shape[-1]).astype(dtype)
   allowed = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))[None, None]
   if mask is not None:
     allowed = allowed & mask
-  logits = jnp.where(allowed, logits, jnp.finfo(dtype).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  weights = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(dtype).min), axis=-1).astype(v.dtype)
   return jnp.einsum('bnts,bsnh->btnh', weights, v)
 
 
@@ -91,21 +96,20 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
-    heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg)
+    heads, kv_heads, dim, d = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, head_dim(cfg), cfg.d_model
+
     # nn.Einsum rather than DenseGeneral: its kernel is created in its final shape, so the logical axes apply at init.
-    def projection(shape, equation, axes, name, std=cfg.init.std):
-      return nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                       kernel_init=dense_init(std, axes), name=name)
-    d, (batch, length) = cfg.d_model, x.shape[:2]
-    tokens = flatten_tokens(x)
-    unflatten = lambda a: a.reshape(batch, length, *a.shape[1:])
-    q, k, v = (unflatten(projection((d, n, dim), 'md,dnh->mnh', ('embed', axis, 'head_dim'), name)(tokens))
-               for n, axis, name in ((heads, 'heads', 'query'), (kv_heads, 'kv_heads', 'key'),
-                                     (kv_heads, 'kv_heads', 'value')))
+    def project(name, a, shape, equation, axes, std=cfg.init.std):
+      out = nn.Einsum(shape, equation, use_bias=False, dtype=p.compute, param_dtype=p.param,
+                      kernel_init=dense_init(std, axes), name=name)(flatten_tokens(a))
+      return out.reshape(*x.shape[:2], *out.shape[1:])
+
+    q = project('query', x, (d, heads, dim), 'md,dnh->mnh', ('embed', 'heads', 'head_dim'))
+    k, v = (project(name, x, (d, kv_heads, dim), 'md,dnh->mnh', ('embed', 'kv_heads', 'head_dim'))
+            for name in ('key', 'value'))
     if cfg.norm.qk_norm:  # per head before RoPE, one [head_dim] scale for all heads (Qwen3/Gemma 3; OLMo 2: whole q/k)
-      qk_norm = functools.partial(Norm, 'rmsnorm', cfg.norm.eps, p.norm, p.compute, p.param, axis_name='head_dim',
-                                  scale_init=cfg.norm.scale_init)
-      q, k = qk_norm(name='query_norm')(q), qk_norm(name='key_norm')(k)
+      q, k = (make_norm(cfg, p, name, 'rmsnorm', axis_name='head_dim')(a) for name, a in (('query_norm', q),
+                                                                                        ('key_norm', k)))
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'heads', 'head_dim'))
     logit_max = stats_lib.max_attention_logit(q, k, segment_ids) if self.collect_stats else None
@@ -122,9 +126,8 @@ class Attention(nn.Module):
     else:
       out = einsum_attention(q, k, v, mask, p.softmax)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'head_dim'))
-    out = projection((heads, dim, d), 'mnh,nhd->md', ('heads', 'head_dim', 'embed'), 'out', output_init_std(cfg))(
-        flatten_tokens(out))
-    return unflatten(out), logit_max
+    out = project('out', out, (heads, dim, d), 'mnh,nhd->md', ('heads', 'head_dim', 'embed'), output_init_std(cfg))
+    return out, logit_max
 
 
 class Mlp(nn.Module):
@@ -134,17 +137,14 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg, p = self.config, self.precision
-    dense = lambda width, std, axes, name: nn.Dense(width, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                                                    kernel_init=dense_init(std, axes), name=name)
-    batch_shape, x = x.shape[:-1], flatten_tokens(x)
-    up = dense(mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'up')
+    tokens = flatten_tokens(x)
+    up = dense(p, mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'up')
     if cfg.mlp_activation == 'swiglu':
-      h = nn.silu(dense(mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'gate')(x)) * up(x)
+      h = nn.silu(dense(p, mlp_dim(cfg), cfg.init.std, ('embed', 'mlp'), 'gate')(tokens)) * up(tokens)
     else:
-      h = nn.gelu(up(x))
+      h = nn.gelu(up(tokens))
     h = nn.with_logical_constraint(h, ('batch', 'mlp'))
-    out = dense(cfg.d_model, output_init_std(cfg), ('mlp', 'embed'), 'down')(h)
-    return out.reshape(*batch_shape, cfg.d_model)
+    return dense(p, cfg.d_model, output_init_std(cfg), ('mlp', 'embed'), 'down')(h).reshape(x.shape)
 
 
 class Layer(nn.Module):
@@ -158,16 +158,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids):
     cfg, p = self.config, self.precision
-
-    def norm_maker(sublayer):
-      return lambda name: Norm(
-          cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param, scale_init=cfg.norm.scale_init,
-          frozen_scale=cfg.norm.freeze_out_scale and placement_lib.norm_role(self.placement, name) == 'out',
-          name=f'{sublayer}_{name}')
-
-    attention = Attention(cfg, p, self.collect_stats, name='attention')
-    mlp = Mlp(cfg, p, name='mlp')
-    logit_max = []  # filled by the attention call inside residual_sublayer
+    attention, logit_max = Attention(cfg, p, self.collect_stats, name='attention'), []
 
     def attend(h):
       out, largest = attention(h, positions, segment_ids)
@@ -175,9 +166,12 @@ class Layer(nn.Module):
       return out
 
     sublayer_stats = []
-    for name, sublayer in (('attention', attend), ('mlp', mlp)):
+    for sublayer_name, sublayer in (('attention', attend), ('mlp', Mlp(cfg, p, name='mlp'))):
+      def norm(name, sublayer_name=sublayer_name):
+        frozen = cfg.norm.freeze_out_scale and placement_lib.norm_role(self.placement, name) == 'out'
+        return make_norm(cfg, p, f'{sublayer_name}_{name}', frozen_scale=frozen)
       residual_in = x
-      x, out = placement_lib.residual_sublayer(self.placement, x, sublayer, norm_maker(name))
+      x, out = placement_lib.residual_sublayer(self.placement, x, sublayer, norm)
       x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
       if self.collect_stats:  # traced only on statistics steps, over real tokens (padding has segment id 0)
         sublayer_stats.append(stats_lib.sublayer_stats(x, out, residual_in, stats_lib.token_mask(segment_ids, x.shape),
@@ -190,13 +184,8 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`.
-
-  stats: {'residual_var' | 'residual_rms' | 'residual_max_abs' | 'residual_fp16_overflow' | 'output_*' |
-  'increment_var' | 'delta_var' | 'cross_cov' | '*_median_abs': [layers, 2]}, {'attention_logit_max_abs': [layers]}
-  and {'*_massive_abs' | '*_massive_token' | '*_massive_position' | '*_massive_channel': [layers, 2, massive_k]}
-  (perijax/stats.py).
-  """
+  """Decoder-only LM. `__call__` returns (logits, stats); stats is None unless `collect_stats`, else perijax/stats.py's
+  per-layer statistics: [layers, 2 sub-layers] each, attention_logit_max_abs [layers], *_massive_* [layers, 2, k]."""
   config: Any  # config.model
   massive_k: int = stats_lib.MASSIVE_K  # largest |x| kept per tensor on statistics steps (config.train.massive_k)
 
@@ -209,38 +198,31 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=p.compute, param_dtype=p.param,
                      embedding_init=dense_init(cfg.init.std, ('vocab', 'embed')), name='embed')
     x = embed(inputs)
-    make_norm = functools.partial(Norm, cfg.norm.kind, cfg.norm.eps, p.norm, p.compute, p.param,
-                                  scale_init=cfg.norm.scale_init)
     if cfg.norm.embed_norm:
-      x = make_norm(name='embed_norm')(x)
+      x = make_norm(cfg, p, 'embed_norm')(x)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
-
     placements = placement_lib.layer_placements(cfg.norm, cfg.num_layers)
-    layer_stats, layer_index = [], 0
+    layer = Layer if cfg.remat == 'none' else nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat],
+                                                       prevent_cse=not cfg.scan_layers)
+    layer_stats = []  # one entry per scanned stack or per looped layer, each [layers in it, ...]
     for group, (placement, count) in enumerate(runs_of_equal(placements)):
-      layer = Layer if cfg.remat == 'none' else nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat],
-                                                         prevent_cse=not cfg.scan_layers)
+      layer_args = (cfg, p, placement, collect_stats, self.massive_k)
       if cfg.scan_layers:  # one compiled layer body, looped `count` times: compile time does not grow with depth
         stack = nn.scan(layer, variable_axes={'params': 0}, split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast), length=count,
                         unroll=min(cfg.scan_unroll, count), metadata_params={nn.PARTITION_NAME: 'layers'})
-        x, stats = stack(cfg, p, placement, collect_stats, self.massive_k, name=f'layers_{group}')(
-            x, positions, segment_ids)
+        x, stats = stack(*layer_args, name=f'layers_{group}')(x, positions, segment_ids)
         layer_stats.append(stats)
       else:
         for _ in range(count):
-          x, stats = layer(cfg, p, placement, collect_stats, self.massive_k, name=f'layer_{layer_index}')(
-              x, positions, segment_ids)
+          x, stats = layer(*layer_args, name=f'layer_{len(layer_stats)}')(x, positions, segment_ids)
           layer_stats.append(jax.tree.map(lambda a: a[None], stats))
-          layer_index += 1
-
     if placement_lib.needs_final_norm(placements[-1]):
-      x = make_norm(name='final_norm')(x)
+      x = make_norm(cfg, p, 'final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=p.compute, param_dtype=p.param,
-                        kernel_init=dense_init(cfg.init.std, ('embed', 'vocab')), name='lm_head')(x)
+      logits = dense(p, cfg.vocab_size, cfg.init.std, ('embed', 'vocab'), 'lm_head')(x)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     if not collect_stats:
       return logits, None
@@ -255,16 +237,13 @@ def runs_of_equal(items):
 def grad_norms(grads):
   """(global L2 norm, L2 norm of each layer in layer order) of a gradient tree, in one pass over it (the global norm
   adds the layers' sums of squares to the rest's), for both the scanned and the looped parameter layout."""
+  def squares(leaf, first_axis=0):
+    return jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=tuple(range(first_axis, leaf.ndim)))
+
   layer_keys = sorted((k for k in grads if k.startswith('layer')), key=lambda k: int(k.split('_')[1]))
-  squares = lambda leaf, axis=None: jnp.sum(jnp.square(leaf.astype(jnp.float32)), axis=axis)
-  layer_squares = []
-  for key in layer_keys:
-    leaves = jax.tree.leaves(grads[key])
-    if key.startswith('layers_'):  # scanned: the leading axis is the layer
-      layer_squares.append(sum(squares(leaf, axis=tuple(range(1, leaf.ndim))) for leaf in leaves))
-    else:
-      layer_squares.append(sum(squares(leaf) for leaf in leaves)[None])
-  layer_squares = jnp.concatenate(layer_squares)
-  others = [leaf for key in grads if key not in layer_keys for leaf in jax.tree.leaves(grads[key])]
-  total = jnp.sum(layer_squares) + sum((squares(leaf) for leaf in others), jnp.zeros((), jnp.float32))
-  return jnp.sqrt(total), jnp.sqrt(layer_squares)
+  # A scanned stack `layers_<g>` has its layers on the leading axis; a looped `layer_<i>` is one layer.
+  layer_squares = jnp.concatenate([
+      jnp.atleast_1d(sum(squares(leaf, int(key.startswith('layers_'))) for leaf in jax.tree.leaves(grads[key])))
+      for key in layer_keys])
+  others = [squares(leaf) for key in grads if key not in layer_keys for leaf in jax.tree.leaves(grads[key])]
+  return jnp.sqrt(jnp.sum(layer_squares) + sum(others, jnp.zeros((), jnp.float32))), jnp.sqrt(layer_squares)

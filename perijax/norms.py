@@ -11,8 +11,9 @@ NORM_KINDS = ('layernorm', 'rmsnorm')
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_normalize(x, scale, eps):
-  """x / RMS(x) * scale over the last axis."""
-  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps) * scale
+  """x / RMS(x) * scale over the last axis. Its gradient is written out: XLA:CPU runs autodiff's version of it as
+  several more passes over the activations."""
+  return _rms_normalize_forward(x, scale, eps)[0]
 
 
 def _rms_normalize_forward(x, scale, eps):
@@ -21,25 +22,21 @@ def _rms_normalize_forward(x, scale, eps):
 
 
 def _rms_normalize_backward(eps, residuals, grad):
-  # Written out: XLA:CPU runs autodiff's version of this as several more passes over the activations.
   del eps
   x, inverse_rms, scale = residuals
-  normalized = x * inverse_rms
-  grad_normalized = grad * scale
-  grad_x = inverse_rms * (grad_normalized - normalized * jnp.mean(grad_normalized * normalized, axis=-1,
-                                                                   keepdims=True))
-  grad_scale = jnp.sum((grad * normalized).reshape(-1, x.shape[-1]), axis=0)
-  return grad_x, grad_scale
+  normalized, grad_normalized = x * inverse_rms, grad * scale
+  projection = normalized * jnp.mean(grad_normalized * normalized, axis=-1, keepdims=True)
+  return inverse_rms * (grad_normalized - projection), jnp.sum((grad * normalized).reshape(-1, x.shape[-1]), axis=0)
 
 
 rms_normalize.defvjp(_rms_normalize_forward, _rms_normalize_backward)
 
 
 class Norm(nn.Module):
-  """Normalizes over the last axis. The scale γ is stored as a weight initialised to `scale_init` (1: Llama/OLMo).
+  """Normalizes over the last axis; γ starts at `scale_init` (1: Llama/OLMo).
 
-  `frozen_scale`: γ gets no gradient (stop_gradient), so the optimizer never moves it (AdamW's update of a zero
-  gradient is zero, and weight decay is masked off norms).
+  `frozen_scale`: γ gets no gradient, so the optimizer never moves it (AdamW's update of a zero gradient is zero, and
+  weight decay is masked off norms).
   """
   kind: str = 'rmsnorm'
   eps: float = 1e-6
@@ -52,16 +49,15 @@ class Norm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    features = x.shape[-1]
+    def vector(name, init):
+      value = self.param(name, nn.with_logical_partitioning(init, (self.axis_name,)), x.shape[-1:], self.param_dtype)
+      return value.astype(self.stats_dtype)
     h = x.astype(self.stats_dtype)
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.constant(self.scale_init),
-                                                             (self.axis_name,)), (features,), self.param_dtype)
+    scale = vector('scale', nn.initializers.constant(self.scale_init))
     if self.frozen_scale:
       scale = jax.lax.stop_gradient(scale)
     if self.kind == 'rmsnorm':
-      return rms_normalize(h, scale.astype(self.stats_dtype), self.eps).astype(self.dtype)
+      return rms_normalize(h, scale, self.eps).astype(self.dtype)
     h = h - jnp.mean(h, axis=-1, keepdims=True)
-    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps) * scale.astype(self.stats_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                      (features,), self.param_dtype)
-    return (h + bias.astype(self.stats_dtype)).astype(self.dtype)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps) * scale
+    return (h + vector('bias', nn.initializers.zeros)).astype(self.dtype)

@@ -1,6 +1,4 @@
-"""Parameter counts and training FLOPs per token of a config.
-
-    python -m perijax.params --config=configs/paper_400m.py
+"""Parameter counts and training FLOPs per token of a config: `python -m perijax.params --config=configs/tiny.py`.
 
 Counts come from the model itself (abstract init, nothing allocated), so they can never drift from the code.
 """
@@ -19,20 +17,14 @@ from perijax import model as model_lib
 def abstract_params(model_config):
   """Parameter shapes (jax.ShapeDtypeStruct, still boxed with their logical axes), without allocating."""
   model = model_lib.Transformer(ml_collections.FrozenConfigDict(model_config))
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))['params']
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32)))['params']
 
 
 def count_params(model_config):
-  """{'total', 'embedding', 'non_embedding'}.
-
-  The untied LM head counts as embedding: perijax's reading of the paper's "non-embedding" sizes.
-  """
-  params = nn.unbox(abstract_params(model_config))
-  sizes = {'/'.join(str(k.key) for k in path): math.prod(leaf.shape)
-           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-  embedding = sum(size for name, size in sizes.items() if name.startswith(('embed/', 'lm_head/')))
-  total = sum(sizes.values())
+  """{'total', 'embedding', 'non_embedding'}; the untied LM head counts as embedding (the paper's sizes)."""
+  leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params(model_config)))
+  total = sum(math.prod(leaf.shape) for _, leaf in leaves)
+  embedding = sum(math.prod(leaf.shape) for path, leaf in leaves if path[0].key in ('embed', 'lm_head'))
   return {'total': total, 'embedding': embedding, 'non_embedding': total - embedding}
 
 
@@ -42,10 +34,9 @@ def train_flops_per_token(model_config, seq_len):
   The PaLM convention (Chowdhery et al. 2022, App. B): forward + backward = 3 x forward, attention scores and values
   counted over the full (not causal-halved) sequence. It is the numerator of MFU.
   """
-  counts = count_params(model_config)
-  lm_head = model_config.vocab_size * model_config.d_model
+  matmul_params = count_params(model_config)['non_embedding'] + model_config.vocab_size * model_config.d_model
   attention_width = model_config.num_heads * model_lib.head_dim(model_config)
-  return 6 * (counts['non_embedding'] + lm_head) + 12 * model_config.num_layers * seq_len * attention_width
+  return 6 * matmul_params + 12 * model_config.num_layers * seq_len * attention_width
 
 
 def main(argv):
@@ -53,11 +44,11 @@ def main(argv):
     raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
   config = cli.config()
   counts = count_params(config.model)
-  flops = train_flops_per_token(config.model, config.train.seq_len)
   print(f"total parameters:          {counts['total']:>16,}")
   print(f"embedding parameters:      {counts['embedding']:>16,}")
   print(f"non-embedding parameters:  {counts['non_embedding']:>16,}  ({counts['non_embedding'] / 1e6:,.1f}M)")
-  print(f'training FLOPs per token:  {flops:>16,.0f}  (seq_len {config.train.seq_len})')
+  print(f'training FLOPs per token:  {train_flops_per_token(config.model, config.train.seq_len):>16,.0f}  '
+        f'(seq_len {config.train.seq_len})')
 
 
 if __name__ == '__main__':

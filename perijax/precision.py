@@ -1,9 +1,8 @@
-"""The dtype policy: where each kind of number lives. One place, read from `config.model`.
+"""The dtype policy: where each kind of number lives, read from `config.model`.
 
 Parameters are stored in `param_dtype` (float32 master weights by default; float16 for a "pure float16" run, optimizer
-state included), matmuls and activations run in `compute_dtype`, and the three numerically delicate reductions — norm
-statistics, the attention softmax and the loss — run in float32 unless the config says otherwise, so an experiment can
-show what pure float16 does.
+state included), matmuls and activations run in `compute_dtype`, and the numerically delicate reductions run in float32
+unless the config says otherwise, so an experiment can show what pure float16 does.
 """
 
 import dataclasses
@@ -24,11 +23,6 @@ class Precision:
   @classmethod
   def from_config(cls, model_config) -> 'Precision':
     compute = DTYPES[model_config.compute_dtype]
-    float32_or_compute = lambda flag: jnp.float32 if flag else compute
-    return cls(
-        param=DTYPES[model_config.param_dtype],
-        compute=compute,
-        norm=float32_or_compute(model_config.norm_in_float32),
-        softmax=float32_or_compute(model_config.softmax_in_float32),
-        loss=float32_or_compute(model_config.loss_in_float32),
-    )
+    reductions = (jnp.float32 if getattr(model_config, f'{kind}_in_float32') else compute
+                  for kind in ('norm', 'softmax', 'loss'))
+    return cls(DTYPES[model_config.param_dtype], compute, *reductions)

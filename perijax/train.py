@@ -4,12 +4,12 @@ The same command runs on every host of a pod. WORKDIR gets config.json, tokenize
 and checkpoints/; a workdir that already has checkpoints resumes from the latest one.
 """
 
-import json
 import signal
 import time
 
 from absl import flags, logging
 import flax.linen as nn
+import grain
 import jax
 
 from perijax import checkpoint as checkpoint_lib
@@ -36,36 +36,27 @@ def make_data_iterator(config, tokenizer, micro_batch):
                                       process_index=jax.process_index(), process_count=jax.process_count(), **kwargs)
 
 
-class RowSlice:
-  """Keeps this process's rows of a global-batch iterator; checkpoints through the wrapped iterator's state."""
-
-  def __init__(self, iterator):
-    self.iterator = iterator
+class RowSlice(grain.DatasetIterator):
+  """Keeps this process's rows of a global-batch iterator; checkpoints (and prefetches) through it."""
 
   def __next__(self):
-    batch = next(self.iterator)
+    batch = next(self._parent)
     rows = batch['inputs'].shape[0] // jax.process_count()
     return {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
 
-  # grain's Orbax handler stores a non-DatasetIterator's state as bytes.
   def get_state(self):
-    return json.dumps(self.iterator.get_state()).encode()
+    return self._parent.get_state()
 
   def set_state(self, state):
-    self.iterator.set_state(json.loads(state.decode()))
-
-  def start_prefetch(self):
-    self.iterator.start_prefetch()
+    self._parent.set_state(state)
 
 
 class Preemption:
   """SIGTERM (a preemption) asks for a checkpoint at a step boundary, then a clean exit.
 
-  One process: a Python SIGTERM handler sets a flag. Several processes: the signal may reach only one host, and a
-  collective save that one host starts alone hangs the rest. JAX's preemption service (started by
-  jax.distributed.initialize) catches SIGTERM instead, tells every process through the coordination service, and
-  `reached_preemption_sync_point` (through Orbax's manager) returns True on every process at the same step. So no
-  Python handler is installed then: it would replace the service's."""
+  One process: a Python SIGTERM handler sets a flag. Several: the signal may reach one host only, and a save it starts
+  alone hangs the rest; JAX's preemption service (jax.distributed.initialize) catches SIGTERM instead and Orbax's
+  `reached_preemption` is True on every process at the same step. A Python handler would replace the service's."""
 
   def __init__(self):
     self.requested = False
@@ -86,18 +77,16 @@ def train(config, workdir, devices=None, resume_from_intact=False):
   config_lib.validate(config)
   cli.check_writable_dir(workdir)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  rules = sharding_lib.logical_rules(config.mesh)
-  accum = config.optimizer.grad_accum_steps
+  rules, accum, steps = sharding_lib.logical_rules(config.mesh), config.optimizer.grad_accum_steps, config.train.steps
   micro_batch = sharding_lib.check_batch(config.train.batch_size, mesh, jax.process_count(), accum)
   model = train_step_lib.make_model(config)
-  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, steps)
   abstract_state, state_shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
   tokenizer = tokenizers.make_tokenizer(config.data)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise config_lib.ConfigError(f'config.model.vocab_size = {config.model.vocab_size} is smaller than the '
                                  f'tokenizer vocabulary ({tokenizer.vocab_size}); use at least that')
   data_iterator = make_data_iterator(config, tokenizer, micro_batch)
-
   rundir.root(workdir).mkdir(parents=True, exist_ok=True)
   manager = checkpoint_lib.make_manager(workdir, config.checkpoint)
   latest = checkpoint_lib.resume_step(manager, workdir, resume_from_intact)
@@ -117,26 +106,25 @@ def train(config, workdir, devices=None, resume_from_intact=False):
               for collect in (False, True)}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)  # the norms' γ, gathered whole
-
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
-  # Table peaks are per device; the CPU rate is measured for the whole host.
-  peak = hardware.peak_flops(config.train.accelerator) * (1 if config.train.accelerator == 'cpu' else jax.device_count())
-  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.steps)
-  writer = metrics_lib.MetricsWriter(workdir, config.train.steps, config)
+  accelerator = config.train.accelerator  # table peaks are per device; the CPU rate is measured for the whole host
+  peak = hardware.peak_flops(accelerator) * (1 if accelerator == 'cpu' else jax.device_count())
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, steps)
+  writer = metrics_lib.MetricsWriter(workdir, steps, config)
   preemption = Preemption()
   step = int(state.step) // accum
   window_start, window_step, last_overflows, preempted = None, step, int(state.forward_overflows), False
   window, pending, compiled = [], [], set()  # device values of the steps since the last line; a line not yet written
 
-  def write_line(logged_step, metrics, steps, scales):
+  def write_line(logged_step, metrics, window_metrics, scales):
     """Writes a logged step's line, called once the next step is dispatched: fetching its numbers never stalls it."""
     nonlocal window_start, window_step, last_overflows
-    metrics, steps, scales = jax.device_get((metrics, steps, scales))
+    metrics, window_metrics, scales = jax.device_get((metrics, window_metrics, scales))
     elapsed = time.time() - window_start
     tokens_per_sec = tokens_per_step * (logged_step - window_step) / elapsed if logged_step > window_step else 0.0
     record = {
-        **metrics_lib.window_summary(steps), 'lr': float(schedule(int(metrics['schedule_count']))),
+        **metrics_lib.window_summary(window_metrics), 'lr': float(schedule(int(metrics['schedule_count']))),
         'loss_scale': float(metrics['loss_scale']), 'spike': bool(metrics['spike']),
         **{counter: int(metrics[counter]) for counter in train_step_lib.COUNTERS},
         'tokens_per_sec': tokens_per_sec, 'mfu': tokens_per_sec * flops_per_token / peak,
@@ -153,8 +141,8 @@ def train(config, workdir, devices=None, resume_from_intact=False):
     window_start, window_step = time.time(), logged_step
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    while step < config.train.steps:
-      is_stats_step = (step + 1) % config.train.stats_every == 0 or step + 1 == config.train.steps
+    while step < steps:
+      is_stats_step = (step + 1) % config.train.stats_every == 0 or step + 1 == steps
       compiles = is_stats_step not in compiled  # the first call of a step function compiles it
       if compiles and pending:  # no window may include a compilation: the previous line is written first
         write_line(*pending.pop())
@@ -170,10 +158,10 @@ def train(config, workdir, devices=None, resume_from_intact=False):
       if pending:  # the previous logged step's line, now that this step is queued behind it
         write_line(*pending.pop())
       # Step 1 is always logged: its layer_grad_norm is the snapshot at init (the last step's is the one at the end).
-      if step % config.train.log_every == 0 or is_stats_step or step in (1, config.train.steps):
+      if step % config.train.log_every == 0 or is_stats_step or step in (1, steps):
         scales = norm_scales(state.params) if is_stats_step else None  # γ at this step, gathered before the next
         pending, window = [(step, metrics, window, scales)], []
-      if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.train.steps:
+      if config.checkpoint.every and step % config.checkpoint.every == 0 and step < steps:
         checkpoint_lib.save(manager, step, state, data_iterator, config)
       if preempted := preemption.reached(manager, step):
         break

@@ -33,7 +33,7 @@ class TrainState:
   initial_scale_backoffs: jax.Array  # float16: non-finite steps before the first finite one (the scale searching down
                                      # from train.initial_loss_scale), counted apart from skipped_steps
   forward_overflows: jax.Array   # steps whose loss itself was not finite (the forward pass overflowed)
-  spikes: jax.Array              # gradient-norm spikes (see `train_step`)
+  spikes: jax.Array              # gradient-norm spikes (see `is_spike`)
 
 
 COUNTERS = ('skipped_steps', 'initial_scale_backoffs', 'forward_overflows', 'spikes')
@@ -41,7 +41,8 @@ COUNTERS = ('skipped_steps', 'initial_scale_backoffs', 'forward_overflows', 'spi
 
 def unboxed(tree):
   """Strips the logical-axis boxes (their shardings are already known) without adding sharding constraints."""
-  is_box = lambda x: isinstance(x, nn.Partitioned)
+  def is_box(x):
+    return isinstance(x, nn.Partitioned)
   return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
@@ -57,34 +58,31 @@ def uses_loss_scaling(config):
 
 def init_train_state(rng, config, model, optimizer):
   """A fresh state whose parameters are still boxed with logical axis names (unbox after sharding)."""
-  tokens = jnp.zeros((1, config.train.seq_len), jnp.int32)
-  params = model.init(rng, tokens)['params']
+  params = model.init(rng, jnp.zeros((1, config.train.seq_len), jnp.int32))['params']
   loss_scale = None
   if uses_loss_scaling(config):
     loss_scale = DynamicScale(growth_interval=config.train.loss_scale_growth_interval,
                               scale=jnp.asarray(config.train.initial_loss_scale, jnp.float32))
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=optimizer.init(params), loss_scale=loss_scale,
-                    grad_norm_history=jnp.full((config.train.spike_window,), jnp.nan, jnp.float32),
-                    **{counter: zero for counter in COUNTERS})
+  history = jnp.full((config.train.spike_window,), jnp.nan, jnp.float32)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    loss_scale=loss_scale, grad_norm_history=history,
+                    **{counter: jnp.zeros((), jnp.int32) for counter in COUNTERS})
 
 
 def abstract_train_state(config, model, optimizer, mesh):
   """(abstract unboxed state, its NamedShardings) without allocating anything: shape-first sharded init."""
-  boxed = jax.eval_shape(functools.partial(init_train_state, config=config, model=model, optimizer=optimizer),
-                         jax.random.key(0))
+  init = functools.partial(init_train_state, config=config, model=model, optimizer=optimizer)
+  boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = sharding_lib.shardings_of(boxed, mesh, sharding_lib.logical_rules(config.mesh))
-  abstract = unboxed(boxed)
-  sharding_lib.check_divisible(abstract, shardings, mesh)
-  return abstract, shardings
+  sharding_lib.check_divisible(unboxed(boxed), shardings, mesh)
+  return unboxed(boxed), shardings
 
 
 def create_train_state(config, model, optimizer, mesh):
-  """The initial state, each array created directly in its shard (never whole on one device)."""
+  """(the initial state, its NamedShardings), each array created directly in its shard (never whole on one device)."""
   _, shardings = abstract_train_state(config, model, optimizer, mesh)
   init = functools.partial(init_train_state, config=config, model=model, optimizer=optimizer)
-  boxed = jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))
-  return unboxed(boxed), shardings
+  return unboxed(jax.jit(init, out_shardings=shardings)(jax.random.key(config.train.seed))), shardings
 
 
 def cross_entropy(logits, targets, weights, dtype):
@@ -98,8 +96,7 @@ def compute_loss(params, batch, model, collect_stats=False):
   """(loss, per-layer statistics or None) for one batch."""
   logits, stats = model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
                               collect_stats=collect_stats)
-  loss = cross_entropy(logits, batch['targets'], batch['weights'], Precision.from_config(model.config).loss)
-  return loss, stats
+  return cross_entropy(logits, batch['targets'], batch['weights'], Precision.from_config(model.config).loss), stats
 
 
 def is_spike(grad_norm, history, spike_factor):
@@ -112,13 +109,11 @@ def is_spike(grad_norm, history, spike_factor):
 def train_step(state, batch, *, model, optimizer, train_config, collect_stats=False):
   """One optimizer update (or one micro-batch of it). Non-finite gradients leave params and optimizer state as they
   were, shrink the loss scale and count a skipped step."""
-
   objective = functools.partial(compute_loss, batch=batch, model=model, collect_stats=collect_stats)
-  if state.loss_scale is not None:
-    loss_scale, grads_finite, (loss, stats), grads = state.loss_scale.value_and_grad(objective, has_aux=True)(
-        state.params)
+  loss_scale = state.loss_scale
+  if loss_scale is not None:
+    loss_scale, grads_finite, (loss, stats), grads = loss_scale.value_and_grad(objective, has_aux=True)(state.params)
   else:
-    loss_scale = None
     (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   grad_norm, layer_grad_norm = model_lib.grad_norms(grads)
   if loss_scale is None:
@@ -131,11 +126,9 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
     return optax.apply_updates(state.params, updates), new_opt_state
 
   # A branch rather than a jnp.where over every leaf: the update stays in place (5% of the CPU step, measured).
-  new_params, new_opt_state = jax.lax.cond(grads_finite, update, lambda _: (state.params, state.opt_state), None)
-
+  params, opt_state = jax.lax.cond(grads_finite, update, lambda _: (state.params, state.opt_state), None)
   spike = grads_finite & is_spike(grad_norm, state.grad_norm_history, train_config.spike_factor)
-  history = jnp.where(grads_finite, jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm),
-                      state.grad_norm_history)
+  history = jnp.roll(state.grad_norm_history, -1).at[-1].set(grad_norm)
   forward_overflow = ~jnp.isfinite(loss)
   # Until the first finite step the loss scale is still searching down from its initial value (every update so far
   # was skipped): non-finite gradients of a finite loss then are a back-off, not an instability. float32 has no
@@ -144,8 +137,8 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
                & ~forward_overflow)
   non_finite = (~grads_finite).astype(jnp.int32)
   new_state = state.replace(
-      step=state.step + 1, params=new_params, opt_state=new_opt_state, loss_scale=loss_scale,
-      grad_norm_history=history,
+      step=state.step + 1, params=params, opt_state=opt_state, loss_scale=loss_scale,
+      grad_norm_history=jnp.where(grads_finite, history, state.grad_norm_history),
       skipped_steps=state.skipped_steps + jnp.where(searching, 0, non_finite),
       initial_scale_backoffs=state.initial_scale_backoffs + jnp.where(searching, non_finite, 0),
       forward_overflows=state.forward_overflows + forward_overflow.astype(jnp.int32),
@@ -155,8 +148,7 @@ def train_step(state, batch, *, model, optimizer, train_config, collect_stats=Fa
       forward_overflow=forward_overflow, spike=spike,
       schedule_count=optimizer_lib.schedule_count(state.opt_state),  # this update's lr is schedule(count)
       loss_scale=loss_scale.scale if loss_scale is not None else jnp.ones((), jnp.float32),
-      **{counter: getattr(new_state, counter) for counter in COUNTERS},
-      **({'stats': stats} if collect_stats else {}))
+      **{counter: getattr(new_state, counter) for counter in COUNTERS}, **({'stats': stats} if collect_stats else {}))
   return new_state, metrics
 
 
