@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices (before JAX is imported), one compilation cache for the whole run, and the
-repository root on sys.path."""
+"""Test set-up: 8 simulated CPU devices (before JAX is imported), no expensive LLVM passes, one compilation cache for
+the whole run, and the repository root on sys.path."""
 
 import atexit
 import os
@@ -11,6 +11,10 @@ import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The tests check behaviour, not how fast XLA's output runs: LLVM's expensive passes cost more than the tiny programs
+# they optimize (about 40% of a tiny train run's CPU time). XLA's HLO passes (fusion, layout) still run, so the
+# programs tested are those users run. Inherited by the processes the tests start.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   # Many tests compile the same tiny train step, in this process, in pytest-xdist's workers and in the train / evaluate
   # processes they start: all inherit this directory, so a program that takes over JAX's threshold (1 s) to compile

@@ -74,6 +74,7 @@ def test_gpu_mode_refuses_without_a_gpu(tmp_path):
   assert not (tmp_path / 'r.json').exists()
 
 
+@pytest.mark.slow
 def test_gpu_section_runs_its_two_dtypes_on_a_toy_config():
   """GPU mode's code path on the CPU, with a toy config in place of paper_400m (the real figures need a GPU)."""
   sys.path.insert(0, str(REPO / 'benchmarks'))
@@ -98,6 +99,7 @@ def test_gpu_section_runs_its_two_dtypes_on_a_toy_config():
   assert set(results['targets']) == {'mfu_400m_bfloat16', 'mfu_400m_float16'}
 
 
+@pytest.mark.slow
 def test_stats_cost_compares_the_plain_step_with_the_statistics_step():
   """The plain step's program has none of the statistics: fewer FLOPs, no top_k, no op kind more often than the
   statistics step; the timing fields agree with each other and reach the printed table."""

@@ -155,6 +155,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_cleanly(corpus_data_dir, tm
   assert max(losses(workdir)) <= latest + 1
 
 
+@pytest.mark.slow
 def test_restore_onto_one_device_and_another_mesh_split(corpus_data_dir, tmp_path):
   config = small_config(corpus_data_dir, steps=3)
   config.mesh.update(data=8, fsdp=1, tensor=1)
@@ -179,6 +180,7 @@ def test_restore_onto_one_device_and_another_mesh_split(corpus_data_dir, tmp_pat
   assert layers['mlp']['gate']['kernel'].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
 
 
+@pytest.mark.slow
 def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(corpus_data_dir, tmp_path):
   config = small_config(corpus_data_dir, steps=3)
   train_lib.train(config, str(tmp_path))
@@ -191,6 +193,7 @@ def test_config_that_does_not_match_the_checkpoint_is_a_clear_error(corpus_data_
     restore_state(config, str(tmp_path), 3)
 
 
+@pytest.mark.slow
 def test_an_unfinished_save_never_looks_like_a_checkpoint(corpus_data_dir, tmp_path):
   config = small_config(corpus_data_dir, steps=3)
   train_lib.train(config, str(tmp_path))

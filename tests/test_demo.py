@@ -77,6 +77,7 @@ def test_bad_placements_fail_before_anything_runs(config, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_demo_trains_then_evaluates_each_run_with_the_separate_script(demo_root):
   root, _, calls = demo_root
   modules = [argv[argv.index('-m') + 1] for argv in calls]
@@ -89,6 +90,7 @@ def test_demo_trains_then_evaluates_each_run_with_the_separate_script(demo_root)
   assert statuses == ['finished'] * 3
 
 
+@pytest.mark.slow
 def test_demo_report_compares_placements_and_writes_plots(demo_root):
   root, data, _ = demo_root
   assert [run['name'] for run in data['runs']] == ['pre', 'peri', 'post']
@@ -105,6 +107,7 @@ def test_demo_report_compares_placements_and_writes_plots(demo_root):
   assert all(os.path.getsize(path) > 1000 for path in data['plots'])
 
 
+@pytest.mark.slow
 def test_demo_again_skips_finished_runs(demo_root, config, fixed):
   root, _, _ = demo_root
   calls = []

@@ -72,6 +72,7 @@ def check_memory_consistent_with_parameter_count(report, fsdp):
   assert 'embed/embedding' in names and any('mlp/up/kernel' in n for n in names)
 
 
+@pytest.mark.slow
 def test_dryrun_8_devices_fsdp(tmp_path):
   process, report = run_dryrun(tmp_path, 8, '--config.mesh.data=1', '--config.mesh.fsdp=8')
   assert process.returncode == 0, process.stderr[-2000:]
@@ -129,6 +130,7 @@ def test_unknown_accelerator_is_rejected():
 LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(LIBTPU, reason='libtpu is installed: --topology compiles for TPU (next test)')
 def test_topology_without_libtpu_says_so_and_simulates_its_slices(tmp_path):
   process, report = run_dryrun(tmp_path, None, '--topology=v5e-4', '--num_slices=2', '--config.mesh.data=1',

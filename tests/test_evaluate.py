@@ -70,6 +70,7 @@ def eval_batches(config, tokenizer):
                                      max_batches=config.data.eval_max_batches)
 
 
+@pytest.mark.slow
 def test_result_has_the_documented_keys_and_the_training_loss(workdir, corpus_data_dir):
   [result] = evaluate.run(str(workdir), step=STEPS)
   with open(workdir / 'eval' / f'step_{STEPS}.json') as f:

@@ -78,6 +78,7 @@ def test_scale_output_projections_touches_only_attention_out_and_mlp_down(tiny_c
   assert len(changed) == 2   # scanned layers: one stacked kernel each
 
 
+@pytest.mark.slow
 def test_at_init_pre_increment_scales_as_s_squared_and_peri_does_not_move(tiny_config):
   setup = common.make_setup(TINY, tiny_config, SMALL_MODEL, {})
   rows = {row['placement']: row for row in variance_law.scale_test(setup, ['pre', 'peri'], [1.0, 4.0, 16.0], 2)}
@@ -279,6 +280,7 @@ def test_variance_law_training_analysis_on_known_growth(tiny_config, tmp_path, m
   assert variance_law.plot([], [], rows, str(tmp_path / 'v.png'))
 
 
+@pytest.mark.slow
 def test_init_analysis_runs_sharded_and_matches_one_device(tiny_config):
   config = sweep.resolve(tiny_config, {**SMALL_MODEL, 'model.norm.placement': 'pre', 'mesh.data': 2, 'mesh.fsdp': 2,
                                        'mesh.tensor': 2})

@@ -92,6 +92,7 @@ def train_a_few_steps(config, steps=3):
     ('post', ('attention_norm', 'mlp_norm'), ()),
     ('output', ('attention_out_norm', 'mlp_out_norm'), ()),
 ])
+@pytest.mark.slow
 def test_frozen_output_scale_stays_bitwise_at_its_initial_value(placement, frozen, learnable):
   config = model_config(placement)
   config.model.norm.update(scale_init=0.5, freeze_out_scale=True, qk_norm=True)
@@ -217,6 +218,7 @@ def test_max_attention_logit_matches_numpy_float64(length, block):
   assert float(got) == pytest.approx(numpy_attention_logit_max(q2, k2, segment_ids2), rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention_impl', ['xla', 'einsum'])
 def test_model_reports_each_layers_largest_logit_as_numpy_float64_computes_it(attention_impl):
   config = model_config('peri', num_layers=3, num_kv_heads=2, attention_impl=attention_impl)

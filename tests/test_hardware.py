@@ -36,6 +36,7 @@ def faults_per_call(glibc_tunables):
   return float(process.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc tunables')
 def test_cpu_malloc_tunables_keep_the_temporary_block():
   pages = 64 * 2**20 // os.sysconf('SC_PAGE_SIZE')

@@ -59,6 +59,7 @@ def test_peri_has_two_norms_per_sublayer_and_post_has_no_final_norm():
   assert 'final_norm' in peri and 'final_norm' not in post
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('placement', ['pre', 'peri', 'post'])
 def test_changing_a_future_token_never_changes_earlier_logits(placement):
   model, params = init_params(small_config(placement).model, length=12)
@@ -70,6 +71,7 @@ def test_changing_a_future_token_never_changes_earlier_logits(placement):
   assert not np.allclose(before[:, 7:], after[:, 7:])
 
 
+@pytest.mark.slow
 def test_segment_ids_keep_packed_documents_apart():
   model, params = init_params(small_config('peri').model, length=10)
   first, second = jnp.array([[5, 6, 7, 8]]), jnp.array([[9, 10, 11, 12, 13, 14]])
@@ -93,16 +95,19 @@ def residual_increment(placement, scale, layer=1):
   return var[layer, 1] - var[layer, 0]  # after the MLP minus after the attention of the same layer
 
 
+@pytest.mark.slow
 def test_pre_ln_variance_increment_grows_with_weight_scale_squared():
   ratio = residual_increment('pre', 10.0) / residual_increment('pre', 1.0)
   assert abs(ratio / 100.0 - 1) < 0.10
 
 
+@pytest.mark.slow
 def test_peri_variance_increment_ignores_weight_scale():
   ratio = residual_increment('peri', 10.0) / residual_increment('peri', 1.0)
   assert abs(ratio - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_peri_residual_variance_grows_linearly_with_depth_at_init():
   config = small_config('peri', num_layers=24, d_model=64)
   config.model.scan_layers = True
@@ -116,6 +121,7 @@ def test_peri_residual_variance_grows_linearly_with_depth_at_init():
   assert slope > 0 and r_squared > 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('placement, unroll', [('peri', 1), ('mix', 1), ('peri', 3)])
 def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement, unroll):
   config = small_config(placement, num_layers=4)
@@ -137,6 +143,7 @@ def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement, unroll):
   np.testing.assert_allclose(loop_stats['residual_var'], scan_stats['residual_var'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   config = small_config('peri', num_layers=2)
   config.model.scan_layers = True
@@ -218,6 +225,7 @@ def test_rms_norm_written_out_gradient_matches_autodiff():
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_grad_norms_match_numpy_per_layer_and_globally(scan_layers):
   config = small_config('mix', num_layers=4)

@@ -125,6 +125,7 @@ def model_stats(model, params, tokens, segment_ids):
   return stats_lib.layer_summary(jax.device_get(stats))
 
 
+@pytest.mark.slow
 def test_half_padded_batch_has_the_statistics_of_its_unpadded_half():
   model, params = init_params(small_config('pre', num_layers=2).model, length=16)
   params = randomize(params, seed=4)

@@ -15,6 +15,7 @@ from perijax.tasks import scoring
 SEQ_LEN, BATCH, VOCAB = 48, 4, 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('placement,attention_impl', [('peri', 'xla'), ('post', 'einsum')])
 def test_packed_loglikelihoods_equal_one_request_per_row(placement, attention_impl):
   config = default.get_config().model

@@ -55,6 +55,7 @@ def single_device_losses(corpus_data_dir, tmp_path_factory):
   return losses(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', MESHES)
 def test_same_losses_on_every_mesh(mesh, corpus_data_dir, tmp_path, single_device_losses):
   config = small_config(corpus_data_dir)
@@ -109,6 +110,7 @@ def run_steps(config, data_dir, steps, mutate_params=None):
   return history, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_float16_overflow_is_skipped_and_the_scale_halves(corpus_data_dir):
   # The scale starts where float16 gradients are finite and doubles every other finite step until scaled gradients
   # really overflow float16 (2^20 does at init: see logged_lines); each overflow halves it again.
