@@ -1,5 +1,7 @@
 """The model against docs/paper.md: every placement's formula, causality, the variance law, scan == loop, statistics."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,12 @@ def small_config(placement='pre', kind='rmsnorm', num_layers=3, d_model=32, **mo
 def init_params(model_config, seed=0, length=8):
   model = model_lib.Transformer(ml_collections.FrozenConfigDict(model_config))
   tokens = jnp.zeros((1, length), jnp.int32)
-  return model, nn.unbox(model.init(jax.random.key(seed), tokens)['params'])
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)['params'])
+
+
+def forward(model, params, *inputs, collect_stats=False):
+  """`model.apply`, jitted: one compiled program instead of hundreds of op-by-op ones (the slow part on CPU)."""
+  return jax.jit(functools.partial(model.apply, collect_stats=collect_stats))({'params': params}, *inputs)
 
 
 def randomize(params, seed):
@@ -44,7 +51,7 @@ def test_forward_matches_numpy_float64_reference(placement, kind):
   model, params = init_params(config.model)
   params = randomize(params, seed=1)
   tokens = np.array([[3, 17, 5, 60, 2, 9, 33, 1]], np.int32)
-  logits, _ = model.apply({'params': params}, jnp.asarray(tokens))
+  logits, _ = forward(model, params, jnp.asarray(tokens))
   placements = layer_placements(config.model.norm, config.model.num_layers)
   expected = numpy_reference.forward(jax.device_get(params), tokens[0], placements, kind, config.model.norm.eps,
                                      final_norm=needs_final_norm(placements[-1]))
@@ -65,8 +72,8 @@ def test_changing_a_future_token_never_changes_earlier_logits(placement):
   model, params = init_params(small_config(placement).model, length=12)
   tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 64)
   changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 64)
-  before, _ = model.apply({'params': params}, tokens)
-  after, _ = model.apply({'params': params}, changed)
+  before, _ = forward(model, params, tokens)
+  after, _ = forward(model, params, changed)
   np.testing.assert_array_equal(np.asarray(before[:, :7]), np.asarray(after[:, :7]))
   assert not np.allclose(before[:, 7:], after[:, 7:])
 
@@ -78,8 +85,8 @@ def test_segment_ids_keep_packed_documents_apart():
   packed = jnp.concatenate([first, second], axis=1)
   segment_ids = jnp.array([[1] * 4 + [2] * 6])
   positions = jnp.array([list(range(4)) + list(range(6))])
-  logits, _ = model.apply({'params': params}, packed, positions, segment_ids)
-  alone, _ = model.apply({'params': params}, second)
+  logits, _ = forward(model, params, packed, positions, segment_ids)
+  alone, _ = forward(model, params, second)
   np.testing.assert_allclose(logits[:, 4:], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -90,7 +97,7 @@ def residual_increment(placement, scale, layer=1):
   params = jax.tree.map(lambda a: a, params)
   params[f'layer_{layer}']['mlp']['down']['kernel'] = params[f'layer_{layer}']['mlp']['down']['kernel'] * scale
   tokens = jax.random.randint(jax.random.key(3), (4, 64), 0, 64)
-  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  _, stats = forward(model, params, tokens, collect_stats=True)
   var = np.asarray(stats['residual_var'], np.float64)
   return var[layer, 1] - var[layer, 0]  # after the MLP minus after the attention of the same layer
 
@@ -113,7 +120,7 @@ def test_peri_residual_variance_grows_linearly_with_depth_at_init():
   config.model.scan_layers = True
   model, params = init_params(config.model, length=32)
   tokens = jax.random.randint(jax.random.key(4), (4, 32), 0, 64)
-  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  _, stats = forward(model, params, tokens, collect_stats=True)
   variance = np.asarray(stats['residual_var'][:, 1], np.float64)
   depth = np.arange(1, 25, dtype=np.float64)
   slope, intercept = np.polyfit(depth, variance, 1)
@@ -137,8 +144,8 @@ def test_scan_and_loop_stacks_agree_for_the_same_parameters(placement, unroll):
     scan_params[f'layers_{group}'] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
     first += count
   tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 64)
-  loop_logits, loop_stats = loop_model.apply({'params': loop_params}, tokens, collect_stats=True)
-  scan_logits, scan_stats = scan_model.apply({'params': scan_params}, tokens, collect_stats=True)
+  loop_logits, loop_stats = forward(loop_model, loop_params, tokens, collect_stats=True)
+  scan_logits, scan_stats = forward(scan_model, scan_params, tokens, collect_stats=True)
   np.testing.assert_allclose(loop_logits, scan_logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loop_stats['residual_var'], scan_stats['residual_var'], rtol=1e-5)
 
@@ -149,7 +156,7 @@ def test_remat_gives_the_same_gradients():
   config.model.scan_layers = True
   model, params = init_params(config.model)
   tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, 64)
-  loss = lambda m, p: jnp.mean(m.apply({'params': p}, tokens)[0] ** 2)
+  loss = lambda m, p: jnp.mean(forward(m, p, tokens)[0] ** 2)
   expected = jax.grad(lambda p: loss(model, p))(params)
   for policy in ('minimal', 'full'):
     config.model.remat = policy
@@ -179,7 +186,7 @@ def test_fp16_overflow_is_counted_per_layer_in_the_model():
     params[layer]['attention']['out']['kernel'] *= 0
     params[layer]['mlp']['down']['kernel'] *= 0
   tokens = jnp.array([[7, 1, 2, 7, 3, 4, 5, 6]])
-  _, stats = model.apply({'params': params}, tokens, collect_stats=True)
+  _, stats = forward(model, params, tokens, collect_stats=True)
   residual_overflow = np.asarray(stats['residual_fp16_overflow'])
   assert residual_overflow.tolist() == [[6, 6], [6, 6]]  # 2 positions x 3 coordinates, after every sub-layer
   assert np.asarray(stats['output_fp16_overflow']).sum() == 0
@@ -208,8 +215,8 @@ def test_einsum_attention_matches_dot_product_attention(placement):
   segment_ids = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
   config.model.attention_impl = 'einsum'
   einsum_model = model_lib.Transformer(ml_collections.FrozenConfigDict(config.model))
-  expected, _ = model.apply({'params': params}, tokens, None, segment_ids)
-  got, _ = einsum_model.apply({'params': params}, tokens, None, segment_ids)
+  expected, _ = forward(model, params, tokens, None, segment_ids)
+  got, _ = forward(einsum_model, params, tokens, None, segment_ids)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
