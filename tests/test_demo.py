@@ -1,5 +1,6 @@
 """The demo's pieces at a small size: planning, train + evaluate + report (in this process, through the same run
-commands the demo hands to subprocesses), resumption, and bad input; the real subprocess demo is marked slow."""
+commands the demo hands to subprocesses), resumption, and bad input; the tests that train, here or through the real
+subprocess demo, are marked slow."""
 
 import json
 import os
