@@ -164,8 +164,11 @@ def dry_run(config, accelerator='h100', mfu=0.4, devices=None, num_slices=None):
     mesh = sharding_lib.make_mesh(config.mesh, devices, num_slices)
     compiled, abstract_state, shardings, compile_s = compile_train_step(config, mesh)
   except sharding_lib.ShardingError as e:
-    meshes = ', '.join(f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}"
-                       for m in suggest_meshes(config, devices, budget, limit=3))
+    try:
+      meshes = ', '.join(f"data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}"
+                         for m in suggest_meshes(config, devices, budget, limit=3))
+    except ValueError:   # no hint rather than losing the one-line error it would explain
+      raise e from None
     hint = (f'meshes of these devices that divide it and whose state fits: {meshes}' if meshes else
             f'no data x fsdp x tensor mesh of {len(devices)} devices divides this model and batch')
     raise sharding_lib.ShardingError(f'{e} ({hint})') from None

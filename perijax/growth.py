@@ -123,13 +123,14 @@ def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int 
   note = ''
   if values.ndim != 2 or num_layers < 3:
     note = f'need values of shape [layers] or [seeds, layers] with at least 3 layers, got {given_shape}'
-  elif not np.all(np.isfinite(values)):
-    note = f'{np.sum(~np.isfinite(values))} non-finite value(s) (overflow or divergence); no fit'
-  elif not np.all(values > 0):
-    note = f'{np.sum(values <= 0)} value(s) <= 0: a growth law needs positive values; no fit'
+  else:
+    layers = _check_layers(layers, num_layers)   # a caller's wrong `layers` is an error even when the values are bad
+    if not np.all(np.isfinite(values)):
+      note = f'{np.sum(~np.isfinite(values))} non-finite value(s) (overflow or divergence); no fit'
+    elif not np.all(values > 0):
+      note = f'{np.sum(values <= 0)} value(s) <= 0: a growth law needs positive values; no fit'
   if note:
     return GrowthFit(num_layers, num_seeds, 'inconclusive', (), {}, float('nan'), note)
-  layers = _check_layers(layers, num_layers)
   log_values = np.log(values)
   log_y = log_values.mean(0)
   first, last = layers.min(), layers.max()

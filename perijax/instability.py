@@ -1,6 +1,6 @@
 """The divergence rule (README.md, "Metrics"): a run diverged at its first logged non-finite loss, or where an
 exponential moving average of the loss (decay `ema_decay` per optimizer step, so the rule does not depend on
-`train.log_every`) has stayed more than `margin` nats above its running minimum for `patience_steps` steps. Unlike
+`train.log_every`) has stayed more than `margin` nats above its own running minimum for `patience_steps` steps. Unlike
 "final loss above the first", it does not depend on where a run happened to stop: a spike that recovers, a plateau or
 a run that ends mid-excursion is not divergence.
 """

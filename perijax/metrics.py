@@ -1,6 +1,7 @@
 """Where training numbers go (process 0 only): WORKDIR/metrics.jsonl, or part files on an object store, which cannot
 append; TensorBoard; W&B if config.wandb.enabled (imported only then, its run id kept in the workdir so a resumed
-training continues the same W&B run); a console line. README.md, "Metrics" and "Weights & Biases", says the rest.
+training continues the same W&B run); a console line. README.md, "Metrics", "Object-store workdirs" and
+"Weights & Biases", says the rest.
 """
 
 import json

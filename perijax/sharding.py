@@ -35,7 +35,8 @@ def _fill(sizes, total, unit):
   if -1 in sizes.values() and total % fixed == 0:
     sizes = {name: total // fixed if size == -1 else size for name, size in sizes.items()}
   if math.prod(sizes.values()) != total:
-    raise ShardingError(f'config.mesh {" x ".join(sizes)} = {sizes} has {fixed} {unit}s but there are {total} {unit}s: '
+    count = f'fixed axes multiply to {fixed}' if -1 in sizes.values() else f'has {fixed} {unit}s'
+    raise ShardingError(f'config.mesh {" x ".join(sizes)} = {sizes} {count} but there are {total} {unit}s: '
                         f'their product must be the {unit} count (or divide it, with -1 for one axis to fill the rest)')
   return tuple(sizes.values())
 

@@ -35,6 +35,7 @@ from perijax import progress
 from perijax import rundir
 from perijax.errors import ArgumentError
 
+FLAGS = flags.FLAGS
 SEED_FIELD = 'train.seed'
 _UNSAFE_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
 _SLURM_TIME = re.compile(r'^(\d+-)?\d+(:\d+){0,2}$')   # minutes, [D-]HH:MM[:SS], ... as sbatch --time reads them
@@ -326,21 +327,20 @@ def launch(runs: Sequence[Run], root: str, config_arg: str, fixed_overrides: Dic
 
 def main(argv):
   del argv   # cli.run rejects positional arguments
-  values = flags.FLAGS
   config_arg, config, fixed_overrides = cli.config_and_overrides()
-  runs = expand_grid(config, values.sweep, values.seeds, values.root, fixed_overrides, validate=config_lib.validate)
-  if values.print and values.launcher != 'local':
-    raise ArgumentError(f'give --print or --launcher={values.launcher}, not both')
-  if values.submit and values.launcher != 'slurm':
+  runs = expand_grid(config, FLAGS.sweep, FLAGS.seeds, FLAGS.root, fixed_overrides, validate=config_lib.validate)
+  if FLAGS.print and FLAGS.launcher != 'local':
+    raise ArgumentError(f'give --print or --launcher={FLAGS.launcher}, not both')
+  if FLAGS.submit and FLAGS.launcher != 'slurm':
     raise ArgumentError('--submit submits a SLURM script; it needs --launcher=slurm')
-  sweep_args = {'sweep': list(values.sweep), 'seeds': values.seeds}
-  if values.print:
-    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, values.python or 'python')))
-  elif values.launcher != 'local':
-    python = values.python or ('python' if values.launcher == 'tpu_vm' else sys.executable)
-    print(launch(runs, values.root, config_arg, fixed_overrides, python, values.launcher, sweep_args, values))
+  sweep_args = {'sweep': list(FLAGS.sweep), 'seeds': FLAGS.seeds}
+  if FLAGS.print:
+    print('\n'.join(print_commands(runs, config_arg, fixed_overrides, FLAGS.python or 'python')))
+  elif FLAGS.launcher != 'local':
+    python = FLAGS.python or ('python' if FLAGS.launcher == 'tpu_vm' else sys.executable)
+    print(launch(runs, FLAGS.root, config_arg, fixed_overrides, python, FLAGS.launcher, sweep_args, FLAGS))
   else:
-    runs = run_sweep(runs, values.root, config_arg, fixed_overrides, python=values.python or sys.executable,
+    runs = run_sweep(runs, FLAGS.root, config_arg, fixed_overrides, python=FLAGS.python or sys.executable,
                      sweep_args=sweep_args)
     if any(run.status in ('failed', 'eval_failed') for run in runs):
       sys.exit(1)   # after every run was tried: a scheduler sees that something needs a look

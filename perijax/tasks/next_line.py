@@ -35,7 +35,9 @@ def work_lines(examples: Iterable[dict]) -> dict[str, list[str]]:
   passages = collections.defaultdict(list)
   for example in examples:
     passages[as_text(example['work'])].append((int(example['passage_index']), as_text(example['text'])))
-  return {work: [line.rstrip() for _, text in sorted(work_passages) for line in text.split('\n') if line.strip()]
+  def in_order(work_passages):   # by passage_index only: equal indices keep their input order
+    return [text for _, text in sorted(work_passages, key=lambda passage: passage[0])]
+  return {work: [line.rstrip() for text in in_order(work_passages) for line in text.split('\n') if line.strip()]
           for work, work_passages in passages.items()}
 
 

@@ -249,4 +249,3 @@ class SiqaOriginal(_OriginalJsonlBuilder):
       if label not in ('1', '2', '3'):
         raise DataError(f'{path}: document {line} has label {label!r}; Social IQa labels are "1", "2" or "3"')
     return [{field: doc[field] for field in cls.ANSWER_FIELDS} | {'label': label} for doc, label in zip(docs, labels)]
-
