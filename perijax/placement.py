@@ -34,7 +34,8 @@ def layer_placements(norm_config, num_layers):
 
 def norm_role(placement, name):
   """'in' or 'out': whether the norm `name` (as residual_sublayer gives it to N) normalizes F's input or output."""
-  return 'in' if name == NORMS[placement][0] else 'out'
+  in_norm, out_norm, _ = NORMS[placement]
+  return {in_norm: 'in', out_norm: 'out'}[name]   # an unknown name is a KeyError, never silently an output norm
 
 
 def has_output_norm(placement):

@@ -23,6 +23,7 @@ class Precision:
   @classmethod
   def from_config(cls, model_config) -> 'Precision':
     compute = DTYPES[model_config.compute_dtype]
-    reductions = (jnp.float32 if getattr(model_config, f'{kind}_in_float32') else compute
-                  for kind in ('norm', 'softmax', 'loss'))
-    return cls(DTYPES[model_config.param_dtype], compute, *reductions)
+    return cls(param=DTYPES[model_config.param_dtype], compute=compute,
+               norm=jnp.float32 if model_config.norm_in_float32 else compute,
+               softmax=jnp.float32 if model_config.softmax_in_float32 else compute,
+               loss=jnp.float32 if model_config.loss_in_float32 else compute)

@@ -204,5 +204,9 @@ def bytes_per_token(data_config, tokenizer: tokenizers.Tokenizer, split: str, ma
   bits per byte = (mean loss per target token in nats) / ln 2 / bytes_per_token."""
   source = open_source(data_config, split)
   num_docs = min(max_docs, len(source)) if max_docs > 0 else len(source)
-  texts = [example_text(source[index], data_config.text_field) for index in range(num_docs)]
-  return sum(len(text.encode('utf-8')) for text in texts) / sum(len(tokenizer.encode(text)) + 1 for text in texts)
+  num_bytes = num_tokens = 0
+  for index in range(num_docs):   # one document at a time: max_docs=0 may be a large split
+    text = example_text(source[index], data_config.text_field)
+    num_bytes += len(text.encode('utf-8'))
+    num_tokens += len(tokenizer.encode(text)) + 1
+  return num_bytes / num_tokens
