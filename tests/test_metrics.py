@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,24 +31,33 @@ def wandb_config(mode='offline'):
   return config
 
 
-def offline_records(run_dir):
-  """(run record, [{key: value} per logged history row]) read back from an offline run's .wandb file."""
+def offline_records(run_dir, timeout_s=60):
+  """(run record, [{key: value} per logged history row]) read back from an offline run's .wandb file.
+
+  W&B's service may still be writing the file after run.finish() returns (seen on a loaded CI machine), so this reads
+  it again until its 'exit' record is in.
+  """
   from wandb.proto import wandb_internal_pb2
   from wandb.sdk.internal import datastore
   (path,) = run_dir.glob('run-*.wandb')
-  store = datastore.DataStore()
-  store.open_for_scan(str(path))
-  run, history = None, []
-  while (data := store.scan_data()) is not None:
-    record = wandb_internal_pb2.Record()
-    record.ParseFromString(data)
-    kind = record.WhichOneof('record_type')
-    if kind == 'run':
-      run = record.run
-    elif kind == 'history':
-      history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
-                      for item in record.history.item})
-  return run, history
+  deadline = time.monotonic() + timeout_s
+  while True:
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    run, history, finished = None, [], False
+    while (data := store.scan_data()) is not None:
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(data)
+      kind = record.WhichOneof('record_type')
+      if kind == 'run':
+        run = record.run
+      elif kind == 'history':
+        history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                        for item in record.history.item})
+      finished |= kind == 'exit'
+    if finished or time.monotonic() > deadline:
+      return run, history
+    time.sleep(0.2)
 
 
 @pytest.fixture
