@@ -29,9 +29,9 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
-from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from perijax import cli  # pylint: disable=g-import-not-at-top
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
 from perijax import instability  # pylint: disable=g-import-not-at-top
 from perijax import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -49,9 +49,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(name: str, seeds: int):
   """The flags every experiment has; `name` names its default run root and its results files."""
-  # --config defaults to configs/tiny.py (which adds this experiment's small-scale overrides).
-  config_flags.DEFINE_config_file('config', TINY_CONFIG, 'Config file of every run; --config.a.b=value overrides.',
-                                  lock_config=True)
+  cli.define_config_flags(default=TINY_CONFIG)   # configs/tiny.py adds this experiment's small-scale overrides
   flags.DEFINE_string('root', os.path.join('runs', 'experiments', name), 'Directory of the run workdirs.')
   flags.DEFINE_string('results', RESULTS_DIR, 'Directory the JSON and PNG results are written to.')
   flags.DEFINE_integer('seeds', seeds, 'Seeds per grid point (train.seed = 0 .. seeds-1).')
@@ -90,9 +88,8 @@ def make_setup(config_arg: str, config: ml_collections.ConfigDict, user_override
 
 
 def setup_from_flags(small_overrides: Dict[str, Any], paper_overrides: Optional[Dict[str, Any]] = None) -> Setup:
-  config_arg = config_flags.get_config_filename(FLAGS['config'])
-  return make_setup(config_arg, FLAGS.config, config_flags.get_override_values(FLAGS['config']), small_overrides,
-                    paper_overrides)
+  config_arg, config, user_overrides = cli.config_and_overrides()
+  return make_setup(config_arg, config, user_overrides, small_overrides, paper_overrides)
 
 
 def plan(setup: Setup, grid: Sequence[Tuple[str, Sequence[Any]]], seeds: int, root: str) -> List[sweep.Run]:
@@ -120,7 +117,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
     train_runs(setup, runs, root, evaluate=FLAGS.evaluate)
   missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
-    raise FileNotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
+    raise cli.ArgumentError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
                             'train them first (drop --analyze_only)')
   return True
 

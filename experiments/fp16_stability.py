@@ -26,11 +26,11 @@ Writes results/fp16_stability.json and results/fp16_stability.png.
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import cli
 from perijax import plots
 from perijax import report as report_lib
 from perijax import tables
@@ -193,4 +193,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, takes_arguments=False)

@@ -18,11 +18,11 @@ Writes results/grad_norms.json and results/grad_norms.png.
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import cli
 from perijax import plots
 
 NAME = 'grad_norms'
@@ -141,4 +141,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, takes_arguments=False)

@@ -36,11 +36,11 @@ import math
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import cli
 from perijax import plots
 from perijax import tables
 
@@ -62,16 +62,13 @@ def variant_name(placement, qk_norm, dtype):
 
 
 def grids(placements, qk_placements, fp16_placements, lrs, depths):
-  """The sub-grids (each a perijax.sweep grid over the same fields, so every workdir is named alike)."""
-  tail = [('optimizer.lr', lrs), ('model.num_layers', depths)]
-  out = [[('model.norm.placement', placements), ('model.norm.qk_norm', [False]),
-          ('model.compute_dtype', ['float32'])] + tail]
-  if qk_placements:
-    out.append([('model.norm.placement', qk_placements), ('model.norm.qk_norm', [True]),
-                ('model.compute_dtype', ['float32'])] + tail)
-  if fp16_placements:
-    out.append([('model.norm.placement', fp16_placements), ('model.norm.qk_norm', [False]),
-                ('model.compute_dtype', ['float16'])] + tail)
+  """The sub-grids (each a perijax.sweep grid over the same fields, so every workdir is named alike); an empty
+  placement list leaves its sub-grid out."""
+  variants = ((placements, False, 'float32'), (qk_placements, True, 'float32'), (fp16_placements, False, 'float16'))
+  out = [[('model.norm.placement', names), ('model.norm.qk_norm', [qk_norm]), ('model.compute_dtype', [dtype]),
+          ('optimizer.lr', lrs), ('model.num_layers', depths)] for names, qk_norm, dtype in variants if names]
+  if not out:
+    raise cli.ArgumentError('--placements, --qk_placements and --fp16_placements are all empty; give at least one')
   return out
 
 
@@ -249,4 +246,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, takes_arguments=False)

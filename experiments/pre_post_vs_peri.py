@@ -16,11 +16,11 @@ Writes results/pre_post_vs_peri.json and results/pre_post_vs_peri.png.
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import cli
 from perijax import growth
 from perijax import plots
 from perijax import report as report_lib
@@ -133,4 +133,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, takes_arguments=False)

@@ -26,11 +26,11 @@ import math
 import os
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from experiments import common
+from perijax import cli
 from perijax import growth
 from perijax import plots
 from perijax import report as report_lib
@@ -257,4 +257,4 @@ def report(data):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, takes_arguments=False)

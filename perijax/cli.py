@@ -97,7 +97,7 @@ def fail(message):
   """Prints the one error line and exits 1, skipping interpreter teardown: a failed Orbax read leaves work pending
   on its event loop whose tracebacks would otherwise follow the line. Nothing is half-written when input is bad."""
   spec = getattr(sys.modules.get('__main__'), '__spec__', None)
-  is_module = spec and spec.name.startswith('perijax')  # python -m perijax.evaluate runs the package's __main__
+  is_module = spec and spec.name.startswith(('perijax', 'experiments'))  # -m perijax.evaluate runs its __main__
   tool = spec.name.removesuffix('.__main__') if is_module else os.path.basename(sys.argv[0])
   sys.stdout.flush()
   print(f'{tool}: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
-"""The demo's pieces at a small size: planning, train + evaluate + report (in this process, through the same run
-commands the demo hands to subprocesses), resumption, and bad input; the tests that train, here or through the real
-subprocess demo, are marked slow."""
+"""The demo's pieces at a small size: planning, bad input, and the README's demo command run once (train + evaluate
+each run in its own process, then the report), whose output the slow tests read, and whose second start skips
+finished runs."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 
 from perijax import config as config_lib
 from perijax import demo
+from perijax import rundir
 from perijax import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,28 +20,6 @@ TINY = str(REPO / 'configs' / 'tiny.py')
 SMALL = {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 2, 'train.steps': 4, 'train.batch_size': 8,
          'train.seq_len': 128, 'train.log_every': 1, 'train.stats_every': 2, 'checkpoint.every': 0,
          'data.eval_max_batches': 1, 'eval.batch_size': 8, 'eval.max_examples': 4, 'eval.tasks': ('next_line',)}
-
-
-def in_process_command(calls):
-  """A RunCommand that runs `perijax.train` / `perijax.evaluate` argv in this process (no JAX start-up per run)."""
-  def run_command(argv, log_path):
-    del log_path
-    calls.append(argv)
-    module = argv[argv.index('-m') + 1]
-    args = dict(arg[2:].split('=', 1) for arg in argv[argv.index('-m') + 2:])
-    if module == 'perijax.train':
-      from perijax import train  # pylint: disable=g-import-not-at-top
-      config = config_lib.load_file(args.pop('config'))
-      workdir = args.pop('workdir')
-      overrides = {k[len('config.'):]: config_lib.parse_value(config, k[len('config.'):], v) for k, v in args.items()}
-      train.train(sweep.resolve(config, overrides), workdir)
-    elif module == 'perijax.evaluate':
-      from perijax import evaluate  # pylint: disable=g-import-not-at-top
-      evaluate.run(args['workdir'], step=int(args['step']))
-    else:
-      raise AssertionError(f'unexpected command {argv}')
-    return 0
-  return run_command
 
 
 @pytest.fixture(scope='module')
@@ -54,12 +33,14 @@ def fixed(corpus_data_dir):
 
 
 @pytest.fixture(scope='module')
-def demo_root(config, fixed, tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('demo'))
-  calls = []
-  data = demo.run_demo(TINY, config, fixed, demo.PLACEMENTS, root, run_command=in_process_command(calls),
-                       log=lambda message: None)
-  return root, data, calls
+def demo_root(fixed, tmp_path_factory):
+  """The README's demo command, run once at a small size on two placements: (root, what it printed)."""
+  root = tmp_path_factory.mktemp('demo')
+  args = [sys.executable, '-m', 'perijax.demo', f'--root={root}', '--placements=pre,peri'] + [
+      f'--config.{k}={sweep.format_value(v)}' for k, v in fixed.items()]
+  result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return root, result.stdout
 
 
 def test_plan_has_one_run_per_placement_with_the_fixed_overrides(config, fixed):
@@ -80,58 +61,46 @@ def test_bad_placements_fail_before_anything_runs(config, tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_then_evaluates_each_run_with_the_separate_script(demo_root):
-  root, _, calls = demo_root
-  modules = [argv[argv.index('-m') + 1] for argv in calls]
-  assert modules == ['perijax.train', 'perijax.evaluate'] * 3
-  for placement in demo.PLACEMENTS:
-    workdir = os.path.join(root, f'placement={placement},seed=0')
-    result = json.loads(pathlib.Path(workdir, 'eval', 'step_4.json').read_text())
+  root, _ = demo_root
+  for placement in ('pre', 'peri'):
+    workdir = root / f'placement={placement},seed=0'
+    for command, module in (('train', 'perijax.train'), ('eval', 'perijax.evaluate')):   # each log starts with its argv
+      assert f' -m {module} ' in rundir.command_log(workdir, command).read_text().splitlines()[0]
+    result = json.loads((workdir / 'eval' / 'step_4.json').read_text())
     assert result['step'] == 4 and result['tokens'] > 0 and 'next_line' in result['tasks']
-  statuses = [run['status'] for run in json.loads(pathlib.Path(root, 'sweep.json').read_text())['runs']]
-  assert statuses == ['finished'] * 3
+  assert [run['status'] for run in json.loads((root / 'sweep.json').read_text())['runs']] == ['finished'] * 2
 
 
 @pytest.mark.slow
 def test_demo_report_compares_placements_and_writes_plots(demo_root):
-  root, data, _ = demo_root
-  assert [run['name'] for run in data['runs']] == ['pre', 'peri', 'post']
+  root, printed = demo_root
+  data = json.loads((root / 'report.json').read_text())
+  assert [run['name'] for run in data['runs']] == ['pre', 'peri']
   assert all(run['eval_step'] == 4 and run['eval_loss'] > 0 for run in data['runs'])
   assert all(len(run['layer_stats'][-1]['residual_var']) == 2 for run in data['runs'])
-  assert sorted(row['group'] for row in data['table1']) == ['placement=peri', 'placement=post', 'placement=pre']
-  text = pathlib.Path(root, 'report.txt').read_text()
-  for heading in ('residual variance', 'float16 headroom', 'Growth of residual variance', 'Table 1 (quality)'):
-    assert heading in text
-  assert json.loads(pathlib.Path(root, 'report.json').read_text())['plots'] == data['plots']
+  assert sorted(row['group'] for row in data['table1']) == ['placement=peri', 'placement=pre']
+  text = (root / 'report.txt').read_text()
+  for heading in ('residual variance', 'float16 headroom', 'Growth of residual variance', 'Table 1 (quality)',
+                  'Table 1 (stability)'):
+    assert heading in text and heading in printed
   names = sorted(os.path.basename(path) for path in data['plots'])
   assert names == ['layer_grad_norm.png', 'loss.png', 'loss_scale.png', 'massive_activations.png',
                    'residual_variance.png', 'residual_variance_heatmap.png'], names
-  assert all(os.path.getsize(path) > 1000 for path in data['plots'])
+  assert all(os.path.getsize(path) > 1000 and str(root / 'plots') in path for path in data['plots'])
 
 
 @pytest.mark.slow
 def test_demo_again_skips_finished_runs(demo_root, config, fixed):
-  root, _, _ = demo_root
+  root, _ = demo_root
   calls = []
-  data = demo.run_demo(TINY, config, fixed, demo.PLACEMENTS, root, run_command=in_process_command(calls),
-                       log=lambda message: None)
+  data = demo.run_demo(TINY, config, fixed, ['pre', 'peri'], str(root),
+                       run_command=lambda argv, log_path: calls.append(argv) or 0, log=lambda message: None)
   assert calls == []
-  assert [run['status'] for run in json.loads(pathlib.Path(root, 'sweep.json').read_text())['runs']] == ['skipped'] * 3
-  assert len(data['runs']) == 3
+  assert [run['status'] for run in json.loads((root / 'sweep.json').read_text())['runs']] == ['skipped'] * 2
+  assert len(data['runs']) == 2
 
 
 def test_a_failing_training_is_reported_not_compared(config, fixed, tmp_path):
   with pytest.raises(RuntimeError, match='no run of the demo finished'):
     demo.run_demo(TINY, config, fixed, ['pre'], str(tmp_path), run_command=lambda argv, log_path: 1,
                   log=lambda message: None)
-
-
-@pytest.mark.slow
-def test_demo_command_end_to_end(corpus_data_dir, tmp_path):
-  args = [sys.executable, '-m', 'perijax.demo', f'--root={tmp_path}', '--placements=pre,peri',
-          f'--config.data.data_dir={corpus_data_dir}'] + [
-              f'--config.{k}={sweep.format_value(v)}' for k, v in SMALL.items()]
-  result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Table 1 (stability)' in result.stdout and 'float16 headroom' in result.stdout
-  assert (tmp_path / 'plots' / 'residual_variance.png').exists()
-  assert (tmp_path / 'placement=peri,seed=0' / 'eval' / 'step_4.json').exists()

@@ -333,30 +333,30 @@ def test_paper_scale_print_gives_a_400m_grid(name, tmp_path):
 def test_lr_sensitivity_end_to_end_on_the_fixture_corpus(corpus_data_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.lr_sensitivity', f'--root={tmp_path}/runs', f'--results={tmp_path}/res',
-       f'--config.data.data_dir={corpus_data_dir}', '--seeds=1', '--placements=pre', '--qk_placements=',
+       f'--config.data.data_dir={corpus_data_dir}', '--seeds=1', '--placements=', '--qk_placements=',
        '--fp16_placements=peri', '--lrs=0.001,0.01', '--depths=2', '--config.train.steps=4',
        '--config.train.stats_every=4', '--config.model.d_model=32', '--config.train.seq_len=32'],
       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / 'res' / 'lr_sensitivity.json').read_text())
-  assert [(row['variant'], row['lrs']) for row in data['rows']] == [('pre', [1e-3, 1e-2]), ('peri/float16', [1e-3, 1e-2])]
+  assert [(row['variant'], row['lrs']) for row in data['rows']] == [('peri/float16', [1e-3, 1e-2])]
   assert all(row['sensitivity']['n'] == 1 for row in data['rows'])
   assert (tmp_path / 'res' / 'lr_sensitivity.png').stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_grad_norms_end_to_end_on_the_fixture_corpus(corpus_data_dir, tmp_path):
-  """Trains post/pre/peri for a few steps in one process, then resumes: finished runs are skipped."""
+  """Trains post and peri for a few steps, a process each, then starts again: finished runs are skipped."""
   args = [sys.executable, '-m', 'experiments.grad_norms', f'--root={tmp_path}/runs', f'--results={tmp_path}/res',
-          f'--config.data.data_dir={corpus_data_dir}', '--seeds=1', '--config.train.steps=4',
+          f'--config.data.data_dir={corpus_data_dir}', '--seeds=1', '--placements=post,peri', '--config.train.steps=4',
           '--config.train.log_every=1', '--config.model.d_model=32', '--config.model.num_layers=2',
           '--config.train.seq_len=32']
   result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads((tmp_path / 'res' / 'grad_norms.json').read_text())
-  assert [row['placement'] for row in data['placements']] == ['post', 'pre', 'peri']
+  assert [row['placement'] for row in data['placements']] == ['post', 'peri']
   assert all(len(row[label]['profile']) == 2 for row in data['placements'] for label in grad_norms.SNAPSHOTS)
   assert (tmp_path / 'res' / 'grad_norms.png').stat().st_size > 0
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count(': skipped') == 3
+  assert again.stdout.count(': skipped') == 2
