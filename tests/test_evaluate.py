@@ -302,8 +302,7 @@ def test_two_processes_give_the_one_process_result(workdir, tmp_path, free_port)
   shutil.copytree(workdir, single)
   argv = [f'--step={STEPS}', '--config.data.eval_max_batches=0']
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
-  subprocess.run([sys.executable, '-m', 'perijax.evaluate', f'--workdir={single}', *argv], cwd=REPO, check=True,
-                 capture_output=True, timeout=300, env={**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  evaluate.run(str(single), step=STEPS, overrides=argv[1:])   # this process's 8 devices
   port = free_port
   processes = [subprocess.Popen([sys.executable, '-m', 'perijax.evaluate', f'--workdir={workdir}', *argv,
                                  f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],

@@ -72,6 +72,8 @@ def test_sigterm_saves_the_same_step_on_every_process_and_resumes(signalled, cor
   data = os.path.join(workdir, 'checkpoints', str(step), 'data')
   assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
 
+  if len(signalled) > 1:
+    return   # resuming does not depend on which hosts were signalled: the one_host case checks it
   # The checkpoint resumes: two more steps on both processes, then the run ends normally.
   processes = start_two_processes(train_args(corpus_data_dir, workdir, step + 2), fresh_port())
   outputs = finish(processes)
