@@ -16,14 +16,19 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # programs tested are those users run. Inherited by the processes the tests start.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  # Many tests compile the same tiny programs (train steps, inits, Orbax's helpers), in this process, in pytest-xdist's
-  # workers and in the train / evaluate processes they start: all inherit this directory, and every program is cached
-  # however fast it compiled (a started process has ~80 small ones: ~25% of its CPU time). Removed at exit.
+  # Many tests compile the same tiny programs (train steps, inits, Orbax's helpers), in pytest-xdist's workers and in
+  # the train / evaluate processes they start: all inherit this directory. A started process caches every program
+  # however fast it compiled (it has ~80 small ones, the same in every process: ~25% of its CPU time); the workers,
+  # whose many programs are mostly their own, only those over JAX's 1 s threshold (below). Removed at exit.
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='perijax-test-jax-cache-')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)   # this process: see above
 
 
 def pytest_configure(config):

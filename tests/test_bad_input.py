@@ -26,7 +26,7 @@ from perijax import train as train_lib
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=32', '--config.model.d_model=32',
          '--config.model.num_layers=2', '--config.checkpoint.every=2', '--config.train.log_every=2',
-         '--config.optimizer.warmup_steps=1']
+         '--config.optimizer.warmup_steps=1', '--config.train.stats_every=1']
 CASES = {}   # name -> (tool, setup(ctx) -> (argv, directory that must stay unchanged), pattern of the error line)
 
 

@@ -29,7 +29,7 @@ OVERRIDES = dict(d_model=32, num_layers=2)
 def small_config(data_dir, steps):
   config = tiny.get_config()
   config.model.update(**OVERRIDES)
-  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1000)
+  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1)  # every step: one compiled program
   config.optimizer.warmup_steps = 2
   config.data.data_dir = data_dir
   config.checkpoint.update(every=3, keep=5)
@@ -88,7 +88,7 @@ cli.run(train.main)
 def cli_args(data_dir, workdir, steps):
   args = [f'--workdir={workdir}', '--config=configs/tiny.py', f'--config.data.data_dir={data_dir}',
           f'--config.train.steps={steps}', '--config.train.batch_size=8', '--config.train.seq_len=32',
-          '--config.train.log_every=1', '--config.train.stats_every=1000', '--config.optimizer.warmup_steps=2',
+          '--config.train.log_every=1', '--config.train.stats_every=1', '--config.optimizer.warmup_steps=2',
           '--config.checkpoint.every=3', '--config.checkpoint.keep=5']
   return args + [f'--config.model.{k}={v}' for k, v in OVERRIDES.items()]
 

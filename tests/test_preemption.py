@@ -20,7 +20,7 @@ def train_args(data_dir, workdir, steps):
   return ['-m', 'perijax.train', f'--workdir={workdir}', '--config=configs/tiny.py', f'--config.data.data_dir={data_dir}',
           '--config.model.d_model=32', '--config.model.num_layers=2', f'--config.train.steps={steps}',
           '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.log_every=1',
-          '--config.train.stats_every=100000', '--config.checkpoint.every=0']
+          '--config.train.stats_every=1', '--config.checkpoint.every=0']
 
 
 def fresh_port():

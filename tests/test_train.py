@@ -28,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small_config(data_dir, steps=10):
   config = tiny.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=4)
-  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1000)
+  # stats_every=1: every step collects the statistics, so one program compiles (the final step always collects them)
+  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1)
   config.optimizer.update(warmup_steps=2)
   config.data.data_dir = data_dir
   config.checkpoint.every = 0
@@ -190,7 +191,7 @@ def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp
   overrides = ['--config=configs/tiny.py', f'--config.data.data_dir={corpus_data_dir}', '--config.model.d_model=32',
                '--config.model.num_layers=2', '--config.train.steps=6', '--config.train.batch_size=8',
                '--config.train.seq_len=32', '--config.train.log_every=1', '--config.checkpoint.every=0',
-               '--config.data.process_split=rows']
+               '--config.data.process_split=rows', '--config.train.stats_every=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   single = str(tmp_path / 'single')   # this process's 8 devices, the config loaded from the same flags
   train_lib.train(config_lib.load(os.path.join(REPO, 'configs', 'tiny.py'), overrides[1:]), single)
@@ -250,7 +251,7 @@ def logged_lines(corpus_data_dir, tmp_path_factory):
   for log_every in (1, 4):
     config = small_config(corpus_data_dir, steps=12)
     config.model.compute_dtype = 'float16'
-    config.train.update(initial_loss_scale=2.0 ** 20, log_every=log_every)
+    config.train.update(initial_loss_scale=2.0 ** 20, log_every=log_every, stats_every=1000)  # statistics: step 12 only
     config.optimizer.update(lr=1.0, warmup_steps=100)  # all 12 steps in the warmup: lr = count / 100
     config.mesh.update(data=1, fsdp=1, tensor=1)
     workdir = str(tmp_path_factory.mktemp(f'log_every_{log_every}'))
