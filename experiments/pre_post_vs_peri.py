@@ -133,4 +133,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, takes_arguments=False)
+  cli.run(main)

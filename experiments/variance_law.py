@@ -257,4 +257,4 @@ def report(data):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, takes_arguments=False)
+  cli.run(main)

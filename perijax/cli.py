@@ -131,8 +131,8 @@ def _drop_abandoned_reads(unraisable):
   (sys.__unraisablehook__ if hasattr(unraisable, 'object') else threading.__excepthook__)(unraisable)
 
 
-def run(main, takes_arguments=True):
-  """absl's app.run(main) with the one error path; without `takes_arguments`, a positional argument is an error."""
+def run(main, takes_arguments=False):
+  """absl's app.run(main) with the one error path; unless `takes_arguments`, a positional argument is an error."""
   sys.unraisablehook = threading.excepthook = _drop_abandoned_reads
 
   def guarded(argv):

@@ -78,4 +78,4 @@ if __name__ == '__main__':
   cli.define_config_flags(default=DEFAULT_CONFIG)
   flags.DEFINE_string('root', os.path.join('runs', 'demo'), 'Directory of the runs, the report and the plots.')
   flags.DEFINE_list('placements', list(PLACEMENTS), 'Norm placements to train and compare.')
-  cli.run(main, takes_arguments=False)
+  cli.run(main)

@@ -267,8 +267,7 @@ def format_report(report):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   if FLAGS.devices is not None and jax.device_count() != FLAGS.devices:
     raise ArgumentError(f'--devices={FLAGS.devices} but jax already started with {jax.device_count()} devices: run '
                         'it as `python -m perijax.dryrun` (XLA_FLAGS is set before jax is imported) and do not set '

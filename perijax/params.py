@@ -40,8 +40,7 @@ def train_flops_per_token(model_config, seq_len):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   config = cli.config()
   counts = count_params(config.model)
   print(f"total parameters:          {counts['total']:>16,}")

@@ -368,4 +368,4 @@ if __name__ == '__main__':
   flags.DEFINE_string('zone', '', 'tpu_vm: its zone.')
   flags.DEFINE_string('remote_dir', 'perijax', 'tpu_vm: the perijax checkout on the workers (relative to home), '
                       'where the commands run.')
-  cli.run(main, takes_arguments=False)
+  cli.run(main)

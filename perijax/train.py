@@ -177,8 +177,7 @@ def train(config, workdir, devices=None, resume_from_intact=False):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   config = cli.config()
   runtime.setup(config.train)  # XLA flags and the compilation cache, before jax starts its backends

@@ -204,8 +204,7 @@ def prepare(data_dir: str = '', sdist: str = '') -> tfds.core.DatasetBuilder:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   logging.set_verbosity(logging.WARNING)  # TFDS logs every step at INFO; the summary lines below are what matter
   builder = prepare(flags.FLAGS.data_dir, flags.FLAGS.sdist)
   for split in ('train', 'validation', 'test'):

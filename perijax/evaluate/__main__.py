@@ -31,8 +31,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.ArgumentError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form --name=value')
+  del argv   # cli.run rejects positional arguments
   logging.set_verbosity(logging.ERROR)  # Orbax and grain are chatty; errors come as one line below
   values = flags.FLAGS
   cli.initialize_distributed()
