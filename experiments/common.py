@@ -33,6 +33,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from perijax import cli  # pylint: disable=g-import-not-at-top
 from perijax import config as config_lib  # pylint: disable=g-import-not-at-top
+from perijax import errors  # pylint: disable=g-import-not-at-top
 from perijax import instability  # pylint: disable=g-import-not-at-top
 from perijax import report as report_lib  # pylint: disable=g-import-not-at-top
 from perijax import rundir  # pylint: disable=g-import-not-at-top
@@ -117,7 +118,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
     train_runs(setup, runs, root, evaluate=FLAGS.evaluate)
   missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
-    raise cli.ArgumentError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
+    raise errors.NotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
                             'train them first (drop --analyze_only)')
   return True
 

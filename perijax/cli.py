@@ -7,8 +7,9 @@
       cli.run(main)                      # main calls cli.config() (or cli.config_and_overrides()), ...
 
 Library modules define no flags: only a command's `__main__` block calls these. Expected errors (a perijax.errors.
-UserError; absl's flag errors) print one line, `perijax.<tool>: error: <what is wrong and what is allowed>`, on stderr
-and exit with status 1; any other exception is a bug and keeps its traceback.
+UserError; absl's flag errors) print one line, `perijax.<tool>: error: <what is wrong and what is allowed>` (for an
+experiment, `experiments.<name>: error: ...`), on stderr and exit with status 1; any other exception is a bug and keeps
+its traceback.
 """
 
 import os
@@ -71,7 +72,8 @@ def config():
 
 def config_and_overrides():
   """(--config as given, its config with the overrides applied, {field: typed value} of the overrides), not yet
-  validated: for sweep and demo, which hand the file and overrides on to runs of their own and validate each."""
+  validated: for sweep, demo and the experiments, which hand the file and overrides on to runs of their own and
+  validate each."""
   config = config_lib.load_file(FLAGS.config)
   return FLAGS.config, config, config_lib.apply_overrides(config, _OVERRIDES)
 

@@ -29,7 +29,8 @@ OVERRIDES = dict(d_model=32, num_layers=2)
 def small_config(data_dir, steps):
   config = tiny.get_config()
   config.model.update(**OVERRIDES)
-  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1)  # every step: one compiled program
+  # stats_every=1: every step collects the statistics, so one program compiles (the final step always collects them)
+  config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=1, stats_every=1)
   config.optimizer.warmup_steps = 2
   config.data.data_dir = data_dir
   config.checkpoint.update(every=3, keep=5)

@@ -1,6 +1,6 @@
-"""The demo's pieces at a small size: planning, bad input, and the README's demo command run once (train + evaluate
-each run in its own process, then the report), whose output the slow tests read, and whose second start skips
-finished runs."""
+"""The demo's pieces at a small size: planning, bad input, and the demo command (`python -m perijax.demo`, what the
+README's experiments/demo.sh runs) run once: train + evaluate each run in its own process, then the report. The slow
+tests read what it wrote, and a second start skips the finished runs."""
 
 import json
 import os
@@ -34,7 +34,7 @@ def fixed(corpus_data_dir):
 
 @pytest.fixture(scope='module')
 def demo_root(fixed, tmp_path_factory):
-  """The README's demo command, run once at a small size on two placements: (root, what it printed)."""
+  """`python -m perijax.demo`, run once at a small size on two placements: (root, what it printed)."""
   root = tmp_path_factory.mktemp('demo')
   args = [sys.executable, '-m', 'perijax.demo', f'--root={root}', '--placements=pre,peri'] + [
       f'--config.{k}={sweep.format_value(v)}' for k, v in fixed.items()]

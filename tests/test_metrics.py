@@ -34,30 +34,35 @@ def wandb_config(mode='offline'):
 def offline_records(run_dir, timeout_s=60):
   """(run record, [{key: value} per logged history row]) read back from an offline run's .wandb file.
 
-  W&B's service may still be writing the file after run.finish() returns (seen on a loaded CI machine), so this reads
-  it again until its 'exit' record is in.
+  W&B's service may still be writing the file after run.finish() returns (seen on a loaded CI machine): it is read
+  again, a half-written record included, until its 'exit' record is in.
   """
   from wandb.proto import wandb_internal_pb2
   from wandb.sdk.internal import datastore
-  (path,) = run_dir.glob('run-*.wandb')
-  deadline = time.monotonic() + timeout_s
-  while True:
-    store = datastore.DataStore()
-    store.open_for_scan(str(path))
-    run, history, finished = None, [], False
-    while (data := store.scan_data()) is not None:
-      record = wandb_internal_pb2.Record()
-      record.ParseFromString(data)
-      kind = record.WhichOneof('record_type')
-      if kind == 'run':
-        run = record.run
-      elif kind == 'history':
-        history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
-                        for item in record.history.item})
-      finished |= kind == 'exit'
-    if finished or time.monotonic() > deadline:
+  deadline, problem = time.monotonic() + timeout_s, 'no exit record'
+  while time.monotonic() < deadline:
+    run, history, finished, store = None, [], False, datastore.DataStore()
+    try:
+      (path,) = run_dir.glob('run-*.wandb')
+      store.open_for_scan(str(path))
+      while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof('record_type')
+        if kind == 'run':
+          run = record.run
+        elif kind == 'history':
+          history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                          for item in record.history.item})
+        finished |= kind == 'exit'
+    except Exception as error:  # pylint: disable=broad-except  (DataStore asserts on a record still being written)
+      finished, problem = False, f'{type(error).__name__}: {error}'
+    finally:
+      store.close()
+    if finished:
       return run, history
     time.sleep(0.2)
+  pytest.fail(f'{run_dir}: no complete W&B run file after {timeout_s} s ({problem})')
 
 
 @pytest.fixture

@@ -56,8 +56,8 @@ def wait_for_metrics(workdir, lines, processes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('signalled', [(1,), (0, 1)], ids=['one_host', 'every_host'])
-def test_sigterm_saves_the_same_step_on_every_process_and_resumes(signalled, corpus_data_dir, tmp_path, free_port):
+@pytest.mark.parametrize('signalled', [(1,), (0, 1)], ids=['one_host_then_resume', 'every_host'])
+def test_sigterm_on_any_host_saves_the_same_step_on_every_process(signalled, corpus_data_dir, tmp_path, free_port):
   workdir = str(tmp_path / 'run')
   processes = start_two_processes(train_args(corpus_data_dir, workdir, 100_000), free_port)
   wait_for_metrics(workdir, 3, processes)
@@ -73,7 +73,7 @@ def test_sigterm_saves_the_same_step_on_every_process_and_resumes(signalled, cor
   assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
 
   if len(signalled) > 1:
-    return   # resuming does not depend on which hosts were signalled: the one_host case checks it
+    return   # resuming does not depend on which hosts were signalled: the one_host case checks it once
   # The checkpoint resumes: two more steps on both processes, then the run ends normally.
   processes = start_two_processes(train_args(corpus_data_dir, workdir, step + 2), fresh_port())
   outputs = finish(processes)

@@ -42,7 +42,7 @@ def object_store(monkeypatch):
 def small_config(data_dir, steps):
   config = default.get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=2)
-  config.train.update(steps=steps, batch_size=8, seq_len=128, log_every=1, stats_every=1)  # every step: one compiled program
+  config.train.update(steps=steps, batch_size=8, seq_len=128, log_every=1, stats_every=1)
   config.checkpoint.update(every=3, async_save=False)
   config.data.update(data_dir=data_dir, eval_max_batches=1, prefetch=0)
   config.eval.update(batch_size=8, max_examples=4)

@@ -194,6 +194,7 @@ def test_two_processes_match_one_process_with_eight_devices(corpus_data_dir, tmp
                '--config.data.process_split=rows', '--config.train.stats_every=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   single = str(tmp_path / 'single')   # this process's 8 devices, the config loaded from the same flags
+  assert jax.device_count() == 8
   train_lib.train(config_lib.load(os.path.join(REPO, 'configs', 'tiny.py'), overrides[1:]), single)
   multi, port = str(tmp_path / 'multi'), free_port
   processes = [subprocess.Popen([sys.executable, '-m', 'perijax.train', f'--workdir={multi}', *overrides,
