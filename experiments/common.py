@@ -119,7 +119,7 @@ def execute(setup: Setup, runs: Sequence[sweep.Run], root: str) -> bool:
   missing = [run.workdir for run in runs if not rundir.metrics_files(run.workdir)]
   if missing:
     raise errors.NotFoundError(f'{len(missing)} run(s) have no metrics.jsonl yet, e.g. {missing[0]}; '
-                            'train them first (drop --analyze_only)')
+                               'train them first (drop --analyze_only)')
   return True
 
 

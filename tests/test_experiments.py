@@ -1,5 +1,6 @@
-"""The experiments' pieces: scale handling, grid planning, the at-init variance law on a small model, and each
-experiment's analysis on small recorded metrics with known answers (no training, except the slow end-to-end test)."""
+"""The experiments' pieces: scale handling, grid planning, the at-init variance law on a small model, each
+experiment's analysis on small recorded metrics with known answers (no training, except the two slow end-to-end
+tests), and bad input to the scripts."""
 
 import json
 import math
