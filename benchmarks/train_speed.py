@@ -226,7 +226,8 @@ def stats_cost(config, steps=3, rounds=12, warmup=2):
   for collect in (False, True):
     trainer.run(lambda: batch, warmup, collect_stats=collect)  # compiled above; the first steps settle allocations
   plain_times, stats_times = interleaved_rounds(
-      [functools.partial(trainer.run, lambda: batch, steps, collect_stats=collect) for collect in (False, True)], rounds)
+      [functools.partial(trainer.run, lambda: batch, steps, collect_stats=collect) for collect in (False, True)],
+      rounds)
   extra = min(stats_times) / min(plain_times) - 1
   every = config.train.stats_every
   return {'plain': plain, 'stats': stats, 'flops_ratio': stats['flops'] / plain['flops'],

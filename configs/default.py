@@ -19,13 +19,15 @@ def get_config():
   model.num_heads = 4               # query heads; d_model must be divisible by it
   model.num_kv_heads = 0            # key/value heads for grouped-query attention; 0 = num_heads (plain multi-head)
   model.head_dim = 0                # per-head width; 0 = d_model // num_heads
-  model.mlp_dim = 0                 # MLP hidden width; 0 = 8/3 * d_model rounded up to 64 for swiglu, 4 * d_model for gelu
+  model.mlp_dim = 0                 # MLP hidden width; 0 = 8/3 * d_model rounded up to 64 for swiglu,
+                                    # 4 * d_model for gelu
   model.mlp_activation = 'swiglu'   # 'swiglu' (gated SiLU, Llama) or 'gelu' (GPT-2)
   model.tie_embeddings = True       # LM head shares the token embedding matrix
   model.rope_theta = 10000.0        # RoPE base frequency
   model.scan_layers = True          # stack layers with nn.scan so compile time does not grow with depth
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
-  model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul outputs) | 'full'
+  model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul
+                                    # outputs) | 'full'
   model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash) | 'auto', or 'einsum'
                                     # (written out; the fastest gradient on CPU)
   model.param_dtype = 'float32'     # dtype the parameters are stored in (master weights); 'float16' = pure float16
@@ -69,7 +71,8 @@ def get_config():
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
-  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in perijax/hardware.py
+  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in
+                                    # perijax/hardware.py
   train.compilation_cache_dir = '~/.cache/perijax/xla'  # persistent XLA compilation cache: a restart or a rerun of
                                     # the same config skips compiling; '' = off (JAX_COMPILATION_CACHE_DIR wins if set)
   train.xla_flags_preset = 'none'   # 'gpu': XLA flags for speed on NVIDIA GPUs (perijax/runtime.py), added to XLA_FLAGS
@@ -116,7 +119,8 @@ def get_config():
   data.source = 'tfds'              # 'tfds' | 'jsonl' | 'parquet' | 'hf_disk' (datasets.save_to_disk); see data.path
   data.path = ''                    # jsonl/parquet/hf_disk: files or directory, '{split}' replaced by the split name
   data.name = 'shakespeare_milton'  # TFDS dataset name, e.g. 'shakespeare_milton' (embedded), 'c4/en', 'lm1b'
-  data.data_dir = ''                # TFDS data dir (a path; on a pod a gcsfuse-mounted bucket); '' = ~/tensorflow_datasets
+  data.data_dir = ''                # TFDS data dir (a path; on a pod a gcsfuse-mounted bucket);
+                                    # '' = ~/tensorflow_datasets
   data.train_split = 'train'        # split to train on
   data.eval_split = 'validation'    # held-out split for evaluation loss and per-layer statistics
   data.text_field = 'text'          # feature holding the text
@@ -138,7 +142,8 @@ def get_config():
   # ---- evaluation --------------------------------------------------------------------------------------------------
   evaluation = config.eval = ml_collections.ConfigDict()
   evaluation.batch_size = 16        # sequences per evaluation batch
-  evaluation.tasks = ('next_line',)  # zero-shot tasks: 'next_line' (embedded), 'arc_easy', 'hellaswag', 'piqa', 'siqa', 'winogrande'
+  evaluation.tasks = ('next_line',)  # zero-shot tasks: 'next_line' (embedded), 'arc_easy', 'hellaswag', 'piqa',
+                                     # 'siqa', 'winogrande'
   evaluation.max_examples = 200     # examples per task; 0 = all
   evaluation.tasks_data_dir = ''    # TFDS data dir for the benchmark datasets; '' = data.data_dir
   evaluation.hellaswag_path = ''    # original HellaSwag JSONL (validation), for the 'hellaswag' task

@@ -1,4 +1,5 @@
-"""~3.2B non-embedding parameters (3.228B): 48 layers (one source's depth for this size), d_model 2304, 18 heads of 128."""
+"""~3.2B non-embedding parameters (3.228B): 48 layers (one source's depth for this size), d_model 2304, 18 heads
+of 128."""
 
 from configs import paper_common
 

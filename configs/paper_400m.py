@@ -1,4 +1,5 @@
-"""~400M non-embedding parameters (403.4M): 24 layers (one source's depth for this size), d_model 1152, 18 heads of 64."""
+"""~400M non-embedding parameters (403.4M): 24 layers (one source's depth for this size), d_model 1152, 18 heads
+of 64."""
 
 from configs import paper_common
 

@@ -11,7 +11,8 @@ def get_config():
   # of the stacked buffers, which Peri-LN's extra saved inputs paid for (benchmarks/RESULTS.md: `model.scan_unroll`).
   config.model.update(vocab_size=320, d_model=128, num_layers=4, num_heads=4, attention_impl='einsum',
                       remat='minimal', scan_unroll=4)
-  # Init: N(0, 0.02²) everywhere, no depth scaling of output projections: the init experiments/RESULTS.md was measured with.
+  # Init: N(0, 0.02²) everywhere, no depth scaling of output projections: the init experiments/RESULTS.md was
+  # measured with.
   config.model.init.update(std=0.02, depth_scaled_outputs=False)
   config.train.update(steps=200, batch_size=16, seq_len=128, log_every=10, stats_every=50)
   config.optimizer.update(lr=3e-3, warmup_steps=20)

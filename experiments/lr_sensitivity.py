@@ -185,8 +185,8 @@ def plot(rows, path):
       ax = axes[1][column]
       for row in (r for r in rows if r['num_layers'] == depth):
         values = [max(v) if v else np.nan for v in row['attn_logit_max']]
-        ax.plot(row['lrs'], values, line_style(row), marker='o', color=color_of(row['variant'], variants.index(row['variant'])),
-                label=row['variant'])
+        color = color_of(row['variant'], variants.index(row['variant']))
+        ax.plot(row['lrs'], values, line_style(row), marker='o', color=color, label=row['variant'])
       ax.set(xscale='log', yscale='log', xlabel='peak learning rate', ylabel='largest attention logit (any layer)',
              title=f'{depth} layers: attention logits at the end')
       ax.legend(fontsize=6)

@@ -147,7 +147,8 @@ def expected_summary(params, placements):
     for name, reduce in (('mean', np.mean), ('min', np.min), ('max', np.max)):
       expected[f'{kind}_norm_scale_{name}'] = [None if v is None else reduce(v) for v in values]
   scale = np.asarray(params['final_norm']['scale'], np.float64)
-  expected.update(final_norm_scale_mean=scale.mean(), final_norm_scale_min=scale.min(), final_norm_scale_max=scale.max())
+  expected.update(final_norm_scale_mean=scale.mean(), final_norm_scale_min=scale.min(),
+                  final_norm_scale_max=scale.max())
   return expected
 
 
@@ -238,8 +239,9 @@ def test_model_reports_each_layers_largest_logit_as_numpy_float64_computes_it(at
   for i in range(3):
     layer = p64[f'layer_{i}']
     h = norm(x, layer['attention_in_norm'])
-    q = np.stack([numpy_reference.rope(a) for a in np.einsum('btd,dnh->btnh', h, layer['attention']['query']['kernel'])])
-    k = np.stack([numpy_reference.rope(a) for a in np.einsum('btd,dnh->btnh', h, layer['attention']['key']['kernel'])])
+    q, k = (np.stack([numpy_reference.rope(a)
+                      for a in np.einsum('btd,dnh->btnh', h, layer['attention'][name]['kernel'])])
+            for name in ('query', 'key'))
     v = np.einsum('btd,dnh->btnh', h, layer['attention']['value']['kernel'])
     expected.append(numpy_attention_logit_max(q, k, segment_ids))
     k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
@@ -304,7 +306,8 @@ def test_training_and_evaluation_write_gamma_and_logit_maxima(corpus_data_dir, t
   evaluator = eval_lib.Evaluator(workdir, eval_lib.load_run_config(workdir), devices=jax.devices()[:2])
   result = evaluator.evaluate(2)
   eval_lib.write_result(workdir, result)  # TensorBoard leaves the None (no such norm) out
-  assert result['norm_scales'] == {k: v for k, v in logged.items() if k.endswith(('_scale_mean', '_scale_min', '_scale_max'))}
+  assert result['norm_scales'] == {k: v for k, v in logged.items()
+                                   if k.endswith(('_scale_mean', '_scale_min', '_scale_max'))}
   assert len(result['layers']['attn_logit_max']) == 2
 
 

@@ -17,7 +17,8 @@ TIMEOUT = 300  # a hang (one host saving alone) fails the test instead of blocki
 
 
 def train_args(data_dir, workdir, steps):
-  return ['-m', 'perijax.train', f'--workdir={workdir}', '--config=configs/tiny.py', f'--config.data.data_dir={data_dir}',
+  return ['-m', 'perijax.train', f'--workdir={workdir}', '--config=configs/tiny.py',
+          f'--config.data.data_dir={data_dir}',
           '--config.model.d_model=32', '--config.model.num_layers=2', f'--config.train.steps={steps}',
           '--config.train.batch_size=8', '--config.train.seq_len=32', '--config.train.log_every=1',
           '--config.train.stats_every=1', '--config.checkpoint.every=0']
@@ -42,7 +43,8 @@ def finish(processes):
   except subprocess.TimeoutExpired:
     for p in processes:
       p.kill()
-    pytest.fail(f'the processes did not exit within {TIMEOUT} s (a host waiting for a collective the other never joins)')
+    pytest.fail(f'the processes did not exit within {TIMEOUT} s (a host waiting for a collective the other never '
+                'joins)')
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   return outputs
 
@@ -70,7 +72,8 @@ def test_sigterm_on_any_host_saves_the_same_step_on_every_process(signalled, cor
   assert checkpoint_lib.make_manager(workdir, read_only=True).all_steps() == [step]
   # Both processes wrote their part of the same checkpoint: each one's data-iterator position.
   data = os.path.join(workdir, 'checkpoints', str(step), 'data')
-  assert sorted(f for f in os.listdir(data) if f.startswith('process_')) == ['process_0-of-2.json', 'process_1-of-2.json']
+  assert (sorted(f for f in os.listdir(data) if f.startswith('process_'))
+          == ['process_0-of-2.json', 'process_1-of-2.json'])
 
   if len(signalled) > 1:
     return   # resuming does not depend on which hosts were signalled: the one_host case checks it once

@@ -21,8 +21,8 @@ def test_layout_of_a_local_and_an_object_store_workdir(tmp_path, monkeypatch):
   assert [str(p) for p in (rundir.config_file(remote), rundir.tokenizer_file(remote), rundir.checkpoints(remote),
                            rundir.metrics_part(remote, 3), rundir.eval_result(remote, 40),
                            rundir.checkpoint_state(remote, 40))] == [
-      f'{remote}/config.json', f'{remote}/tokenizer.json', f'{remote}/checkpoints', f'{remote}/metrics/part_000003.jsonl',
-      f'{remote}/eval/step_40.json', f'{remote}/checkpoints/40/state']
+      f'{remote}/config.json', f'{remote}/tokenizer.json', f'{remote}/checkpoints',
+      f'{remote}/metrics/part_000003.jsonl', f'{remote}/eval/step_40.json', f'{remote}/checkpoints/40/state']
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ def test_packed_loglikelihoods_equal_one_request_per_row(placement, attention_im
   logprobs_fn = jax.jit(lambda inputs, positions, segment_ids: jax.nn.log_softmax(
       model.apply({'params': params}, inputs, positions, segment_ids)[0].astype(jnp.float32), axis=-1))
   rng = np.random.default_rng(0)
-  requests = [(rng.integers(2, VOCAB, rng.integers(0, 30)).tolist(), rng.integers(2, VOCAB, rng.integers(1, 8)).tolist())
-              for _ in range(40)]
+  requests = [(rng.integers(2, VOCAB, rng.integers(0, 30)).tolist(),
+               rng.integers(2, VOCAB, rng.integers(1, 8)).tolist()) for _ in range(40)]
   requests.append((rng.integers(2, VOCAB, 60).tolist(), [5, 6]))  # left-truncated to the row, alone in it
   calls = []
   def counted(*arrays):
