@@ -88,7 +88,7 @@ def get_config():
   optimizer.eps = 1e-8              # AdamW epsilon
   optimizer.weight_decay = 0.1      # decoupled weight decay, masked off norms and biases
   optimizer.grad_clip = 1.0         # global-norm gradient clipping; 0 = off
-  optimizer.grad_accum_steps = 1    # micro-batches per optimizer step (optax.MultiSteps)
+  optimizer.grad_accum_steps = 1    # micro-batches per optimizer step, averaged inside one jitted step
 
   # ---- device mesh and sharding ------------------------------------------------------------------------------------
   mesh = config.mesh = ml_collections.ConfigDict()

@@ -89,10 +89,11 @@ def compile_train_step(config, mesh):
   model = train_step_lib.make_model(config)
   optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
   abstract_state, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
-  # The micro-batch the jitted step sees, as shapes with the trainer's batch sharding.
-  shape = (sharding_lib.check_batch(config.train.batch_size, mesh, 1, config.optimizer.grad_accum_steps),
-           config.train.seq_len)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  # The batch the jitted step sees ([k, micro-batch, length] with accumulation), with the trainer's batch sharding.
+  accum = config.optimizer.grad_accum_steps
+  shape = (sharding_lib.check_batch(config.train.batch_size, mesh, 1, accum), config.train.seq_len)
+  shape = shape if accum == 1 else (accum, *shape)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, accum)
   batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == 'weights' else np.int32, sharding=batch_sharding)
            for k in ('inputs', 'targets', 'segment_ids', 'positions', 'weights')}
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)

@@ -1,4 +1,5 @@
-"""AdamW with warmup + decay, global-norm clipping, weight decay off norms and biases, optional accumulation."""
+"""AdamW with warmup + decay, global-norm clipping, weight decay off norms and biases. (Gradient accumulation is in the
+train step: perijax/train_step.py.)"""
 
 import jax
 import optax
@@ -26,11 +27,8 @@ def decay_mask(params):
 def make_optimizer(optimizer_config, total_steps):
   c = optimizer_config
   clip = [optax.clip_by_global_norm(c.grad_clip)] if c.grad_clip else []
-  tx = optax.chain(*clip, optax.adamw(learning_rate_schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
-                                      weight_decay=c.weight_decay, mask=decay_mask))
-  if c.grad_accum_steps > 1:  # a pod-size global batch on fewer devices: average k micro-batches per update
-    tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum_steps)
-  return tx
+  return optax.chain(*clip, optax.adamw(learning_rate_schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
+                                         weight_decay=c.weight_decay, mask=decay_mask))
 
 
 def schedule_count(opt_state):

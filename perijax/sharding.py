@@ -95,9 +95,11 @@ def check_divisible(abstract_tree, shardings, mesh):
                         '; change config.mesh or the model shape')
 
 
-def batch_sharding(mesh, rules):
-  """Batch dimension over data x fsdp (the 'batch' rule), sequence replicated."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(('batch', 'length'), rules))
+def batch_sharding(mesh, rules, grad_accum_steps=1):
+  """Batch dimension over data x fsdp (the 'batch' rule), sequence replicated; with gradient accumulation the step's
+  batch is [k, micro-batch, length], its micro-batch axis unsharded (the step scans over it)."""
+  axes = ('batch', 'length') if grad_accum_steps == 1 else (None, 'batch', 'length')
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
 
 
 def check_batch(global_batch, mesh, process_count, grad_accum_steps=1):

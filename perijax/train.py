@@ -11,6 +11,7 @@ from absl import flags, logging
 import flax.linen as nn
 import grain
 import jax
+import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import cli
@@ -101,7 +102,7 @@ def train(config, workdir, devices=None, resume_from_intact=False):
     rundir.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
     tokenizers.save_tokenizer(tokenizer, workdir)
 
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, accum)
   step_fns = {collect: train_step_lib.jit_train_step(config, model, optimizer, state_shardings, batch_sharding, collect)
               for collect in (False, True)}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -113,7 +114,7 @@ def train(config, workdir, devices=None, resume_from_intact=False):
   schedule = optimizer_lib.learning_rate_schedule(config.optimizer, steps)
   writer = metrics_lib.MetricsWriter(workdir, steps, config)
   preemption = Preemption()
-  step = int(state.step) // accum
+  step = int(state.step)
   window_start, window_step, last_overflows, preempted = None, step, int(state.forward_overflows), False
   window, pending, compiled = [], [], set()  # device values of the steps since the last line; a line not yet written
 
@@ -146,9 +147,9 @@ def train(config, workdir, devices=None, resume_from_intact=False):
       compiles = is_stats_step not in compiled  # the first call of a step function compiles it
       if compiles and pending:  # no window may include a compilation: the previous line is written first
         write_line(*pending.pop())
-      for micro in range(accum):
-        batch = sharding_lib.global_batch_from_local(next(data_iterator), batch_sharding)
-        state, metrics = step_fns[is_stats_step and micro == accum - 1](state, batch)
+      micro_batches = [next(data_iterator) for _ in range(accum)]  # one step: [k, micro, T] with accumulation
+      local = micro_batches[0] if accum == 1 else jax.tree.map(lambda *parts: np.stack(parts), *micro_batches)
+      state, metrics = step_fns[is_stats_step](state, sharding_lib.global_batch_from_local(local, batch_sharding))
       step += 1
       window.append({key: metrics[key] for key in metrics_lib.WINDOW_KEYS})
       if compiles:  # time from the end of this step

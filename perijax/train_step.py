@@ -1,4 +1,5 @@
-"""The train state and the one pure training step: loss, dynamic loss scaling, skip-on-overflow, AdamW, metrics.
+"""The train state and the one pure training step: loss, gradient accumulation, dynamic loss scaling, skip-on-overflow,
+AdamW, metrics.
 
 `train_step(state, batch, ...) -> (state, metrics)` is jitted by `jit_train_step` (the trainer, the dry run and the
 benchmarks all use it): explicit shardings and the old state donated. Nothing in here touches the host.
@@ -23,7 +24,7 @@ from perijax.precision import Precision
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                # train_step calls so far (micro-batches when accumulating gradients)
+  step: jax.Array                # optimizer steps (train_step calls) so far
   params: Any
   opt_state: Any
   loss_scale: DynamicScale | None  # float16 only: flax's dynamic loss scale, checkpointed with the rest
@@ -106,15 +107,47 @@ def is_spike(grad_norm, history, spike_factor):
   return window_full & jnp.isfinite(grad_norm) & (grad_norm > spike_factor * jnp.nanmedian(history))
 
 
-def train_step(state, batch, *, model, optimizer, train_config, collect_stats=False):
-  """One optimizer update (or one micro-batch of it). Non-finite gradients leave params and optimizer state as they
-  were, shrink the loss scale and count a skipped step."""
+def _gradients(params, batch, model, loss_scale, collect_stats):
+  """(loss scale after, grads finite or None, loss, stats, unscaled grads) of one batch; flax's DynamicScale scales
+  the loss, unscales the gradients and moves the scale."""
   objective = functools.partial(compute_loss, batch=batch, model=model, collect_stats=collect_stats)
-  loss_scale = state.loss_scale
-  if loss_scale is not None:
-    loss_scale, grads_finite, (loss, stats), grads = loss_scale.value_and_grad(objective, has_aux=True)(state.params)
-  else:
-    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  if loss_scale is None:
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return None, None, loss, stats, grads
+  loss_scale, grads_finite, (loss, stats), grads = loss_scale.value_and_grad(objective, has_aux=True)(params)
+  return loss_scale, grads_finite, loss, stats, grads
+
+
+def accumulated_gradients(params, batch, model, loss_scale, collect_stats):
+  """`_gradients` of the mean loss over a batch's leading micro-batch axis ([k, B, T]: k micro-batches of one
+  update), one micro-batch at a time (activations of one in memory). Every micro-batch uses the step's loss scale;
+  the scale moves once, as DynamicScale moves it for the whole step: backs off if any gradient is not finite. The
+  statistics are the last micro-batch's."""
+  def micro_step(grad_sum, micro_batch):
+    scale_after, finite, loss, stats, grads = _gradients(params, micro_batch, model, loss_scale, collect_stats)
+    grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
+    return grad_sum, (scale_after, finite, loss, stats)
+
+  # Summed in float32: k float16 gradients could overflow where their mean does not.
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  grad_sum, (scales_after, finite, losses, stats) = jax.lax.scan(micro_step, zeros, batch)
+  grads = jax.tree.map(lambda total, p: (total / losses.shape[0]).astype(p.dtype), grad_sum, params)
+  last = functools.partial(jax.tree.map, lambda x: x[-1])
+  if loss_scale is None:
+    return None, None, jnp.mean(losses), last(stats), grads
+  # The scale DynamicScale leaves after a finite micro-batch is its all-finite update; after a non-finite one, its
+  # back-off. The first non-finite micro-batch's (argmin of `finite`), or the first's when all were finite.
+  first_non_finite = jnp.argmin(finite)
+  return (jax.tree.map(lambda x: x[first_non_finite], scales_after), jnp.all(finite), jnp.mean(losses),
+          last(stats), grads)
+
+
+def train_step(state, batch, *, model, optimizer, train_config, collect_stats=False):
+  """One optimizer update on `batch` ([B, T] arrays, or [k, B, T]: k micro-batches accumulated). Non-finite
+  gradients leave params and optimizer state as they were, shrink the loss scale and count a skipped step."""
+  gradients = accumulated_gradients if batch['inputs'].ndim == 3 else _gradients
+  loss_scale, grads_finite, loss, stats, grads = gradients(state.params, batch, model, state.loss_scale,
+                                                           collect_stats)
   grad_norm, layer_grad_norm = model_lib.grad_norms(grads)
   if loss_scale is None:
     grads_finite = jnp.isfinite(grad_norm)  # a NaN or inf anywhere makes the norm non-finite

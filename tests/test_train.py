@@ -234,14 +234,80 @@ def test_schedule_warms_up_then_decays_to_the_end_factor(corpus_data_dir):
     assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(110)) == pytest.approx(0.1)
 
 
-def test_gradient_accumulation_updates_once_per_k_micro_batches(corpus_data_dir):
-  config = small_config(corpus_data_dir, steps=4)
-  config.optimizer.update(grad_accum_steps=2, warmup_steps=0)  # warmup's first lr is 0: no visible update
-  history, final = run_steps(config, corpus_data_dir, 4)
-  params = [h[0].params for h in history] + [final.params]
-  changed = [not np.array_equal(params[i]['embed']['embedding'], params[i + 1]['embed']['embedding'])
-             for i in range(4)]
-  assert changed == [False, True, False, True]  # MultiSteps applies the averaged update on every 2nd micro-batch
+def accumulation_setup(compute_dtype='float32', initial_loss_scale=2.0 ** 15):
+  """(model, optimizer, state, jitted train_step) of a 2-layer model on one device, and two micro-batches of 4 rows
+  with different numbers of target tokens."""
+  config = tiny.get_config()
+  config.model.update(d_model=32, num_layers=2, num_heads=4, compute_dtype=compute_dtype)
+  config.train.update(seq_len=16, initial_loss_scale=initial_loss_scale)
+  config.optimizer.update(warmup_steps=0, lr=1e-2)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  model, optimizer = train_step_lib.make_model(config), optimizer_lib.make_optimizer(config.optimizer, 10)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    state, _ = train_step_lib.create_train_state(config, model, optimizer, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, config.model.vocab_size, (2, 4, 17))
+  weights = np.ones((2, 4, 16), np.float32)
+  weights[1, :, 10:] = 0  # the second micro-batch has fewer target tokens: its mean loss weighs as much
+  batch = {'inputs': tokens[..., :-1], 'targets': tokens[..., 1:], 'weights': weights,
+           'positions': np.broadcast_to(np.arange(16), (2, 4, 16)), 'segment_ids': np.ones((2, 4, 16), np.int32)}
+  step = jax.jit(functools.partial(train_step_lib.train_step, model=model, optimizer=optimizer,
+                                   train_config=config.train))
+  return model, optimizer, state, step, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_gradient_accumulation_is_one_update_on_the_mean_gradient_of_the_micro_batches():
+  model, optimizer, state, step, batch = accumulation_setup()
+  new_state, metrics = step(state, batch)
+  # Reference: each micro-batch's loss and gradient on its own, averaged, then one optimizer update.
+  per_micro = [jax.value_and_grad(lambda p, i=i: train_step_lib.compute_loss(
+      p, {k: v[i] for k, v in batch.items()}, model)[0])(state.params) for i in range(2)]
+  mean_grads = jax.tree.map(lambda *g: sum(g) / 2, *[grads for _, grads in per_micro])
+  updates, _ = optimizer.update(mean_grads, state.opt_state, state.params)
+  expected_params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  assert int(new_state.step) == 1 and int(metrics['schedule_count']) == 0
+  np.testing.assert_allclose(metrics['loss'], np.mean([loss for loss, _ in per_micro]), rtol=1e-6)
+  np.testing.assert_allclose(metrics['grad_norm'], optax_global_norm(mean_grads), rtol=1e-5)
+  # Adam's first update is about lr x sign(g): a gradient near 0 amplifies float32 rounding (up to 1e-6 here, in
+  # updates of up to lr = 1e-2).
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # Not the update on either micro-batch alone (what logging only the last micro-batch would describe).
+  assert not np.isclose(float(metrics['grad_norm']), float(optax_global_norm(per_micro[1][1])), rtol=1e-3)
+
+
+def optax_global_norm(tree):
+  return np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize('bad_micro_batch', [0, 1])
+def test_accumulated_float16_step_moves_the_loss_scale_once(bad_micro_batch):
+  _, _, state, step, batch = accumulation_setup('float16')
+  finite_state, _ = step(state, batch)  # a scale float16 gradients fit: grows toward its interval once, not twice
+  assert int(finite_state.loss_scale.fin_steps) == 1 and float(finite_state.loss_scale.scale) == 2.0 ** 15
+  assert int(finite_state.skipped_steps) == 0 and int(finite_state.step) == 1
+  # One micro-batch whose loss is not finite (an infinite weight): the whole update is skipped and the scale backs
+  # off once, whichever micro-batch it was.
+  weights = np.array(batch['weights'])
+  weights[bad_micro_batch, 0, 0] = np.inf
+  skipped_state, metrics = step(state, {**batch, 'weights': jnp.asarray(weights)})
+  assert float(skipped_state.loss_scale.scale) == 2.0 ** 14 and int(skipped_state.loss_scale.fin_steps) == 0
+  assert not bool(metrics['grads_finite']) and int(skipped_state.forward_overflows) == 1
+  assert int(skipped_state.skipped_steps) == 1 and int(skipped_state.step) == 1
+  for got, want in zip(jax.tree.leaves(skipped_state.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow  # a training run
+def test_training_with_accumulation_counts_and_logs_optimizer_steps(corpus_data_dir, tmp_path):
+  config = small_config(corpus_data_dir, steps=3)
+  config.optimizer.grad_accum_steps = 2
+  config.train.batch_size = 16  # micro-batches of 8 over the 8 devices
+  final = train_lib.train(config, str(tmp_path))
+  assert int(final.step) == 3
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert [json.loads(line)['step'] for line in f] == [1, 2, 3]
 
 
 @pytest.fixture(scope='module')
