@@ -163,8 +163,10 @@ def plot(runs, records, rows, path):
 def define_flags():
   common.define_flags(NAME, seeds=3)
   flags.DEFINE_list('placements', ['pre', 'peri'], 'Placements to compare.')
-  flags.DEFINE_list('lrs', [], 'Peak learning rates (default: small scale 3e-3..1e-1; else the config lr and 10x).')
-  flags.DEFINE_list('depths', [], 'Layer counts (default: small scale 2 and 16; else half and all of the config\'s).')
+  common.define_number_list('lrs', [], 'Peak learning rates (default: small scale 3e-3..1e-1; else the config lr and '
+                            '10x).')
+  common.define_number_list('depths', [], 'Layer counts (default: small scale 2 and 16; else half and all of the '
+                            'config\'s).', kind=int)
 
 
 def main(argv):

@@ -211,13 +211,14 @@ def define_flags():
   flags.DEFINE_list('placements', ['post', 'pre', 'peri', 'output'], 'float32 placements.')
   flags.DEFINE_list('qk_placements', ['pre'], 'float32 placements also run with model.norm.qk_norm=true.')
   flags.DEFINE_list('fp16_placements', ['pre', 'peri'], 'Placements also run in float16 with loss scaling.')
-  flags.DEFINE_list('lrs', [f'{v:.3g}' for v in np.logspace(-4, -1, 7)], 'Peak learning rates.')
-  flags.DEFINE_list('depths', [], 'Layer counts (default: 4 and 16 at small scale; half and all of the config\'s).')
+  common.define_number_list('lrs', [f'{v:.3g}' for v in np.logspace(-4, -1, 7)], 'Peak learning rates.')
+  common.define_number_list('depths', [], 'Layer counts (default: 4 and 16 at small scale; half and all of the '
+                            'config\'s).', kind=int)
 
 
 def depths_for(setup, depths):
   if depths:
-    return [int(d) for d in depths]
+    return list(depths)
   return [4, 16] if setup.small_scale else [setup.config.model.num_layers // 2, setup.config.model.num_layers]
 
 
@@ -225,7 +226,7 @@ def main(argv):
   del argv
   start = time.time()
   setup = common.setup_from_flags(SMALL, PAPER)
-  lrs, depths = [float(v) for v in FLAGS.lrs], depths_for(setup, FLAGS.depths)
+  lrs, depths = FLAGS.lrs, depths_for(setup, FLAGS.depths)
   sub_grids = grids(FLAGS.placements, FLAGS.qk_placements, FLAGS.fp16_placements, lrs, depths)
   runs = [run for grid in sub_grids for run in common.plan(setup, grid, FLAGS.seeds, FLAGS.root)]
   if not common.execute(setup, runs, FLAGS.root):

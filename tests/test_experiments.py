@@ -318,7 +318,17 @@ def test_print_emits_one_command_per_run_and_trains_nothing(tmp_path):
     ('lr_sensitivity', ['--placements=', '--qk_placements=', '--fp16_placements='],
      '--placements, --qk_placements and --fp16_placements are all empty; give at least one'),
     ('variance_law', ['extra'], 'unexpected arguments: extra; flags take the form --name=value'),
-    ('grad_norms', ['--analyze_only'], '9 run(s) have no metrics.jsonl yet, e.g. ')])
+    ('grad_norms', ['--analyze_only'], '9 run(s) have no metrics.jsonl yet, e.g. '),
+    ('lr_sensitivity', ['--lrs=1e-3,abc', '--print'],
+     'flag --lrs=1e-3,abc: expected comma-separated positive numbers, e.g. --lrs=0.0001,0.000316'),
+    ('lr_sensitivity', ['--depths=4,x', '--print'],
+     'flag --depths=4,x: expected comma-separated positive integers, e.g. --depths=4,16'),
+    ('fp16_stability', ['--lrs=0.01,-1', '--print'],
+     'flag --lrs=0.01,-1: expected comma-separated positive numbers, e.g. --lrs=0.001,0.01'),
+    ('fp16_stability', ['--depths=2.5', '--print'],
+     'flag --depths=2.5: expected comma-separated positive integers, e.g. --depths=4,16'),
+    ('variance_law', ['--scales=1,two', '--print'],
+     'flag --scales=1,two: expected comma-separated positive numbers, e.g. --scales=1,2')])
 def test_bad_input_to_an_experiment_is_one_line_before_anything_runs(name, args, message, tmp_path):
   result = subprocess.run([sys.executable, '-m', f'experiments.{name}', f'--root={tmp_path}/r', *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
