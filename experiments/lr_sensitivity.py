@@ -42,6 +42,7 @@ import numpy as np
 from experiments import common
 from perijax import cli
 from perijax import plots
+from perijax import stats
 from perijax import tables
 
 NAME = 'lr_sensitivity'
@@ -125,8 +126,8 @@ def summarize(runs, records):
     row['sensitivity'] = common.report_lib.mean_std(row['sensitivity_per_seed'])
     row['best_lr'] = row['lrs'][int(np.argmin(per_seed.mean(1)))]
     row['final_loss_per_seed'] = [[common.finite_or_none(v) for v in losses] for losses in row['final_loss_per_seed']]
-    logit_maxima = [max(v) for v in row['attn_logit_max'] if v]
-    row['largest_attn_logit'] = max(logit_maxima) if logit_maxima else None
+    logit_maxima = [stats.overflow_max(v) for v in row['attn_logit_max'] if v]
+    row['largest_attn_logit'] = stats.overflow_max(logit_maxima)
   return list(rows.values())
 
 
@@ -184,7 +185,7 @@ def plot(rows, path):
     if has_logits:
       ax = axes[1][column]
       for row in (r for r in rows if r['num_layers'] == depth):
-        values = [max(v) if v else np.nan for v in row['attn_logit_max']]
+        values = [stats.overflow_max(v) if v else np.nan for v in row['attn_logit_max']]
         color = color_of(row['variant'], variants.index(row['variant']))
         ax.plot(row['lrs'], values, line_style(row), marker='o', color=color, label=row['variant'])
       ax.set(xscale='log', yscale='log', xlabel='peak learning rate', ylabel='largest attention logit (any layer)',

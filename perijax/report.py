@@ -16,6 +16,7 @@ import numpy as np
 from perijax import cli
 from perijax import growth
 from perijax import instability
+from perijax import stats
 from perijax import sweep
 from perijax import tables
 from perijax.errors import ArgumentError
@@ -89,7 +90,7 @@ def summarize_run(run: RunRecord) -> Dict[str, Any]:
       'fp16_overflows': sum(v for line in run.metrics for v in line.get('fp16_overflow') or []
                             if v is not None and math.isfinite(v)),
       'forward_overflows': _last(run, 'forward_overflows', 0), 'skipped_steps': _last(run, 'skipped_steps', 0),
-      'max_fp16_headroom': max(headroom) if headroom else None,
+      'max_fp16_headroom': stats.overflow_max(headroom),
       'eval_step': None, 'eval_loss': None, 'tasks': {}, 'avg_acc': None, 'avg': None,
   }
   if run.evals:

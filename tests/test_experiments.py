@@ -144,6 +144,21 @@ def test_fp16_analysis_counts_overflows_spikes_and_divergence(tiny_config, tmp_p
   assert 'pre' in fp16_stability.table(rows) and '1/2' in fp16_stability.table(rows)
 
 
+def test_a_nan_maximum_is_an_overflow_whatever_its_position(tiny_config, tmp_path):
+  # A NaN headroom or attention logit comes from inf - inf: it counts as +inf, first or not in its list.
+  for index, values in enumerate(([math.nan, 1.0, 2.0], [1.0, math.nan, 2.0])):
+    setup = common.make_setup(TINY, tiny_config, {}, fp16_stability.SMALL)
+    runs = common.plan(setup, fp16_stability.grid_from(setup, ['pre'], [0.01], [2]), 1, str(tmp_path / f'fp16_{index}'))
+    write_run(runs[0].workdir, runs[0].overrides, [{'step': 0, 'loss': 5.0, 'fp16_headroom': values},
+                                                   {'step': 10, 'loss': 4.0}], steps=10)
+    assert fp16_stability.summarize(runs, common.load_records(runs))[0]['worst_fp16_headroom'] == math.inf
+    setup = common.make_setup(TINY, tiny_config, {}, lr_sensitivity.SMALL)
+    runs = common.plan(setup, lr_sensitivity.grids(['pre'], [], [], [1e-3], [4])[0], 1, str(tmp_path / f'lr_{index}'))
+    write_run(runs[0].workdir, runs[0].overrides, [{'step': 1, 'loss': 5.0},
+                                                   {'step': 10, 'loss': 4.0, 'attn_logit_max': values}], steps=10)
+    assert lr_sensitivity.summarize(runs, common.load_records(runs))[0]['largest_attn_logit'] == math.inf
+
+
 def test_grad_norm_analysis_snapshots_at_init_and_end_with_seed_spread(tiny_config, tmp_path):
   setup = common.make_setup(TINY, tiny_config, {}, grad_norms.SMALL)
   runs = common.plan(setup, [('model.norm.placement', ['post', 'pre', 'peri'])], 3, str(tmp_path))

@@ -234,6 +234,14 @@ def test_avg_and_table1_take_each_task_s_metrics_as_lm_eval_reports_them(tmp_pat
   assert [h for h in headers if '/' in h] == ['piqa/acc', 'piqa/acc_norm', 'siqa/acc', 'winogrande/acc']
 
 
+def test_a_nan_headroom_is_an_overflow_whatever_its_position(tmp_path):
+  # NaN comes from inf - inf: no headroom, whether it is first or not (Python's max() keeps it only when first).
+  for headroom in ([math.nan, 1e-3, 2e-3], [1e-3, math.nan, 2e-3]):
+    record = runs_lib.RunRecord('r', str(tmp_path), {'train': {'steps': 10}},
+                                [{'step': 0, 'loss': 5.0, 'fp16_headroom': headroom}, {'step': 10, 'loss': 4.0}], {})
+    assert report_lib.summarize_run(record)['max_fp16_headroom'] == math.inf
+
+
 def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
   groups = report_lib.group_runs(runs)
   assert [(label, len(members)) for label, members in groups] == [('placement=pre', 3), ('placement=peri', 3)]
