@@ -20,6 +20,7 @@ from experiments import lr_sensitivity
 from experiments import pre_post_vs_peri
 from experiments import variance_law
 from perijax import config as config_lib
+from perijax import errors
 from perijax import sweep
 from perijax import train_step
 
@@ -187,6 +188,15 @@ def test_grad_norm_analysis_snapshots_at_init_and_end_with_seed_spread(tiny_conf
     assert checks[label]['pre_vs_peri_level']['exceeds_seed_spread'] is True
   # cv is the same for every seed of a placement (the jitter is a common factor): no spread, a clear difference.
   assert checks['at_end']['pre_vs_peri_cv']['b']['mean'] == pytest.approx(0.0)
+
+
+def test_pre_post_analysis_of_a_run_without_statistics_yet_is_one_line(tiny_config, tmp_path):
+  setup = common.make_setup(TINY, tiny_config, {}, pre_post_vs_peri.SMALL)
+  runs = common.plan(setup, [('model.norm.placement', list(pre_post_vs_peri.PLACEMENTS))], 1, str(tmp_path))
+  for run in runs:   # logged losses, but no statistics step reached yet
+    write_run(run.workdir, run.overrides, [{'step': 1, 'loss': 5.0}, {'step': 10, 'loss': 4.0}], steps=150)
+  with pytest.raises(errors.NotFoundError, match=r'2 run\(s\) have no per-layer statistics yet, e.g. .*peri'):
+    pre_post_vs_peri.summarize(runs, common.load_records(runs))
 
 
 def test_compare_says_whether_a_difference_exceeds_the_seed_spread():
