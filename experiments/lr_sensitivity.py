@@ -9,8 +9,9 @@ scaling (--fp16_placements) × --lrs (7 log-spaced from 1e-4 to 1e-1) × --depth
 Each run's workdir is named by placement, qk_norm, compute_dtype, lr, num_layers and seed (perijax.sweep).
 
 Per variant and depth:
-  * final loss against lr: the mean of the logged training losses over the last 10% of the run (one batch's loss is
-    noisy), mean ± std over seeds; a seed whose loss went non-finite counts as L_init (below);
+  * final loss against lr: the mean of the logged training losses over the last 10% of the run (each already a mean
+    over its logging window; one line is still noisy), mean ± std over seeds; a seed whose loss went non-finite
+    counts as L_init (below);
   * LR sensitivity (Wortsman et al., section 3): E_lr[min(L(lr), L_init)] - min_lr L(lr), L_init the loss at step 1
     (the model at initialization); 0 = the same loss at every lr of the grid; per seed and as mean ± std;
   * divergences by perijax/instability.py's rule (k/n per lr);
