@@ -15,6 +15,7 @@ for a pod scheduler instead; when those have run, `--analyze_only` reads their w
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -57,6 +58,32 @@ def define_flags(name: str, seeds: int):
   flags.DEFINE_bool('print', False, 'Print one train && evaluate command per run (for a scheduler) and stop.')
   flags.DEFINE_bool('analyze_only', False, 'Train nothing: analyze the workdirs under --root as they are.')
   flags.DEFINE_bool('evaluate', False, 'Also run `python -m perijax.evaluate` on each finished run.')
+
+
+class _NumberListParser(flags.ListParser):
+  """absl's comma-separated list, each item a positive finite number of `kind` (float or int)."""
+
+  def __init__(self, kind, example):
+    super().__init__()
+    self.kind, self.example = kind, example
+
+  def parse(self, argument):
+    try:
+      numbers = [self.kind(item) for item in super().parse(argument)]
+    except (TypeError, ValueError):
+      numbers = None
+    if numbers is None or not all(math.isfinite(n) and n > 0 for n in numbers):
+      what = 'integers' if self.kind is int else 'numbers'
+      raise ValueError(f'expected comma-separated positive {what}, e.g. {self.example}')
+    return numbers
+
+
+def define_number_list(name: str, default: Sequence[Any], help_text: str, kind: type = float):
+  """--name=a,b,c, read as a list of positive `kind` numbers. A bad item is absl's flag error while the command line
+  is read, before anything runs: the one line `experiments.<x>: error: flag --name=...: expected ...`."""
+  example = ','.join(f'{kind(v):g}' for v in default[:2]) or ('4,16' if kind is int else '0.001,0.01')
+  flags.DEFINE(_NumberListParser(kind, f'--{name}={example}'), name, default, help_text,
+               serializer=flags.CsvListSerializer(','))
 
 
 @dataclasses.dataclass

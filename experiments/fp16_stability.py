@@ -11,11 +11,11 @@ in float16 with float32 master weights and dynamic loss scaling (mixed precision
 Per group (mean ± std over seeds): final loss; float16 overflows (elements past 65504 or non-finite in the per-layer
 statistics, summed over statistics steps); forward overflows (steps whose loss was not finite); initial back-offs
 (non-finite gradients while the loss scale searches down from train.initial_loss_scale, before the first finite step:
-not an instability) apart from skipped steps (non-finite gradients once the scale has settled); gradient-norm spikes
-(a step whose global gradient norm exceeds train.spike_factor × the median of the last train.spike_window steps);
-diverged seeds by perijax/instability.py's rule (a non-finite loss, or a smoothed loss held above its running minimum);
-and the largest float16 headroom (max |x| / 65504) seen at any statistics step. Pre against Peri at each point: mean ±
-std and whether the difference exceeds the seed spread (experiments.common.compare).
+not an instability) apart from skipped steps (non-finite gradients once the scale has settled); gradient-norm spikes (a
+step whose global gradient norm exceeds train.spike_factor × the median of the last train.spike_window steps); diverged
+seeds by perijax/instability.py's rule (a non-finite loss, or a smoothed loss held above its running minimum); and the
+largest float16 headroom (max |x| / 65504; a NaN, from an overflow, counts as inf) seen at any statistics step. Pre
+against Peri at each point: mean ± std and whether the difference exceeds the seed spread (experiments.common.compare).
 
 Small scale on CPU: `model.softmax_in_float32=False`, because XLA:CPU cannot run jax.nn.dot_product_attention with
 float16 inputs and a float32 softmax ("precision F16_F16_F32 is not supported by dot_general on CPU"); the attention
@@ -33,6 +33,7 @@ from experiments import common
 from perijax import cli
 from perijax import plots
 from perijax import report as report_lib
+from perijax import stats
 from perijax import tables
 
 NAME = 'fp16_stability'
@@ -66,8 +67,8 @@ def summarize(runs, records):
     row = dict(zip(('placement', 'lr', 'num_layers'), key))
     row['per_seed'] = {column: [s[column] for s in summaries] for column in COLUMNS}
     row.update({column: report_lib.mean_std([s[column] for s in summaries]) for column in COLUMNS})
-    row['worst_fp16_headroom'] = max((s['max_fp16_headroom'] for s in summaries
-                                      if s['max_fp16_headroom'] is not None), default=None)
+    row['worst_fp16_headroom'] = stats.overflow_max([s['max_fp16_headroom'] for s in summaries
+                                                     if s['max_fp16_headroom'] is not None])
     row['diverged'] = sum(s['diverged'] for s in summaries)
     row['diverged_at'] = [s['diverged_at'] for s in summaries]
     row['n_seeds'] = len(summaries)
@@ -163,8 +164,10 @@ def plot(runs, records, rows, path):
 def define_flags():
   common.define_flags(NAME, seeds=3)
   flags.DEFINE_list('placements', ['pre', 'peri'], 'Placements to compare.')
-  flags.DEFINE_list('lrs', [], 'Peak learning rates (default: small scale 3e-3..1e-1; else the config lr and 10x).')
-  flags.DEFINE_list('depths', [], 'Layer counts (default: small scale 2 and 16; else half and all of the config\'s).')
+  common.define_number_list('lrs', [], 'Peak learning rates (default: small scale 3e-3..1e-1; else the config lr and '
+                            '10x).')
+  common.define_number_list('depths', [], 'Layer counts (default: small scale 2 and 16; else half and all of the '
+                            'config\'s).', kind=int)
 
 
 def main(argv):

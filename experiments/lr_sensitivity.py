@@ -9,8 +9,9 @@ scaling (--fp16_placements) × --lrs (7 log-spaced from 1e-4 to 1e-1) × --depth
 Each run's workdir is named by placement, qk_norm, compute_dtype, lr, num_layers and seed (perijax.sweep).
 
 Per variant and depth:
-  * final loss against lr: the mean of the logged training losses over the last 10% of the run (one batch's loss is
-    noisy), mean ± std over seeds; a seed whose loss went non-finite counts as L_init (below);
+  * final loss against lr: the mean of the logged training losses over the last 10% of the run (each already a mean
+    over its logging window; one line is still noisy), mean ± std over seeds; a seed whose loss went non-finite
+    counts as L_init (below);
   * LR sensitivity (Wortsman et al., section 3): E_lr[min(L(lr), L_init)] - min_lr L(lr), L_init the loss at step 1
     (the model at initialization); 0 = the same loss at every lr of the grid; per seed and as mean ± std;
   * divergences by perijax/instability.py's rule (k/n per lr);
@@ -42,6 +43,7 @@ import numpy as np
 from experiments import common
 from perijax import cli
 from perijax import plots
+from perijax import stats
 from perijax import tables
 
 NAME = 'lr_sensitivity'
@@ -125,8 +127,8 @@ def summarize(runs, records):
     row['sensitivity'] = common.report_lib.mean_std(row['sensitivity_per_seed'])
     row['best_lr'] = row['lrs'][int(np.argmin(per_seed.mean(1)))]
     row['final_loss_per_seed'] = [[common.finite_or_none(v) for v in losses] for losses in row['final_loss_per_seed']]
-    logit_maxima = [max(v) for v in row['attn_logit_max'] if v]
-    row['largest_attn_logit'] = max(logit_maxima) if logit_maxima else None
+    logit_maxima = [stats.overflow_max(v) for v in row['attn_logit_max'] if v]
+    row['largest_attn_logit'] = stats.overflow_max(logit_maxima)
   return list(rows.values())
 
 
@@ -184,7 +186,7 @@ def plot(rows, path):
     if has_logits:
       ax = axes[1][column]
       for row in (r for r in rows if r['num_layers'] == depth):
-        values = [max(v) if v else np.nan for v in row['attn_logit_max']]
+        values = [stats.overflow_max(v) if v else np.nan for v in row['attn_logit_max']]
         color = color_of(row['variant'], variants.index(row['variant']))
         ax.plot(row['lrs'], values, line_style(row), marker='o', color=color, label=row['variant'])
       ax.set(xscale='log', yscale='log', xlabel='peak learning rate', ylabel='largest attention logit (any layer)',
@@ -211,13 +213,14 @@ def define_flags():
   flags.DEFINE_list('placements', ['post', 'pre', 'peri', 'output'], 'float32 placements.')
   flags.DEFINE_list('qk_placements', ['pre'], 'float32 placements also run with model.norm.qk_norm=true.')
   flags.DEFINE_list('fp16_placements', ['pre', 'peri'], 'Placements also run in float16 with loss scaling.')
-  flags.DEFINE_list('lrs', [f'{v:.3g}' for v in np.logspace(-4, -1, 7)], 'Peak learning rates.')
-  flags.DEFINE_list('depths', [], 'Layer counts (default: 4 and 16 at small scale; half and all of the config\'s).')
+  common.define_number_list('lrs', [f'{v:.3g}' for v in np.logspace(-4, -1, 7)], 'Peak learning rates.')
+  common.define_number_list('depths', [], 'Layer counts (default: 4 and 16 at small scale; half and all of the '
+                            'config\'s).', kind=int)
 
 
 def depths_for(setup, depths):
   if depths:
-    return [int(d) for d in depths]
+    return list(depths)
   return [4, 16] if setup.small_scale else [setup.config.model.num_layers // 2, setup.config.model.num_layers]
 
 
@@ -225,7 +228,7 @@ def main(argv):
   del argv
   start = time.time()
   setup = common.setup_from_flags(SMALL, PAPER)
-  lrs, depths = [float(v) for v in FLAGS.lrs], depths_for(setup, FLAGS.depths)
+  lrs, depths = FLAGS.lrs, depths_for(setup, FLAGS.depths)
   sub_grids = grids(FLAGS.placements, FLAGS.qk_placements, FLAGS.fp16_placements, lrs, depths)
   runs = [run for grid in sub_grids for run in common.plan(setup, grid, FLAGS.seeds, FLAGS.root)]
   if not common.execute(setup, runs, FLAGS.root):

@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments import common
 from perijax import cli
+from perijax import errors
 from perijax import growth
 from perijax import plots
 from perijax import report as report_lib
@@ -56,6 +57,13 @@ def init_profiles(setup, batch_size):
 
 
 def summarize(runs, records):
+  """Per placement: losses over seeds, and the per-layer residual variance and gradient norms at each run's last
+  logged line of them (NotFoundError, before any analysis, when a run has none yet)."""
+  unready = [record.workdir for record in records if not all(any(line.get(key) for line in record.metrics)
+                                                             for key in ('residual_var', 'layer_grad_norm'))]
+  if unready:
+    raise errors.NotFoundError(f'{len(unready)} run(s) have no per-layer statistics yet, e.g. {unready[0]} (no '
+                               'residual_var or layer_grad_norm logged); train them past a statistics step')
   rows = []
   for (placement,), members in common.by_group(runs, records, ('model.norm.placement',)).items():
     summaries = [report_lib.summarize_run(record) for record in members]

@@ -194,7 +194,7 @@ def plot(scale_rows, init_rows, training_rows, path):
 def define_flags():
   common.define_flags(NAME, seeds=3)
   flags.DEFINE_list('placements', ['pre', 'peri'], 'Placements to train and measure.')
-  flags.DEFINE_list('scales', ['1', '2', '4', '8', '16'], 'Output-projection scales for the at-init test, ascending.')
+  common.define_number_list('scales', [1, 2, 4, 8, 16], 'Output-projection scales for the at-init test, ascending.')
   flags.DEFINE_integer('init_batch', 4, 'Sequences in the at-init forward pass.')
 
 
@@ -204,7 +204,7 @@ def main(argv):
   setup = common.setup_from_flags(SMALL, PAPER)
   grid = [('model.norm.placement', FLAGS.placements)]
   runs = common.plan(setup, grid, FLAGS.seeds, FLAGS.root)
-  scales = [float(s) for s in FLAGS.scales]
+  scales = FLAGS.scales
   if not common.execute(setup, runs, FLAGS.root):
     return
   print(f'trained in {time.time() - start:.0f}s; measuring at init')

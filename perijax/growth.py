@@ -38,7 +38,7 @@ class GrowthFit:
   verdict: str                     # 'linear' | 'power' | 'exponential' | 'inconclusive'
   contenders: Tuple[str, ...]      # the laws within MARGIN of the best (one when the verdict is a law)
   laws: Dict[str, LawFit]          # empty when nothing could be fitted
-  growth_ratio: float              # value at the last layer / value at the first
+  growth_ratio: float              # value at the last layer / value at the first (by layer index)
   note: str = ''
 
   def to_dict(self):
@@ -156,4 +156,5 @@ def fit_growth(values, layers: Optional[Sequence[float]] = None, bootstrap: int 
                        aic[law], aic[law] - best)
   verdict = contenders[0] if len(contenders) == 1 else 'inconclusive'
   note = '' if len(contenders) == 1 else f'{" and ".join(contenders)} within ΔAIC < {MARGIN:g} of each other'
-  return GrowthFit(num_layers, num_seeds, verdict, contenders, laws, float(np.exp(log_y[-1] - log_y[0])), note)
+  ratio = float(np.exp(log_y[np.argmax(layers)] - log_y[np.argmin(layers)]))   # `layers` may come in any order
+  return GrowthFit(num_layers, num_seeds, verdict, contenders, laws, ratio, note)

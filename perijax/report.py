@@ -16,10 +16,12 @@ import numpy as np
 from perijax import cli
 from perijax import growth
 from perijax import instability
+from perijax import stats
 from perijax import sweep
 from perijax import tables
 from perijax.errors import ArgumentError
 from perijax.runs import RunRecord, chosen_stats, load_runs
+from perijax.tasks import lm_eval_results
 from perijax.tables import format_number, format_table
 
 
@@ -72,7 +74,8 @@ def _mean_or_none(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def summarize_run(run: RunRecord) -> Dict[str, Any]:
-  """The numbers Table 1 compares, for one run; `avg` uses each task's acc_norm where it reports one."""
+  """The numbers Table 1 compares, for one run. Each task keeps the metrics lm-eval reports for it; `avg` takes
+  acc_norm for the tasks where lm-eval reports it and acc for the others (lm_eval_results.headline_metric)."""
   logged = [line for line in run.metrics if line.get('loss') is not None]
   losses = [float(line['loss']) for line in logged]
   divergence = instability.run_diverged(losses, [line['step'] for line in logged], run.config)
@@ -87,7 +90,7 @@ def summarize_run(run: RunRecord) -> Dict[str, Any]:
       'fp16_overflows': sum(v for line in run.metrics for v in line.get('fp16_overflow') or []
                             if v is not None and math.isfinite(v)),
       'forward_overflows': _last(run, 'forward_overflows', 0), 'skipped_steps': _last(run, 'skipped_steps', 0),
-      'max_fp16_headroom': max(headroom) if headroom else None,
+      'max_fp16_headroom': stats.overflow_max(headroom),
       'eval_step': None, 'eval_loss': None, 'tasks': {}, 'avg_acc': None, 'avg': None,
   }
   if run.evals:
@@ -95,9 +98,10 @@ def summarize_run(run: RunRecord) -> Dict[str, Any]:
     tasks = run.evals[step].get('tasks') or {}
     summary.update(
         eval_step=step, eval_loss=run.evals[step].get('loss'),
-        tasks={name: {'acc': t.get('acc'), 'acc_norm': t.get('acc_norm')} for name, t in tasks.items()},
-        avg_acc=_mean_or_none([t.get('acc') for t in tasks.values()]),   # winogrande has only acc
-        avg=_mean_or_none([t.get('acc') if t.get('acc_norm') is None else t['acc_norm'] for t in tasks.values()]))
+        tasks={name: {metric: t.get(metric) for metric in lm_eval_results.reported_metrics(name)}
+               for name, t in tasks.items()},
+        avg_acc=_mean_or_none([t.get('acc') for t in tasks.values()]),
+        avg=_mean_or_none([t.get(lm_eval_results.headline_metric(name)) for name, t in tasks.items()]))
   return summary
 
 
@@ -158,7 +162,7 @@ def aggregate(groups: Sequence[Tuple[str, List[RunRecord]]]) -> List[Dict[str, A
                ('final_loss', 'eval_loss', 'avg_acc', 'avg', 'spikes', 'fp16_overflows', 'forward_overflows',
                 'skipped_steps')}
     columns.update({f'{task}/{metric}': mean_std([s['tasks'].get(task, {}).get(metric) for s in summaries])
-                    for task in task_names for metric in ('acc', 'acc_norm')})
+                    for task in task_names for metric in lm_eval_results.reported_metrics(task)})
     rows.append({'group': label, 'runs': [s['name'] for s in summaries], 'n_seeds': len(members),
                  'diverged': sum(s['diverged'] for s in summaries), 'finished': sum(s['finished'] for s in summaries),
                  'columns': columns, 'task_names': task_names})
@@ -182,8 +186,9 @@ def format_mean_std(cell: Dict[str, Any]) -> str:
 def table1(rows: Sequence[Dict[str, Any]]) -> str:
   """The quality columns and the stability columns of Table 1, as two tables so each fits a terminal."""
   task_names = sorted({t for row in rows for t in row['task_names']})
-  quality = ['final_loss', 'eval_loss'] + [f'{t}/{m}' for t in task_names for m in ('acc', 'acc_norm')] + ['avg']
-  # A metric no run reports (winogrande's acc_norm) would only be a column of dashes.
+  quality = (['final_loss', 'eval_loss'] + [f'{t}/{m}' for t in task_names for m in lm_eval_results.reported_metrics(t)]
+             + ['avg'])
+  # A metric no run recorded (an eval file without acc_norm) would only be a column of dashes.
   quality = [k for k in quality if any(row['columns'].get(k, {}).get('n') for row in rows) or k == 'final_loss']
   stability = ['spikes', 'fp16_overflows', 'forward_overflows', 'skipped_steps']
   text = []

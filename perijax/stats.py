@@ -112,6 +112,13 @@ def locate_tokens(stats, inputs, positions):
   return stats
 
 
+def overflow_max(values):
+  """The largest of `values` (None when empty), a NaN counted as +inf: in these statistics NaN comes from an overflow
+  (inf - inf), no headroom or an unbounded logit. Python's max() keeps a NaN only when it comes first."""
+  values = [math.inf if math.isnan(v) else v for v in values]
+  return max(values) if values else None
+
+
 def layer_summary(stats):
   """The model's stats ({name: [num_layers, 2 sub-layers (attention, mlp)]}) as the per-layer lists of metrics.jsonl
   and eval/step_N.json: the stream's after the layer's MLP sub-layer, max_abs and fp16_overflow over the layer's

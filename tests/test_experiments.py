@@ -20,6 +20,7 @@ from experiments import lr_sensitivity
 from experiments import pre_post_vs_peri
 from experiments import variance_law
 from perijax import config as config_lib
+from perijax import errors
 from perijax import sweep
 from perijax import train_step
 
@@ -144,6 +145,21 @@ def test_fp16_analysis_counts_overflows_spikes_and_divergence(tiny_config, tmp_p
   assert 'pre' in fp16_stability.table(rows) and '1/2' in fp16_stability.table(rows)
 
 
+def test_a_nan_maximum_is_an_overflow_whatever_its_position(tiny_config, tmp_path):
+  # A NaN headroom or attention logit comes from inf - inf: it counts as +inf, first or not in its list.
+  for index, values in enumerate(([math.nan, 1.0, 2.0], [1.0, math.nan, 2.0])):
+    setup = common.make_setup(TINY, tiny_config, {}, fp16_stability.SMALL)
+    runs = common.plan(setup, fp16_stability.grid_from(setup, ['pre'], [0.01], [2]), 1, str(tmp_path / f'fp16_{index}'))
+    write_run(runs[0].workdir, runs[0].overrides, [{'step': 0, 'loss': 5.0, 'fp16_headroom': values},
+                                                   {'step': 10, 'loss': 4.0}], steps=10)
+    assert fp16_stability.summarize(runs, common.load_records(runs))[0]['worst_fp16_headroom'] == math.inf
+    setup = common.make_setup(TINY, tiny_config, {}, lr_sensitivity.SMALL)
+    runs = common.plan(setup, lr_sensitivity.grids(['pre'], [], [], [1e-3], [4])[0], 1, str(tmp_path / f'lr_{index}'))
+    write_run(runs[0].workdir, runs[0].overrides, [{'step': 1, 'loss': 5.0},
+                                                   {'step': 10, 'loss': 4.0, 'attn_logit_max': values}], steps=10)
+    assert lr_sensitivity.summarize(runs, common.load_records(runs))[0]['largest_attn_logit'] == math.inf
+
+
 def test_grad_norm_analysis_snapshots_at_init_and_end_with_seed_spread(tiny_config, tmp_path):
   setup = common.make_setup(TINY, tiny_config, {}, grad_norms.SMALL)
   runs = common.plan(setup, [('model.norm.placement', ['post', 'pre', 'peri'])], 3, str(tmp_path))
@@ -172,6 +188,15 @@ def test_grad_norm_analysis_snapshots_at_init_and_end_with_seed_spread(tiny_conf
     assert checks[label]['pre_vs_peri_level']['exceeds_seed_spread'] is True
   # cv is the same for every seed of a placement (the jitter is a common factor): no spread, a clear difference.
   assert checks['at_end']['pre_vs_peri_cv']['b']['mean'] == pytest.approx(0.0)
+
+
+def test_pre_post_analysis_of_a_run_without_statistics_yet_is_one_line(tiny_config, tmp_path):
+  setup = common.make_setup(TINY, tiny_config, {}, pre_post_vs_peri.SMALL)
+  runs = common.plan(setup, [('model.norm.placement', list(pre_post_vs_peri.PLACEMENTS))], 1, str(tmp_path))
+  for run in runs:   # logged losses, but no statistics step reached yet
+    write_run(run.workdir, run.overrides, [{'step': 1, 'loss': 5.0}, {'step': 10, 'loss': 4.0}], steps=150)
+  with pytest.raises(errors.NotFoundError, match=r'2 run\(s\) have no per-layer statistics yet, e.g. .*peri'):
+    pre_post_vs_peri.summarize(runs, common.load_records(runs))
 
 
 def test_compare_says_whether_a_difference_exceeds_the_seed_spread():
@@ -318,7 +343,17 @@ def test_print_emits_one_command_per_run_and_trains_nothing(tmp_path):
     ('lr_sensitivity', ['--placements=', '--qk_placements=', '--fp16_placements='],
      '--placements, --qk_placements and --fp16_placements are all empty; give at least one'),
     ('variance_law', ['extra'], 'unexpected arguments: extra; flags take the form --name=value'),
-    ('grad_norms', ['--analyze_only'], '9 run(s) have no metrics.jsonl yet, e.g. ')])
+    ('grad_norms', ['--analyze_only'], '9 run(s) have no metrics.jsonl yet, e.g. '),
+    ('lr_sensitivity', ['--lrs=1e-3,abc', '--print'],
+     'flag --lrs=1e-3,abc: expected comma-separated positive numbers, e.g. --lrs=0.0001,0.000316'),
+    ('lr_sensitivity', ['--depths=4,x', '--print'],
+     'flag --depths=4,x: expected comma-separated positive integers, e.g. --depths=4,16'),
+    ('fp16_stability', ['--lrs=0.01,-1', '--print'],
+     'flag --lrs=0.01,-1: expected comma-separated positive numbers, e.g. --lrs=0.001,0.01'),
+    ('fp16_stability', ['--depths=2.5', '--print'],
+     'flag --depths=2.5: expected comma-separated positive integers, e.g. --depths=4,16'),
+    ('variance_law', ['--scales=1,two', '--print'],
+     'flag --scales=1,two: expected comma-separated positive numbers, e.g. --scales=1,2')])
 def test_bad_input_to_an_experiment_is_one_line_before_anything_runs(name, args, message, tmp_path):
   result = subprocess.run([sys.executable, '-m', f'experiments.{name}', f'--root={tmp_path}/r', *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)

@@ -117,6 +117,13 @@ def test_exact_curves_recover_their_law_and_parameters(law, curve, params):
   assert min(f.delta_aic for other, f in fit.laws.items() if other != law) > 100
 
 
+def test_growth_ratio_is_the_last_layer_over_the_first_in_any_order():
+  values = [1.0, 2.0, 4.0]
+  assert growth.fit_growth(values, layers=[1, 2, 3], bootstrap=0).growth_ratio == pytest.approx(4.0)
+  assert growth.fit_growth(values, layers=[3, 2, 1], bootstrap=0).growth_ratio == pytest.approx(0.25)
+  assert growth.fit_growth([2.0, 1.0, 4.0], layers=[2, 1, 3], bootstrap=0).growth_ratio == pytest.approx(4.0)
+
+
 def test_fits_and_aic_match_numpy_references():
   rng = np.random.default_rng(2)
   layers = np.arange(1.0, 17)

@@ -215,6 +215,33 @@ def test_run_summary_counts_and_divergence_rule(runs, tmp_path):
   assert report_lib.summarize_run(record([5.0, 4.0], planned=100))['diverged'] is False   # still running
 
 
+def test_avg_and_table1_take_each_task_s_metrics_as_lm_eval_reports_them(tmp_path):
+  # perijax scores acc_norm for every task; lm-eval reports it for piqa but not for winogrande or siqa.
+  tasks = {'piqa': {'acc': 0.60, 'acc_norm': 0.62, 'n': 10}, 'winogrande': {'acc': 0.52, 'acc_norm': 0.40, 'n': 10},
+           'siqa': {'acc': 0.40, 'acc_norm': 0.30, 'n': 10}}
+  record = runs_lib.RunRecord('r', str(tmp_path), {'train': {'steps': 10}}, [{'step': 10, 'loss': 2.0}],
+                              {10: {'step': 10, 'loss': 2.5, 'tasks': tasks}})
+  summary = report_lib.summarize_run(record)
+  assert summary['avg'] == pytest.approx(np.mean([0.62, 0.52, 0.40]))
+  assert summary['avg_acc'] == pytest.approx(np.mean([0.60, 0.52, 0.40]))
+  assert summary['tasks'] == {'piqa': {'acc': 0.60, 'acc_norm': 0.62}, 'winogrande': {'acc': 0.52},
+                              'siqa': {'acc': 0.40}}
+  rows = report_lib.aggregate(report_lib.group_runs([record]))
+  assert sorted(key for key in rows[0]['columns'] if '/' in key) == ['piqa/acc', 'piqa/acc_norm', 'siqa/acc',
+                                                                     'winogrande/acc']
+  assert rows[0]['columns']['avg']['mean'] == pytest.approx(np.mean([0.62, 0.52, 0.40]))
+  headers = report_lib.table1(rows).splitlines()[2].split()
+  assert [h for h in headers if '/' in h] == ['piqa/acc', 'piqa/acc_norm', 'siqa/acc', 'winogrande/acc']
+
+
+def test_a_nan_headroom_is_an_overflow_whatever_its_position(tmp_path):
+  # NaN comes from inf - inf: no headroom, whether it is first or not (Python's max() keeps it only when first).
+  for headroom in ([math.nan, 1e-3, 2e-3], [1e-3, math.nan, 2e-3]):
+    record = runs_lib.RunRecord('r', str(tmp_path), {'train': {'steps': 10}},
+                                [{'step': 0, 'loss': 5.0, 'fp16_headroom': headroom}, {'step': 10, 'loss': 4.0}], {})
+    assert report_lib.summarize_run(record)['max_fp16_headroom'] == math.inf
+
+
 def test_seeds_are_grouped_and_mean_std_match_numpy(runs):
   groups = report_lib.group_runs(runs)
   assert [(label, len(members)) for label, members in groups] == [('placement=pre', 3), ('placement=peri', 3)]

@@ -36,6 +36,17 @@ TASKS = {
 }
 
 
+def reported_metrics(task):
+  """The metrics lm-eval reports for a perijax task: its task YAML's list (acc_norm only where lm-eval has it); a task
+  lm-eval does not know keeps both, as perijax scores them."""
+  return TASKS[task][2] if task in TASKS else ('acc', 'acc_norm')
+
+
+def headline_metric(task):
+  """lm-eval's convention for one number per task (Table 1's `avg`): acc_norm where lm-eval reports it, else acc."""
+  return 'acc_norm' if 'acc_norm' in reported_metrics(task) else 'acc'
+
+
 def accuracy_stderr(acc, n):
   """lm-eval's standard error of acc over n documents, "N/A" for one: `lm_eval/api/metrics.py` mean_stderr, the sample
   standard deviation (n - 1 in its denominator) over sqrt(n), for n scores of 0 or 1 sqrt(acc (1 - acc) / (n - 1))."""
