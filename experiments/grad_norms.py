@@ -5,10 +5,10 @@ Peri-LN.
     python -m experiments.grad_norms --config=configs/paper_400m.py --print          # paper scale, for a scheduler
 
 Each run logs the L2 norm of each layer's raw gradient (before clipping; `layer_grad_norm` in metrics.jsonl) every
-train.log_every steps, as the mean over the steps since the previous line (`window_summary` in perijax/metrics.py),
-and always at step 1 (the model at initialization, a single step) and at the last step. Per placement, for two
-snapshots, at init (the first logged line whose norms are finite: step 1 unless a float16 loss scale was still searching) and at the end
-(the last line: the mean over the last logging window), and for the average over the whole run (over its lines): the
+train.log_every steps, as the mean over the steps since the previous line (`window_summary` in perijax/metrics.py), and
+always at step 1 (the model at initialization, a single step) and at the last step. Per placement, for two snapshots, at
+init (the first logged line whose norms are finite: step 1 unless a float16 loss scale was still searching) and at the
+end (the last line: the mean over the last logging window), and for the average over the whole run (over its lines): the
 per-layer profile (mean over seeds), its level (mean over layers), its spread across depth (max/min over layers, and the
 coefficient of variation std/mean), and the level and cv per seed. Post against Pre and Pre against Peri: mean ± std of
 the per-seed levels and whether the difference exceeds the seed spread. The claim holds at this scale when the levels
