@@ -13,6 +13,7 @@ from ml_collections.config_flags import config_path
 from ml_collections.config_flags import tuple_parser
 
 from perijax.errors import UserError
+from perijax.hardware import ACCELERATORS
 from perijax.norms import NORM_KINDS
 from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
@@ -36,9 +37,9 @@ CHOICES = {
     'model.compute_dtype': tuple(DTYPES), 'model.mlp_activation': ('swiglu', 'gelu'),
     'model.remat': ('none', 'minimal', 'full'), 'model.attention_impl': ('xla', 'cudnn', 'auto', 'einsum'),
     'optimizer.schedule': ('cosine', 'linear', 'constant'), 'train.loss_scale': ('dynamic', 'none'),
-    'train.xla_flags_preset': tuple(XLA_FLAGS_PRESETS), 'data.tokenizer': ('byte', 'sentencepiece'),
-    'data.process_split': ('documents', 'rows'), 'data.source': ('tfds', 'jsonl', 'parquet', 'hf_disk'),
-    'wandb.mode': ('online', 'offline', 'disabled'),
+    'train.xla_flags_preset': tuple(XLA_FLAGS_PRESETS), 'train.accelerator': ('cpu', *ACCELERATORS),
+    'data.tokenizer': ('byte', 'sentencepiece'), 'data.process_split': ('documents', 'rows'),
+    'data.source': ('tfds', 'jsonl', 'parquet', 'hf_disk'), 'wandb.mode': ('online', 'offline', 'disabled'),
     **dict.fromkeys(('model.norm.freeze_out_scale', 'model.init.depth_scaled_outputs', 'eval.packed_scoring',
                      'eval.lm_eval_results', 'wandb.enabled'), (True, False)),
 }
