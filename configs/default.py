@@ -28,8 +28,8 @@ def get_config():
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul
                                     # outputs) | 'full'
-  model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash) | 'auto', or 'einsum'
-                                    # (written out; the fastest gradient on CPU)
+  model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash; bfloat16 or float16
+                                    # compute only) | 'auto', or 'einsum' (written out; the fastest gradient on CPU)
   model.param_dtype = 'float32'     # dtype the parameters are stored in (master weights); 'float16' = pure float16
   model.compute_dtype = 'float32'   # dtype of activations and matmuls: 'float32' | 'bfloat16' | 'float16'
   model.norm_in_float32 = True      # compute normalization statistics in float32 whatever the compute dtype

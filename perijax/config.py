@@ -105,6 +105,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           'peri, pre_post, output and mix with mix_post_layers >= 1 have)')
   if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
     _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
+  if m.attention_impl == 'cudnn' and m.compute_dtype not in ('bfloat16', 'float16'):   # else it fails at compile
+    _fail('model.attention_impl', 'cudnn', f'model.compute_dtype = {m.compute_dtype!r}, but cuDNN attention takes '
+          "only ('bfloat16', 'float16'); set one of them, or model.attention_impl = 'xla', 'auto' or 'einsum'")
   for axes, what in ((('data', 'fsdp', 'tensor'), 'device count'), (('dcn_data', 'dcn_fsdp'), 'number of slices')):
     sizes = {axis: config.mesh.get(axis, 1) for axis in axes}  # dcn_* are absent from configs of older runs
     for axis, size in sizes.items():

@@ -31,6 +31,8 @@ BAD_FIELDS = [
     ('model.norm.freeze_out_scale', True, "config.model.norm.freeze_out_scale = True.*placement 'pre' has no output"),
     ('data.source', 'csv', "config.data.source = 'csv'.*'tfds', 'jsonl', 'parquet', 'hf_disk'"),
     ('data.path', '', "config.data.path = ''.*data.source = 'hf_disk'"),
+    ('model.attention_impl', 'cudnn', "config.model.attention_impl = 'cudnn'.*model.compute_dtype = 'float32'.*"
+     "'bfloat16', 'float16'"),
     ('train.accelerator', 'tpu-v5p', "config.train.accelerator = 'tpu-v5p'.*'cpu', 'tpu_v4', .*'tpu_v5p'"),
 ]
 
@@ -66,6 +68,13 @@ def test_accelerator_is_checked_when_loaded_and_every_table_name_is_allowed():
     config_lib.load(tiny.__file__, ['--config.train.accelerator=tpu-v5p'])
   for name in ('cpu', *hardware.ACCELERATORS):
     config_lib.load(tiny.__file__, [f'--config.train.accelerator={name}'])
+
+
+def test_cudnn_attention_is_allowed_in_half_precision():
+  for dtype in ('bfloat16', 'float16'):
+    config = tiny.get_config()
+    config.model.update(attention_impl='cudnn', compute_dtype=dtype)
+    config_lib.validate(config)
 
 
 def test_frozen_output_scale_is_allowed_where_an_output_norm_exists():
