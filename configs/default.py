@@ -71,8 +71,8 @@ def get_config():
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
-  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in
-                                    # perijax/hardware.py
+  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate; MFU is NaN on a GPU or
+                                    # TPU) or a name in perijax/hardware.py
   train.compilation_cache_dir = '~/.cache/perijax/xla'  # persistent XLA compilation cache: a restart or a rerun of
                                     # the same config skips compiling; '' = off (JAX_COMPILATION_CACHE_DIR wins if set)
   train.xla_flags_preset = 'none'   # 'gpu': XLA flags for speed on NVIDIA GPUs (perijax/runtime.py), added to XLA_FLAGS

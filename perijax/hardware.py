@@ -1,6 +1,7 @@
 """Accelerators' peak dense bfloat16/float16 matmul rates (the vendors' non-sparse figures) and memory, for MFU and
 the dry run; the CPU has no published peak, so perijax measures it."""
 
+import math
 import timeit
 
 import jax
@@ -41,3 +42,20 @@ def peak_flops(accelerator):
   if accelerator not in ACCELERATORS:
     raise ValueError(f'unknown accelerator {accelerator!r}; known: cpu, {", ".join(ACCELERATORS)}')
   return ACCELERATORS[accelerator][0]
+
+
+def peak_flops_for(accelerator, backend, device_count):
+  """MFU's denominator: the peak of all `device_count` devices (table peaks are per device; the CPU rate is measured
+  for the whole host), or NaN where `accelerator` is 'cpu' but `backend` (jax.default_backend()) is not: one CPU
+  matmul rate is no peak of GPUs or TPUs."""
+  if accelerator == 'cpu':
+    return measured_matmul_flops() if backend == 'cpu' else math.nan
+  return peak_flops(accelerator) * device_count
+
+
+def mfu_notice(accelerator, backend):
+  """The line saying why MFU is NaN (see peak_flops_for), or None where it is computed."""
+  if accelerator != 'cpu' or backend == 'cpu':
+    return None
+  return (f"config.train.accelerator is 'cpu' but training runs on {backend}: MFU is not computed (logged as NaN); "
+          f'set it to one of {", ".join(ACCELERATORS)}')

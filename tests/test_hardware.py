@@ -1,5 +1,6 @@
 """The CPU malloc tunables do what perijax/hardware.py says: a step's large temporary block is kept between steps."""
 
+import math
 import os
 import platform
 import subprocess
@@ -44,3 +45,17 @@ def test_cpu_malloc_tunables_keep_the_temporary_block():
   assert faults_per_call(None) > pages / 2
   # Kept, it faults no page; mapped afresh in 2 MB huge pages it would still fault 32 per call.
   assert faults_per_call(hardware.CPU_GLIBC_TUNABLES) < 8
+
+
+def test_mfu_peak_is_the_mesh_peak_or_nan_when_a_cpu_rate_would_be_compared_with_an_accelerator(monkeypatch):
+  monkeypatch.setattr(hardware, 'measured_matmul_flops', lambda: 1e11)
+  # Table peaks are per device; the CPU rate is measured for the whole host, whatever its device count.
+  assert hardware.peak_flops_for('h100', 'gpu', 8) == 8 * 989e12
+  assert hardware.peak_flops_for('tpu_v4', 'tpu', 4) == 4 * 275e12
+  assert hardware.peak_flops_for('cpu', 'cpu', 8) == 1e11
+  assert hardware.mfu_notice('cpu', 'cpu') is None and hardware.mfu_notice('h100', 'gpu') is None
+  # One matmul rate of the host CPU is no peak of 8 GPUs: MFU is NaN, and the notice says what to set.
+  assert math.isnan(hardware.peak_flops_for('cpu', 'gpu', 8))
+  notice = hardware.mfu_notice('cpu', 'gpu')
+  assert notice.startswith("config.train.accelerator is 'cpu' but training runs on gpu: MFU is not computed")
+  assert all(name in notice for name in hardware.ACCELERATORS)
