@@ -59,3 +59,12 @@ def test_mfu_peak_is_the_mesh_peak_or_nan_when_a_cpu_rate_would_be_compared_with
   notice = hardware.mfu_notice('cpu', 'gpu')
   assert notice.startswith("config.train.accelerator is 'cpu' but training runs on gpu: MFU is not computed")
   assert all(name in notice for name in hardware.ACCELERATORS)
+
+
+# Memory as the devices have it: Google's GiB for TPUs, nvidia-smi's "MiB" totals for GPUs (decimal GB would make the
+# dry run's fits check ~7% too strict).
+@pytest.mark.parametrize('name, memory_bytes', [
+    ('tpu_v4', 32 * 2**30), ('tpu_v5e', 16 * 2**30), ('tpu_v5p', 95 * 2**30), ('tpu_v6e', 32 * 2**30),
+    ('v100', 32510 * 2**20), ('a100', 81920 * 2**20), ('h100', 81559 * 2**20), ('h200', 143771 * 2**20)])
+def test_accelerator_memory_is_in_the_units_the_device_reports(name, memory_bytes):
+  assert hardware.ACCELERATORS[name][1] == memory_bytes
