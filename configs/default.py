@@ -28,8 +28,8 @@ def get_config():
   model.scan_unroll = 1             # layers per scan iteration (compile time grows with it, not with depth)
   model.remat = 'none'              # activation checkpointing per layer: 'none' | 'minimal' (save matmul
                                     # outputs) | 'full'
-  model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash) | 'auto', or 'einsum'
-                                    # (written out; the fastest gradient on CPU)
+  model.attention_impl = 'xla'      # jax.nn.dot_product_attention's 'xla' | 'cudnn' (GPU flash; bfloat16 or float16
+                                    # compute only) | 'auto', or 'einsum' (written out; the fastest gradient on CPU)
   model.param_dtype = 'float32'     # dtype the parameters are stored in (master weights); 'float16' = pure float16
   model.compute_dtype = 'float32'   # dtype of activations and matmuls: 'float32' | 'bfloat16' | 'float16'
   model.norm_in_float32 = True      # compute normalization statistics in float32 whatever the compute dtype
@@ -71,8 +71,8 @@ def get_config():
   train.loss_scale = 'dynamic'      # float16 only: 'dynamic' (flax DynamicScale) | 'none'
   train.initial_loss_scale = 65536.0  # starting loss scale for float16 (2**16)
   train.loss_scale_growth_interval = 2000  # good steps before the loss scale doubles
-  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate) or a name in
-                                    # perijax/hardware.py
+  train.accelerator = 'cpu'         # for the MFU estimate: 'cpu' (measured matmul rate; MFU is NaN on a GPU or
+                                    # TPU) or a name in perijax/hardware.py
   train.compilation_cache_dir = '~/.cache/perijax/xla'  # persistent XLA compilation cache: a restart or a rerun of
                                     # the same config skips compiling; '' = off (JAX_COMPILATION_CACHE_DIR wins if set)
   train.xla_flags_preset = 'none'   # 'gpu': XLA flags for speed on NVIDIA GPUs (perijax/runtime.py), added to XLA_FLAGS

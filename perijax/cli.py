@@ -20,6 +20,7 @@ import threading
 from absl import app, flags
 
 from perijax import config as config_lib
+from perijax import rundir
 from perijax import sharding as sharding_lib
 from perijax.errors import ArgumentError, UserError  # noqa: F401  (ArgumentError: for the commands)
 
@@ -80,7 +81,10 @@ def config_and_overrides():
 
 def check_writable_dir(path, what='--workdir'):
   """Proves a file can be written in `path` (or, if it does not exist yet, in the directory that will hold it)
-  before anything expensive starts; creates nothing."""
+  before anything expensive starts; creates nothing. An object-store URL (gs://...) is not a local path: it is left
+  to its first write."""
+  if not rundir.is_local(path):
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise ArgumentError(f'{what}={path} is a file; expected a directory (new or existing)')
   existing = os.path.abspath(path)

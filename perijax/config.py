@@ -13,6 +13,7 @@ from ml_collections.config_flags import config_path
 from ml_collections.config_flags import tuple_parser
 
 from perijax.errors import UserError
+from perijax.hardware import ACCELERATORS
 from perijax.norms import NORM_KINDS
 from perijax import placement as placement_lib
 from perijax.placement import PLACEMENTS
@@ -36,9 +37,9 @@ CHOICES = {
     'model.compute_dtype': tuple(DTYPES), 'model.mlp_activation': ('swiglu', 'gelu'),
     'model.remat': ('none', 'minimal', 'full'), 'model.attention_impl': ('xla', 'cudnn', 'auto', 'einsum'),
     'optimizer.schedule': ('cosine', 'linear', 'constant'), 'train.loss_scale': ('dynamic', 'none'),
-    'train.xla_flags_preset': tuple(XLA_FLAGS_PRESETS), 'data.tokenizer': ('byte', 'sentencepiece'),
-    'data.process_split': ('documents', 'rows'), 'data.source': ('tfds', 'jsonl', 'parquet', 'hf_disk'),
-    'wandb.mode': ('online', 'offline', 'disabled'),
+    'train.xla_flags_preset': tuple(XLA_FLAGS_PRESETS), 'train.accelerator': ('cpu', *ACCELERATORS),
+    'data.tokenizer': ('byte', 'sentencepiece'), 'data.process_split': ('documents', 'rows'),
+    'data.source': ('tfds', 'jsonl', 'parquet', 'hf_disk'), 'wandb.mode': ('online', 'offline', 'disabled'),
     **dict.fromkeys(('model.norm.freeze_out_scale', 'model.init.depth_scaled_outputs', 'eval.packed_scoring',
                      'eval.lm_eval_results', 'wandb.enabled'), (True, False)),
 }
@@ -104,6 +105,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           'peri, pre_post, output and mix with mix_post_layers >= 1 have)')
   if m.param_dtype == 'float16' and m.compute_dtype != 'float16':
     _fail('model.param_dtype', m.param_dtype, 'float16 parameters ("pure float16") need model.compute_dtype = float16')
+  if m.attention_impl == 'cudnn' and m.compute_dtype not in ('bfloat16', 'float16'):   # else it fails at compile
+    _fail('model.attention_impl', 'cudnn', f'model.compute_dtype = {m.compute_dtype!r}, but cuDNN attention takes '
+          "only ('bfloat16', 'float16'); set one of them, or model.attention_impl = 'xla', 'auto' or 'einsum'")
   for axes, what in ((('data', 'fsdp', 'tensor'), 'device count'), (('dcn_data', 'dcn_fsdp'), 'number of slices')):
     sizes = {axis: config.mesh.get(axis, 1) for axis in axes}  # dcn_* are absent from configs of older runs
     for axis, size in sizes.items():

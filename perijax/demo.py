@@ -30,11 +30,15 @@ PLACEMENTS = ('pre', 'peri', 'post')
 
 def plan_runs(config: ml_collections.ConfigDict, placements: Sequence[str], root: str,
               fixed_overrides: Optional[Dict[str, Any]] = None) -> List[sweep.Run]:
-  """One run per placement (seed 0); every resolved config is validated before anything runs."""
+  """One run per placement (seed 0, or a fixed --config.train.seed's); every resolved config is validated before
+  anything runs."""
   if not placements:
     raise ValueError(f'--placements is empty; give some of {", ".join(PLACEMENTS)} (any of perijax/placement.py)')
-  return sweep.expand_grid(config, [f'model.norm.placement={",".join(placements)}'], seeds=1, root=root,
-                           fixed_overrides=fixed_overrides, validate=config_lib.validate)
+  grid, fixed_overrides = [f'model.norm.placement={",".join(placements)}'], dict(fixed_overrides or {})
+  if sweep.SEED_FIELD in fixed_overrides:   # the sweep sets each run's seed: a one-value grid instead of seed 0
+    grid.append(f'{sweep.SEED_FIELD}={sweep.format_value(fixed_overrides.pop(sweep.SEED_FIELD))}')
+  return sweep.expand_grid(config, grid, seeds=1, root=root, fixed_overrides=fixed_overrides,
+                           validate=config_lib.validate)
 
 
 def write_report(runs: Sequence[sweep.Run], root: str, log=print) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """Accelerators' peak dense bfloat16/float16 matmul rates (the vendors' non-sparse figures) and memory, for MFU and
 the dry run; the CPU has no published peak, so perijax measures it."""
 
+import math
 import timeit
 
 import jax
@@ -13,16 +14,19 @@ import jax.numpy as jnp
 # itself with them, experiments/demo.sh exports them).
 CPU_GLIBC_TUNABLES = 'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296'
 
-# name: (peak FLOP/s in bfloat16/float16, memory per device in bytes, HBM bandwidth bytes/s)
+GIB, MIB = 2**30, 2**20
+# name: (peak FLOP/s in bfloat16/float16, memory per device in bytes, HBM bandwidth bytes/s). Memory as the devices
+# have it, not the decimal GB of their names: GiB for TPUs (Google's figures), nvidia-smi's MiB totals for GPUs (the
+# 32 GB V100, 80 GB A100 and H100 SXM, 141 GB H200).
 ACCELERATORS = {
-    'tpu_v4': (275e12, 32e9, 1.2e12),
-    'tpu_v5e': (197e12, 16e9, 0.82e12),
-    'tpu_v5p': (459e12, 95e9, 2.76e12),
-    'tpu_v6e': (918e12, 32e9, 1.64e12),
-    'v100': (125e12, 32e9, 0.9e12),
-    'a100': (312e12, 80e9, 2.0e12),
-    'h100': (989e12, 80e9, 3.35e12),
-    'h200': (989e12, 141e9, 4.8e12),
+    'tpu_v4': (275e12, 32 * GIB, 1.2e12),
+    'tpu_v5e': (197e12, 16 * GIB, 0.82e12),
+    'tpu_v5p': (459e12, 95 * GIB, 2.76e12),
+    'tpu_v6e': (918e12, 32 * GIB, 1.64e12),
+    'v100': (125e12, 32510 * MIB, 0.9e12),
+    'a100': (312e12, 81920 * MIB, 2.0e12),
+    'h100': (989e12, 81559 * MIB, 3.35e12),
+    'h200': (989e12, 143771 * MIB, 4.8e12),
 }
 
 
@@ -41,3 +45,20 @@ def peak_flops(accelerator):
   if accelerator not in ACCELERATORS:
     raise ValueError(f'unknown accelerator {accelerator!r}; known: cpu, {", ".join(ACCELERATORS)}')
   return ACCELERATORS[accelerator][0]
+
+
+def peak_flops_for(accelerator, backend, device_count):
+  """MFU's denominator: the peak of all `device_count` devices (table peaks are per device; the CPU rate is measured
+  for the whole host), or NaN where `accelerator` is 'cpu' but `backend` (jax.default_backend()) is not: one CPU
+  matmul rate is no peak of GPUs or TPUs."""
+  if accelerator == 'cpu':
+    return measured_matmul_flops() if backend == 'cpu' else math.nan
+  return peak_flops(accelerator) * device_count
+
+
+def mfu_notice(accelerator, backend):
+  """The line saying why MFU is NaN (see peak_flops_for), or None where it is computed."""
+  if accelerator != 'cpu' or backend == 'cpu':
+    return None
+  return (f"config.train.accelerator is 'cpu' but training runs on {backend}: MFU is not computed (logged as NaN); "
+          f'set it to one of {", ".join(ACCELERATORS)}')

@@ -36,9 +36,12 @@ def window_summary(steps):
 
 
 def scalars(record):
-  """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names)."""
+  """{name: float} of a record's numbers, a per-layer list as `key/layer_000`, ... (TensorBoard's and W&B's names),
+  less an `mfu` of NaN: not computed (hardware.mfu_notice), on every line, and TensorBoard warns of each NaN."""
   flat = {}
   for key, value in record.items():
+    if key == 'mfu' and math.isnan(value):
+      continue
     if isinstance(value, list) and all(item is None or isinstance(item, (int, float)) for item in value):
       flat.update({f'{key}/layer_{layer:03d}': float(item) for layer, item in enumerate(value) if item is not None})
     elif isinstance(value, (int, float, bool)):   # not text, not the massive_* lists of dicts

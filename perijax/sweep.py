@@ -4,7 +4,8 @@ SLURM array job or the `gcloud` commands of a TPU pod slice for it (README, "Exp
     python -m perijax.sweep --config=configs/tiny.py --sweep=model.norm.placement=pre,peri,post \
         --sweep=optimizer.lr=1e-3,3e-3 --seeds=3 --root=/tmp/sweep [--print | --launcher=slurm | --launcher=tpu_vm]
 
-`--config.a.b=value` fixes a field for every run; every swept field and value is checked before anything runs.
+`--config.a.b=value` fixes a field for every run, except train.seed, which the sweep sets (`--seeds=N`: 0..N-1, or
+`--sweep=train.seed=...`); every swept field and value is checked before anything runs.
 Each run's workdir is `ROOT/<short field>=<value>,...,seed=<k>` (e.g. `ROOT/placement=peri,lr=0.001,seed=1`);
 ROOT/sweep.json lists the runs and how each went. A run is finished when `eval/step_{train.steps}.json` exists:
 finished runs are skipped, others started again (the trainer resumes from their checkpoints); a failed run is
@@ -132,6 +133,10 @@ def expand_grid(config: ml_collections.ConfigDict, sweeps: Sequence[str], seeds:
     raise ArgumentError(f'field(s) {repeated} swept twice; give each field once with all its values')
   if SEED_FIELD in fields and seeds > 1:
     raise ArgumentError(f'{SEED_FIELD} is swept and --seeds={seeds} is given; use one or the other')
+  if SEED_FIELD in (fixed_overrides or {}):   # each run's own seed would replace it, silently
+    seed = format_value(fixed_overrides[SEED_FIELD])
+    raise ArgumentError(f'--config.{SEED_FIELD}={seed} is replaced by the sweep\'s own seeds; use '
+                        f'--sweep={SEED_FIELD}={seed} for seed {seed}, or --seeds=N for seeds 0..N-1')
   if SEED_FIELD not in fields:
     grid.append((SEED_FIELD, list(range(seeds))))
     fields.append(SEED_FIELD)

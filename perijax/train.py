@@ -109,8 +109,9 @@ def train(config, workdir, devices=None, resume_from_intact=False):
   norm_scales = jax.jit(stats_lib.norm_scales, out_shardings=replicated)  # the norms' γ, gathered whole
   tokens_per_step = config.train.batch_size * config.train.seq_len
   flops_per_token = params_lib.train_flops_per_token(config.model, config.train.seq_len)
-  accelerator = config.train.accelerator  # table peaks are per device; the CPU rate is measured for the whole host
-  peak = hardware.peak_flops(accelerator) * (1 if accelerator == 'cpu' else jax.device_count())
+  peak = hardware.peak_flops_for(config.train.accelerator, jax.default_backend(), jax.device_count())  # NaN: no MFU
+  if (notice := hardware.mfu_notice(config.train.accelerator, jax.default_backend())) and jax.process_index() == 0:
+    print(notice, flush=True)
   schedule = optimizer_lib.learning_rate_schedule(config.optimizer, steps)
   writer = metrics_lib.MetricsWriter(workdir, steps, config)
   preemption = Preemption()

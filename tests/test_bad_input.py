@@ -19,9 +19,11 @@ import sys
 import pytest
 
 from perijax import checkpoint as checkpoint_lib
+from perijax import cli
 from perijax import config as config_lib
 from perijax import evaluate
 from perijax import train as train_lib
+from perijax.errors import ArgumentError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ['--config.train.batch_size=8', '--config.train.seq_len=32', '--config.model.d_model=32',
@@ -150,12 +152,25 @@ class Context:
     return self.tmp / name
 
   def read_only_dir(self):
-    if os.geteuid() == 0:  # root writes through permission bits: a read-only file system instead
-      return pathlib.Path('/sys/kernel')
-    directory = self.tmp / 'read_only'
-    directory.mkdir(exist_ok=True)
-    directory.chmod(0o555)
-    return directory
+    return read_only_dir(self.tmp)
+
+
+def read_only_dir(parent):
+  """A directory this user cannot write in: `parent`/read_only, mode 0o555."""
+  if os.geteuid() == 0:  # root writes through permission bits: a read-only file system instead
+    return pathlib.Path('/sys/kernel')
+  directory = parent / 'read_only'
+  directory.mkdir(exist_ok=True)
+  directory.chmod(0o555)
+  return directory
+
+
+def test_an_object_store_workdir_is_not_probed_in_the_current_directory(tmp_path, monkeypatch):
+  # 'gs://bucket/run' is no local path: made absolute, it fell under the current directory, read-only here.
+  monkeypatch.chdir(read_only_dir(tmp_path))
+  with pytest.raises(ArgumentError, match='--workdir=run is not writable'):   # the cwd is read-only indeed
+    cli.check_writable_dir('run')
+  cli.check_writable_dir('gs://bucket/run')
 
 
 @pytest.fixture(scope='module')

@@ -4,6 +4,7 @@ import pytest
 
 from configs import default, paper_1_5b, paper_3_2b, paper_400m, tiny
 from perijax import config as config_lib
+from perijax import hardware
 from perijax import params as params_lib
 
 BAD_FIELDS = [
@@ -30,6 +31,9 @@ BAD_FIELDS = [
     ('model.norm.freeze_out_scale', True, "config.model.norm.freeze_out_scale = True.*placement 'pre' has no output"),
     ('data.source', 'csv', "config.data.source = 'csv'.*'tfds', 'jsonl', 'parquet', 'hf_disk'"),
     ('data.path', '', "config.data.path = ''.*data.source = 'hf_disk'"),
+    ('model.attention_impl', 'cudnn', "config.model.attention_impl = 'cudnn'.*model.compute_dtype = 'float32'.*"
+     "'bfloat16', 'float16'"),
+    ('train.accelerator', 'tpu-v5p', "config.train.accelerator = 'tpu-v5p'.*'cpu', 'tpu_v4', .*'tpu_v5p'"),
 ]
 
 
@@ -55,6 +59,21 @@ def test_float16_parameters_need_float16_compute():
   config = tiny.get_config()
   config.model.param_dtype = 'float16'
   with pytest.raises(config_lib.ConfigError, match='pure float16'):
+    config_lib.validate(config)
+
+
+def test_accelerator_is_checked_when_loaded_and_every_table_name_is_allowed():
+  # Unchecked, a bad name passed validation and failed in hardware.peak_flops once the train state was built.
+  with pytest.raises(config_lib.ConfigError, match="config.train.accelerator = 'tpu-v5p' is not allowed"):
+    config_lib.load(tiny.__file__, ['--config.train.accelerator=tpu-v5p'])
+  for name in ('cpu', *hardware.ACCELERATORS):
+    config_lib.load(tiny.__file__, [f'--config.train.accelerator={name}'])
+
+
+def test_cudnn_attention_is_allowed_in_half_precision():
+  for dtype in ('bfloat16', 'float16'):
+    config = tiny.get_config()
+    config.model.update(attention_impl='cudnn', compute_dtype=dtype)
     config_lib.validate(config)
 
 

@@ -51,6 +51,13 @@ def test_plan_has_one_run_per_placement_with_the_fixed_overrides(config, fixed):
   assert all(run.steps == 4 for run in runs)
 
 
+def test_a_fixed_seed_is_the_seed_of_every_run(config):
+  runs = demo.plan_runs(config, ['pre', 'peri'], '/r', {'train.seed': 7, 'train.steps': 4})
+  assert [run.name for run in runs] == ['placement=pre,seed=7', 'placement=peri,seed=7']
+  assert runs[1].overrides == {'model.norm.placement': 'peri', 'train.seed': 7}
+  assert '--config.train.seed=7' in sweep.train_command(runs[1], 'c.py', {'train.seed': 7}, 'python')
+
+
 def test_bad_placements_fail_before_anything_runs(config, tmp_path):
   with pytest.raises(ValueError, match=r"placement = 'peri-ln' is not allowed.*'peri'"):
     demo.plan_runs(config, ['pre', 'peri-ln'], str(tmp_path))

@@ -1,6 +1,7 @@
 """The metrics writer: per-layer names, and the optional W&B run (offline: no network), resumed under the same id."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -23,6 +24,13 @@ def test_scalars_name_each_layer_and_drop_what_is_not_a_number():
   assert flat == {'loss': 2.5, 'spike': 1.0, 'spikes': 3.0, 'residual_var/layer_000': 0.5,
                   'residual_var/layer_001': 1.5, 'residual_var/layer_002': 4.0}
   assert all(type(value) is float for value in flat.values())
+
+
+def test_an_uncomputed_mfu_stays_in_the_line_but_not_in_tensorboard():
+  # NaN on every line by design (hardware.mfu_notice): TensorBoard would warn at each; a NaN loss is kept, it says much.
+  assert metrics.scalars({'loss': math.nan, 'mfu': math.nan, 'tokens_per_sec': 10.0}).keys() == {'loss',
+                                                                                                 'tokens_per_sec'}
+  assert metrics.scalars({'mfu': 0.25}) == {'mfu': 0.25}
 
 
 def wandb_config(mode='offline'):

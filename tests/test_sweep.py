@@ -81,6 +81,22 @@ def test_seed_swept_twice_or_with_seeds_is_rejected(config):
   assert [r.name for r in sweep.expand_grid(config, ['train.seed=4,5'], seeds=1, root='r')] == ['seed=4', 'seed=5']
 
 
+@pytest.mark.parametrize('sweeps, seeds', [([], 1), ([], 3), (['train.seed=4,5'], 1)])
+def test_a_fixed_seed_is_rejected_since_the_sweep_sets_the_seed_itself(config, sweeps, seeds):
+  # train_command merges each run's seed over the fixed overrides: --config.train.seed=7 would silently run seed 0.
+  with pytest.raises(ArgumentError, match=r'--config\.train\.seed=7 .*--sweep=train\.seed=7.*--seeds=N'):
+    sweep.expand_grid(config, sweeps, seeds=seeds, root='r', fixed_overrides={'train.seed': 7, 'train.steps': 5})
+
+
+def test_cli_fixed_seed_fails_in_one_line_before_any_run(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'perijax.sweep', '--config=configs/tiny.py', '--config.train.seed=7', '--seeds=1',
+       f'--root={tmp_path / "r"}', '--print'], cwd=REPO, capture_output=True, text=True)   # --print: trains nothing
+  assert result.returncode == 1
+  assert result.stderr.count('\n') == 1 and 'perijax.sweep: error: --config.train.seed=7' in result.stderr
+  assert not (tmp_path / 'r').exists()
+
+
 def test_short_names_are_unique_suffixes():
   assert sweep.short_names(['model.norm.eps', 'optimizer.eps', 'optimizer.lr', 'train.seed']) == {
       'model.norm.eps': 'norm.eps', 'optimizer.eps': 'optimizer.eps', 'optimizer.lr': 'lr', 'train.seed': 'seed'}
