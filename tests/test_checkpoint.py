@@ -230,3 +230,26 @@ def test_bad_keep_period_is_one_clear_error(every, keep_period, message):
   config.checkpoint.update(every=every, keep_period=keep_period)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_a_restored_float16_state_has_a_fresh_states_avals(tmp_path):
+  """Shapes, dtypes and weak types leaf by leaf (DynamicScale's fin_steps among them): a resumed run's jitted step has
+  a fresh run's signature, so the persistent compilation cache serves its first step."""
+  config = tiny.get_config()
+  config.model.update(compute_dtype='float16', **OVERRIDES)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.logical_rules(config.mesh)):
+    fresh, shardings = train_step_lib.create_train_state(config, model, optimizer, mesh)
+    abstract, _ = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
+    manager = checkpoint_lib.make_manager(str(tmp_path), config.checkpoint)
+    checkpoint_lib.save(manager, 1, fresh)
+    manager.wait_until_finished()
+    restored = checkpoint_lib.restore(manager, 1, abstract, shardings)
+
+  def avals(state):
+    return {jax.tree_util.keystr(path): (leaf.shape, leaf.dtype, leaf.aval.weak_type)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+  assert fresh.loss_scale is not None
+  assert avals(restored) == avals(fresh)
