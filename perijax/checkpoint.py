@@ -9,9 +9,11 @@ step. No RNG state: nothing in a step is random, the init comes from config.trai
 import glob
 import json
 import os
+import re
 import shutil
 import zlib
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -187,13 +189,33 @@ def abstract_with_shardings(abstract_state, shardings):
                       abstract_state, shardings)
 
 
+def data_process_count(step_dir):
+  """How many processes saved a step's data iterator (grain: data/process_{i}-of-{n}.json each); None: none."""
+  names = (re.fullmatch(r'process_\d+-of-(\d+)\.json', path.name) for path in (step_dir / 'data').glob('process_*'))
+  counts = {int(name.group(1)) for name in names if name}
+  return max(counts) if counts else None
+
+
 def restore(manager, step, abstract_state, shardings, data_iterator=None):
-  """Restores `step` onto the mesh of `shardings`; the data iterator (if given) resumes where it was saved."""
+  """Restores `step` onto the mesh of `shardings`; the data iterator (if given) resumes where it was saved.
+
+  Each process saves its own iterator position, so a run resumes on the process count that saved it; an iterator
+  whose `state_is_global` (the same on every process: data.process_split=rows) resumes on any, from process 0's."""
   items = {'state': ocp.args.StandardRestore(abstract_with_shardings(abstract_state, shardings))}
-  if data_iterator is not None:
+  step_dir = epath.Path(manager.directory) / str(step)
+  saved_by = data_process_count(step_dir) if data_iterator is not None else None
+  from_process_0 = saved_by not in (None, jax.process_count())
+  if from_process_0 and not getattr(data_iterator, 'state_is_global', False):
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} was written by {saved_by} processes and this run '
+                          f'has {jax.process_count()}: each saved its own data position, so resume it with {saved_by} '
+                          'processes (a config.data.process_split=rows run resumes on any process count)')
+  if data_iterator is not None and not from_process_0:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
-    return manager.restore(step, args=ocp.args.Composite(**items))['state']
+    state = manager.restore(step, args=ocp.args.Composite(**items))['state']
   except (ValueError, KeyError, TypeError) as error:
     raise CheckpointError(f'checkpoint {step} in {manager.directory} does not match this config: '
                           f'{str(error).splitlines()[0][:300]}') from error
+  if from_process_0:
+    data_iterator.set_state(json.loads((step_dir / 'data' / f'process_0-of-{saved_by}.json').read_text()))
+  return state

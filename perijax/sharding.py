@@ -102,8 +102,34 @@ def batch_sharding(mesh, rules, grad_accum_steps=1):
   return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
 
 
+def processes_sharing_batch_shards(process_ids):
+  """{(data, fsdp): its processes} for the batch shards whose devices belong to more than one process; `process_ids`:
+  each device's process index, an integer array shaped like the mesh [data, fsdp, tensor]."""
+  process_ids = np.asarray(process_ids)
+  owners = {coordinate: sorted(set(process_ids[coordinate].ravel().tolist()))
+            for coordinate in np.ndindex(process_ids.shape[:2])}
+  return {coordinate: processes for coordinate, processes in owners.items() if len(processes) > 1}
+
+
+def check_batch_shards_per_process(mesh, process_count):
+  """Each process passes its own rows to jax.make_array_from_process_local_data, which is only right when no batch
+  shard (a (data, fsdp) coordinate) has devices on two processes: those would compute on different rows, silently."""
+  if process_count == 1:  # also the dry run's compile-only devices, which it compiles for as one process
+    return
+  process_ids = np.vectorize(lambda device: device.process_index)(mesh.devices)
+  shared = processes_sharing_batch_shards(process_ids)
+  if shared:
+    coordinate, processes = next(iter(shared.items()))
+    sizes = ' '.join(f'{axis}={mesh.shape[axis]}' for axis in MESH_AXES)
+    raise ShardingError(f'config.mesh {sizes} over {process_count} processes puts batch shard (data, fsdp) = '
+                        f'{coordinate} on devices of processes {processes}; each process feeds its own rows, so every '
+                        f'data x fsdp shard must lie within one process: keep tensor within one process\'s '
+                        f'{np.sum(process_ids == processes[0])} devices and split the processes over data or fsdp')
+
+
 def check_batch(global_batch, mesh, process_count, grad_accum_steps=1):
   """The micro-batch (returned) must split over the data-parallel devices and over the processes feeding them."""
+  check_batch_shards_per_process(mesh, process_count)
   if global_batch % grad_accum_steps:
     raise ShardingError(f'config.train.batch_size = {global_batch} is not divisible by '
                         f'config.optimizer.grad_accum_steps = {grad_accum_steps}')

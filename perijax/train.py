@@ -39,6 +39,7 @@ def make_data_iterator(config, tokenizer, micro_batch):
 
 class RowSlice(grain.DatasetIterator):
   """Keeps this process's rows of a global-batch iterator; checkpoints (and prefetches) through it."""
+  state_is_global = True  # every process iterates the same global stream: a checkpoint resumes on any process count
 
   def __next__(self):
     batch = next(self._parent)

@@ -62,7 +62,9 @@ def init_train_state(rng, config, model, optimizer):
   params = model.init(rng, jnp.zeros((1, config.train.seq_len), jnp.int32))['params']
   loss_scale = None
   if uses_loss_scaling(config):
+    # fin_steps strongly typed (flax defaults to a weak 0), as Orbax restores it: a resume compiles as a fresh run
     loss_scale = DynamicScale(growth_interval=config.train.loss_scale_growth_interval,
+                              fin_steps=jnp.zeros((), jnp.int32),
                               scale=jnp.asarray(config.train.initial_loss_scale, jnp.float32))
   history = jnp.full((config.train.spike_window,), jnp.nan, jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),

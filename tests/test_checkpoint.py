@@ -21,6 +21,7 @@ from perijax import optimizer as optimizer_lib
 from perijax import sharding as sharding_lib
 from perijax import train as train_lib
 from perijax import train_step as train_step_lib
+from perijax.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(d_model=32, num_layers=2)
@@ -230,3 +231,64 @@ def test_bad_keep_period_is_one_clear_error(every, keep_period, message):
   config.checkpoint.update(every=every, keep_period=keep_period)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config)
+
+
+def test_a_restored_float16_state_has_a_fresh_states_avals(tmp_path):
+  """Shapes, dtypes and weak types leaf by leaf (DynamicScale's fin_steps among them): a resumed run's jitted step has
+  a fresh run's signature, so the persistent compilation cache serves its first step."""
+  config = tiny.get_config()
+  config.model.update(compute_dtype='float16', **OVERRIDES)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model = train_step_lib.make_model(config)
+  optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.logical_rules(config.mesh)):
+    fresh, shardings = train_step_lib.create_train_state(config, model, optimizer, mesh)
+    abstract, _ = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
+    manager = checkpoint_lib.make_manager(str(tmp_path), config.checkpoint)
+    checkpoint_lib.save(manager, 1, fresh)
+    manager.wait_until_finished()
+    restored = checkpoint_lib.restore(manager, 1, abstract, shardings)
+
+  def avals(state):
+    return {jax.tree_util.keystr(path): (leaf.shape, leaf.dtype, leaf.aval.weak_type)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+  assert fresh.loss_scale is not None
+  assert avals(restored) == avals(fresh)
+
+
+def test_a_rows_run_resumes_on_another_process_count_with_the_batches_it_would_have_had(corpus_data_dir, tmp_path,
+                                                                                           monkeypatch):
+  """data.process_split=rows: every process iterates the global stream, so a checkpoint two processes wrote resumes on
+  one from process 0's position, bit for bit; with `documents` each position is the process's own: a clear error."""
+  config = small_config(corpus_data_dir, steps=6)
+  config.data.process_split = 'rows'
+  tokenizer = tokenizers.make_tokenizer(config.data)
+  reference = train_lib.make_data_iterator(config, tokenizer, 8)
+  for _ in range(2):
+    next(reference)
+  manager = checkpoint_lib.make_manager(str(tmp_path))
+  checkpoint_lib.save(manager, 2, {'w': np.zeros(2, np.float32)}, reference)
+  manager.wait_until_finished()
+  expected = [next(reference) for _ in range(3)]
+  # What two processes would have saved instead: each its own iterator's position after the same two batches.
+  data_dir = tmp_path / 'checkpoints' / '2' / 'data'
+  (data_dir / 'process_0-of-1.json').unlink()
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  for index in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    process_iterator = train_lib.make_data_iterator(config, tokenizer, 8)
+    for _ in range(2):
+      next(process_iterator)
+    (data_dir / f'process_{index}-of-2.json').write_text(json.dumps(process_iterator.get_state(), indent=4))
+  monkeypatch.undo()
+
+  abstract = {'w': jax.ShapeDtypeStruct((2,), np.float32)}
+  shardings = {'w': jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+  resumed = train_lib.make_data_iterator(config, tokenizer, 8)
+  checkpoint_lib.restore(manager, 2, abstract, shardings, resumed)
+  for batch in expected:
+    jax.tree.map(np.testing.assert_array_equal, next(resumed), batch)
+  config.data.process_split = 'documents'
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'checkpoint 2 in .* was written by 2 processes and this '
+                     r'run has 1: .*resume it with 2 processes'):
+    checkpoint_lib.restore(manager, 2, abstract, shardings, train_lib.make_data_iterator(config, tokenizer, 8))

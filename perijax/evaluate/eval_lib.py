@@ -102,6 +102,7 @@ def make_eval_mesh(config, model, devices=None):
                             (fallback, 'data-parallel (the stored mesh does not fit these devices)')):
     try:
       mesh = sharding_lib.make_mesh(mesh_config, devices)
+      sharding_lib.check_batch_shards_per_process(mesh, jax.process_count())
       abstract, shardings = train_step_lib.abstract_train_state(config, model, optimizer, mesh)
     except sharding_lib.ShardingError:
       continue
