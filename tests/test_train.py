@@ -261,10 +261,10 @@ def test_gradient_accumulation_is_one_update_on_the_mean_gradient_of_the_micro_b
   model, optimizer, state, step, batch = accumulation_setup()
   new_state, metrics = step(state, batch)
   # Reference: each micro-batch's loss and gradient on its own, averaged, then one optimizer update.
-  per_micro = [jax.value_and_grad(lambda p, i=i: train_step_lib.compute_loss(
-      p, {k: v[i] for k, v in batch.items()}, model)[0])(state.params) for i in range(2)]
+  loss_and_grads = jax.jit(jax.value_and_grad(lambda p, micro: train_step_lib.compute_loss(p, micro, model)[0]))
+  per_micro = [loss_and_grads(state.params, {k: v[i] for k, v in batch.items()}) for i in range(2)]
   mean_grads = jax.tree.map(lambda *g: sum(g) / 2, *[grads for _, grads in per_micro])
-  updates, _ = optimizer.update(mean_grads, state.opt_state, state.params)
+  updates, _ = jax.jit(optimizer.update)(mean_grads, state.opt_state, state.params)
   expected_params = jax.tree.map(lambda p, u: p + u, state.params, updates)
   assert int(new_state.step) == 1 and int(metrics['schedule_count']) == 0
   np.testing.assert_allclose(metrics['loss'], np.mean([loss for loss, _ in per_micro]), rtol=1e-6)
