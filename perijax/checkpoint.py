@@ -16,6 +16,7 @@ import zlib
 from etils import epath
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from perijax import rundir
@@ -142,7 +143,9 @@ def resume_step(manager, workdir, resume_from_intact=False):
   newest intact one, unless `resume_from_intact`. Steps set aside move to WORKDIR/checkpoints_damaged/ (kept).
   """
   chosen, set_aside, damage = None, [], None
-  for step in sorted(manager.all_steps(), reverse=True):
+  # Process 0 reads every file of the steps it checks; the others take its verdict (on a pod the steps are on one
+  # shared file system, and each host reading a whole multi-GB checkpoint again is minutes of I/O for nothing).
+  for step in sorted(manager.all_steps(), reverse=True) if jax.process_index() == 0 else ():
     try:
       verify(manager.directory, step)
       chosen = step
@@ -152,12 +155,18 @@ def resume_step(manager, workdir, resume_from_intact=False):
         damage = damage or error
       set_aside.append((step, error))
   damaged_dir = str(rundir.damaged_checkpoints(workdir))  # local: checksums are only checked on local stores
+  moves_steps = bool(set_aside)
+  if jax.process_count() > 1:
+    chosen, moves_steps, damaged = _from_process_0(chosen, moves_steps, damage is not None)
+    if damaged and damage is None:
+      damage = DamagedCheckpointError(f'process 0 found a damaged checkpoint in {manager.directory} (its log names '
+                                      'the step and the file)')
   if damage is not None and not resume_from_intact:
     newest = (f'the newest intact one is step {chosen}; rerun with --resume_from_intact to resume from it'
               if chosen is not None else 'no intact checkpoint remains; rerun with --resume_from_intact to start '
               'afresh')
     raise DamagedCheckpointError(f'{damage}; {newest} (damaged steps are moved to {damaged_dir}, not deleted)')
-  if set_aside:
+  if moves_steps:
     if jax.process_index() == 0:
       os.makedirs(damaged_dir, exist_ok=True)
       for step, error in set_aside:
@@ -171,6 +180,14 @@ def resume_step(manager, workdir, resume_from_intact=False):
       multihost_utils.sync_global_devices('perijax_checkpoints_set_aside')
     manager.reload()
   return chosen
+
+
+def _from_process_0(chosen, any_set_aside, damaged):
+  """Process 0's (chosen step or None, whether it set steps aside, whether one was damaged), on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  verdict = multihost_utils.broadcast_one_to_all(np.array([-1 if chosen is None else chosen, any_set_aside, damaged],
+                                                          np.int64))
+  return (None if verdict[0] < 0 else int(verdict[0])), bool(verdict[1]), bool(verdict[2])
 
 
 def save(manager, step, state, data_iterator=None, config=None):

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from perijax import checkpoint as checkpoint_lib
@@ -231,6 +232,35 @@ def test_resume_from_intact_sets_the_damaged_step_aside_and_an_unfinished_one_by
   manager = checkpoint_lib.make_manager(str(unfinished))
   assert checkpoint_lib.resume_step(manager, str(unfinished)) == 2
   assert (unfinished / 'checkpoints_damaged' / '4').is_dir()
+
+
+@pytest.mark.parametrize('process_index', (0, 1))
+def test_with_several_processes_only_process_0_reads_the_checkpoints_and_all_take_its_verdict(
+    trained, tmp_path, monkeypatch, process_index):
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(trained, damaged)
+  flip_a_byte(max(glob.glob(str(damaged / 'checkpoints' / '4' / 'state' / '**' / 'd' / '*'), recursive=True),
+                  key=os.path.getsize))
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  verified, broadcast, synced = [], [], []
+  real_verify = checkpoint_lib.verify
+  monkeypatch.setattr(checkpoint_lib, 'verify', lambda *args: (verified.append(args[1]), real_verify(*args)))
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: process_index)
+  process_0_verdict = [2, 1, 1]  # what process 0 finds here: step 2 intact, step 4 set aside, a damaged step
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', lambda values: (broadcast.append(values.tolist()),
+                                                                               np.array(process_0_verdict))[1])
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', synced.append)
+  manager = checkpoint_lib.make_manager(str(damaged))
+  message = 'checkpoints/4 is damaged' if process_index == 0 else 'process 0 found a damaged checkpoint'
+  with pytest.raises(checkpoint_lib.DamagedCheckpointError, match=f'{message}.*newest intact one is step 2'):
+    checkpoint_lib.resume_step(manager, str(damaged))
+  assert checkpoint_lib.resume_step(manager, str(damaged), resume_from_intact=True) == 2
+  assert verified == ([4, 2] * 2 if process_index == 0 else [])  # process 1 reads no checkpoint file
+  assert broadcast == [process_0_verdict if process_index == 0 else [-1, 0, 0]] * 2
+  assert synced.count('perijax_checkpoints_set_aside') == 1  # every process waits for process 0's moves
+  assert (damaged / 'checkpoints_damaged' / '4').is_dir() == (process_index == 0)  # only process 0 moves
 
 
 def test_every_file_of_a_checkpoint_is_checksummed(trained):
