@@ -31,6 +31,9 @@ class Trainer:
   with the matmul rate of that one device)."""
 
   def __init__(self, config, devices=None):
+    if config.optimizer.grad_accum_steps != 1:  # it feeds one [B, T] batch per step, not the trainer's [k, B/k, T]
+      raise ValueError(f'the benchmarks time one batch per step; got optimizer.grad_accum_steps = '
+                       f'{config.optimizer.grad_accum_steps}, set it to 1')
     self.config = config
     self.mesh = sharding_lib.make_mesh(config.mesh, devices or jax.devices()[:1])
     self.rules = sharding_lib.logical_rules(config.mesh)

@@ -109,7 +109,7 @@ def is_spike(grad_norm, history, spike_factor):
   return window_full & jnp.isfinite(grad_norm) & (grad_norm > spike_factor * jnp.nanmedian(history))
 
 
-def _gradients(params, batch, model, loss_scale, collect_stats):
+def batch_gradients(params, batch, model, loss_scale, collect_stats):
   """(loss scale after, grads finite or None, loss, stats, unscaled grads) of one batch; flax's DynamicScale scales
   the loss, unscales the gradients and moves the scale."""
   objective = functools.partial(compute_loss, batch=batch, model=model, collect_stats=collect_stats)
@@ -121,19 +121,20 @@ def _gradients(params, batch, model, loss_scale, collect_stats):
 
 
 def accumulated_gradients(params, batch, model, loss_scale, collect_stats):
-  """`_gradients` of the mean loss over a batch's leading micro-batch axis ([k, B, T]: k micro-batches of one
+  """`batch_gradients` of the mean loss over a batch's leading micro-batch axis ([k, B, T]: k micro-batches of one
   update), one micro-batch at a time (activations of one in memory). Every micro-batch uses the step's loss scale;
   the scale moves once, as DynamicScale moves it for the whole step: backs off if any gradient is not finite. The
   statistics are the last micro-batch's."""
   def micro_step(grad_sum, micro_batch):
-    scale_after, finite, loss, stats, grads = _gradients(params, micro_batch, model, loss_scale, collect_stats)
+    scale_after, finite, loss, stats, grads = batch_gradients(params, micro_batch, model, loss_scale, collect_stats)
     grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
     return grad_sum, (scale_after, finite, loss, stats)
 
-  # Summed in float32: k float16 gradients could overflow where their mean does not.
+  # Summed, and passed on, in float32: k float16 gradients could overflow where their mean does not, and a float16
+  # cast of the mean would undo the loss scale's protection of small gradients (flax unscales them into float32).
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   grad_sum, (scales_after, finite, losses, stats) = jax.lax.scan(micro_step, zeros, batch)
-  grads = jax.tree.map(lambda total, p: (total / losses.shape[0]).astype(p.dtype), grad_sum, params)
+  grads = jax.tree.map(lambda total: total / losses.shape[0], grad_sum)
   last = functools.partial(jax.tree.map, lambda x: x[-1])
   if loss_scale is None:
     return None, None, jnp.mean(losses), last(stats), grads
@@ -147,7 +148,7 @@ def accumulated_gradients(params, batch, model, loss_scale, collect_stats):
 def train_step(state, batch, *, model, optimizer, train_config, collect_stats=False):
   """One optimizer update on `batch` ([B, T] arrays, or [k, B, T]: k micro-batches accumulated). Non-finite
   gradients leave params and optimizer state as they were, shrink the loss scale and count a skipped step."""
-  gradients = accumulated_gradients if batch['inputs'].ndim == 3 else _gradients
+  gradients = accumulated_gradients if batch['inputs'].ndim == 3 else batch_gradients
   loss_scale, grads_finite, loss, stats, grads = gradients(state.params, batch, model, state.loss_scale,
                                                            collect_stats)
   grad_norm, layer_grad_norm = model_lib.grad_norms(grads)

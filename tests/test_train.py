@@ -234,11 +234,11 @@ def test_schedule_warms_up_then_decays_to_the_end_factor(corpus_data_dir):
     assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(110)) == pytest.approx(0.1)
 
 
-def accumulation_setup(compute_dtype='float32', initial_loss_scale=2.0 ** 15):
+def accumulation_setup(compute_dtype='float32', param_dtype='float32', initial_loss_scale=2.0 ** 15):
   """(model, optimizer, state, jitted train_step) of a 2-layer model on one device, and two micro-batches of 4 rows
   with different numbers of target tokens."""
   config = tiny.get_config()
-  config.model.update(d_model=32, num_layers=2, num_heads=4, compute_dtype=compute_dtype)
+  config.model.update(d_model=32, num_layers=2, num_heads=4, compute_dtype=compute_dtype, param_dtype=param_dtype)
   config.train.update(seq_len=16, initial_loss_scale=initial_loss_scale)
   config.optimizer.update(warmup_steps=0, lr=1e-2)
   config.mesh.update(data=1, fsdp=1, tensor=1)
@@ -283,7 +283,7 @@ def optax_global_norm(tree):
 
 @pytest.mark.parametrize('bad_micro_batch', [0, 1])
 def test_accumulated_float16_step_moves_the_loss_scale_once(bad_micro_batch):
-  _, _, state, step, batch = accumulation_setup('float16')
+  _, _, state, step, batch = accumulation_setup('float16', param_dtype='float16' if bad_micro_batch else 'float32')
   finite_state, _ = step(state, batch)  # a scale float16 gradients fit: grows toward its interval once, not twice
   assert int(finite_state.loss_scale.fin_steps) == 1 and float(finite_state.loss_scale.scale) == 2.0 ** 15
   assert int(finite_state.skipped_steps) == 0 and int(finite_state.step) == 1
@@ -297,6 +297,17 @@ def test_accumulated_float16_step_moves_the_loss_scale_once(bad_micro_batch):
   assert int(skipped_state.skipped_steps) == 1 and int(skipped_state.step) == 1
   for got, want in zip(jax.tree.leaves(skipped_state.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_accumulated_gradients_keep_the_dtype_of_one_batchs_gradients_in_pure_float16():
+  # flax unscales float16 gradients into float32; a float16 mean would flush the small ones the loss scale protects.
+  model, _, state, _, batch = accumulation_setup('float16', param_dtype='float16')
+  one = jax.eval_shape(lambda: train_step_lib.batch_gradients(
+      state.params, {k: v[0] for k, v in batch.items()}, model, state.loss_scale, False)[-1])
+  accumulated = jax.eval_shape(lambda: train_step_lib.accumulated_gradients(
+      state.params, batch, model, state.loss_scale, False)[-1])
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype('float16')}
+  assert [leaf.dtype for leaf in jax.tree.leaves(accumulated)] == [leaf.dtype for leaf in jax.tree.leaves(one)]
 
 
 @pytest.mark.slow  # a training run
