@@ -64,7 +64,7 @@ from perijax import train_step as train_step_lib  # noqa: E402
 from perijax.errors import ArgumentError  # noqa: E402
 
 USABLE_MEMORY_FRACTION = 0.9  # XLA and the runtime need some device memory of their own, and fragmentation wastes some
-GIB = 2 ** 30
+GIB = hardware.GIB
 
 
 def tensor_rows(abstract_tree, shardings, prefix=''):

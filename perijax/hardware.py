@@ -51,9 +51,9 @@ def peak_flops_for(accelerator, backend, device_count):
   """MFU's denominator: the peak of all `device_count` devices (table peaks are per device; the CPU rate is measured
   for the whole host), or NaN where `accelerator` is 'cpu' but `backend` (jax.default_backend()) is not: one CPU
   matmul rate is no peak of GPUs or TPUs."""
-  if accelerator == 'cpu':
-    return measured_matmul_flops() if backend == 'cpu' else math.nan
-  return peak_flops(accelerator) * device_count
+  if mfu_notice(accelerator, backend):
+    return math.nan
+  return measured_matmul_flops() if accelerator == 'cpu' else peak_flops(accelerator) * device_count
 
 
 def mfu_notice(accelerator, backend):

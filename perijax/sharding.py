@@ -142,6 +142,13 @@ def check_batch(global_batch, mesh, process_count, grad_accum_steps=1):
   return micro
 
 
+def step_batch(micro_batches, sharding):
+  """One train step's global batch from this process's micro-batches: [B, T] arrays for one, [k, B, T] (the layout
+  of `batch_sharding(..., k)`) for k accumulated."""
+  local = micro_batches[0] if len(micro_batches) == 1 else jax.tree.map(lambda *parts: np.stack(parts), *micro_batches)
+  return global_batch_from_local(local, sharding)
+
+
 def global_batch_from_local(local_batch, sharding):
   """Each process passes its slice; JAX assembles the global array (multi-host input, no gather)."""
   return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_batch)

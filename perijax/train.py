@@ -11,7 +11,6 @@ from absl import flags, logging
 import flax.linen as nn
 import grain
 import jax
-import numpy as np
 
 from perijax import checkpoint as checkpoint_lib
 from perijax import cli
@@ -149,9 +148,8 @@ def train(config, workdir, devices=None, resume_from_intact=False):
       compiles = is_stats_step not in compiled  # the first call of a step function compiles it
       if compiles and pending:  # no window may include a compilation: the previous line is written first
         write_line(*pending.pop())
-      micro_batches = [next(data_iterator) for _ in range(accum)]  # one step: [k, micro, T] with accumulation
-      local = micro_batches[0] if accum == 1 else jax.tree.map(lambda *parts: np.stack(parts), *micro_batches)
-      state, metrics = step_fns[is_stats_step](state, sharding_lib.global_batch_from_local(local, batch_sharding))
+      batch = sharding_lib.step_batch([next(data_iterator) for _ in range(accum)], batch_sharding)
+      state, metrics = step_fns[is_stats_step](state, batch)
       step += 1
       window.append({key: metrics[key] for key in metrics_lib.WINDOW_KEYS})
       if compiles:  # time from the end of this step
